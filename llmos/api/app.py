@@ -1,0 +1,92 @@
+"""The FastAPI application: routes, error shapes, the body-size cap, start and stop."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from llmos import __version__
+from llmos.api.routes import router
+from llmos.daemon import Daemon
+
+log = logging.getLogger(__name__)
+
+
+class BodyLimit:
+    """Refuse bodies over ``max_bytes`` with 413, counting the bytes actually streamed in
+    (Content-Length may be absent or false)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = HTTPException(413, f"request body is larger than {self.max_bytes} bytes (server.max_body_bytes)")
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                await JSONResponse({"detail": too_large.detail}, status_code=413)(scope, receive, send)
+                return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise too_large
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def _clean_errors(errors: Any) -> list[dict[str, Any]]:
+    """Validation errors without the echoed input (which may be huge or binary)."""
+    out = []
+    for e in errors:
+        item = {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+        out.append(item)
+    return out
+
+
+def create_app(daemon: Daemon, manage_lifecycle: bool = True) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if manage_lifecycle:
+            daemon.start()
+        try:
+            yield
+        finally:
+            if manage_lifecycle:
+                daemon.stop()
+
+    app = FastAPI(
+        title="llmos",
+        version=__version__,
+        description="A causal language model that keeps learning from new text and feedback while it serves.",
+        lifespan=lifespan,
+    )
+    app.state.daemon = daemon
+    app.include_router(router)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_req: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": _clean_errors(exc.errors())}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(req: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", req.method, req.url.path)
+        return JSONResponse({"detail": "internal error; see the server log"}, status_code=500)
+
+    app.add_middleware(BodyLimit, max_bytes=daemon.settings.server.max_body_bytes)
+    return app

@@ -1,0 +1,65 @@
+"""The embedded default model: a tiny GPT-2-style causal LM with a byte-level tokenizer.
+
+Created once (random initialisation, fixed seed) and saved with ``save_pretrained``; from then on
+it loads through the same ``from_pretrained`` path as any Hugging Face model directory.
+The tokenizer's vocabulary is the 256 byte symbols plus EOS and has no merges, so any UTF-8 text
+(Chinese included) round-trips exactly and no file is fetched from anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+EOS = "<|endoftext|>"
+TINY_SHAPE = {"n_layer": 2, "n_embd": 128, "n_head": 4, "n_positions": 1024}
+# No dropout: online learning sees each fact a few times and must pick it up quickly, and
+# training then draws nothing from the global RNG (exact resume stays simple).
+NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {sym: i for i, sym in enumerate(alphabet)}
+    vocab[EOS] = len(vocab)  # id 256
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=EOS)
+
+
+def create_tiny(target: Path, seed: int = 0, **shape: int) -> Path:
+    """Write the tiny model and tokenizer to ``target`` (atomically: temp dir, then rename)."""
+    tokenizer = byte_tokenizer()
+    eos_id = tokenizer.eos_token_id
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        **NO_DROPOUT,
+        **{**TINY_SHAPE, **shape},
+    )
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(config)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def ensure_tiny(models_dir: Path, seed: int = 0) -> Path:
+    target = models_dir / "builtin-tiny"
+    if not (target / "config.json").exists():
+        create_tiny(target, seed=seed)
+    return target

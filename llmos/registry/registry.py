@@ -1,0 +1,280 @@
+"""The checkpoint registry: the only writer of checkpoints.
+
+Layout under ``<data_dir>/checkpoints``::
+
+    v000001/
+      model.safetensors      weights (tied tensors handled by safetensors' save_model)
+      trainer.safetensors    optimizer tensors and the torch RNG state
+      trainer.json           step, samples seen, optimizer param groups, non-tensor state
+      manifest.json          sha256 of every file above; written last, so its presence means complete
+
+Each is written to a temporary directory, fsync'd, renamed into place, then recorded in the
+store's checkpoint index. Version 0 is the base model itself and has no directory.
+Nothing on the load path unpickles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file, save_model
+
+from llmos.store.checkpoints import CheckpointIndex, CheckpointRecord
+from llmos.store.tables import CheckpointStatus
+
+MODEL_FILE = "model.safetensors"
+TRAINER_FILE = "trainer.safetensors"
+TRAINER_JSON = "trainer.json"
+MANIFEST = "manifest.json"
+BASE_PATH = "base"
+_DIR_RE = re.compile(r"^v(\d{6,})$")
+
+
+class UnknownVersion(LookupError):
+    pass
+
+
+class RejectedVersion(ValueError):
+    pass
+
+
+class CorruptCheckpoint(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class TrainerSnapshot:
+    """What a checkpoint holds besides the weights: enough to resume training exactly."""
+
+    step: int
+    samples_seen: int
+    optimizer: dict[str, Any] | None  # torch optimizer state_dict
+    rng: torch.Tensor | None
+
+
+def version_dir_name(version: int) -> str:
+    return f"v{version:06d}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _split_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer state_dict into tensors (for safetensors) and JSON-able values."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, per_param in state["state"].items():
+        for key, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{idx}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, tensor in tensors.items():
+        if not name.startswith("optim."):
+            continue
+        _, idx, key = name.split(".", 2)
+        state.setdefault(int(idx), {})[key] = tensor
+    for idx, values in meta.get("scalars", {}).items():
+        state.setdefault(int(idx), {}).update(values)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+class Registry:
+    def __init__(self, root: Path, index: CheckpointIndex, keep_last: int = 5) -> None:
+        self.root = root
+        self.index = index
+        self.keep_last = keep_last
+        self._lock = threading.Lock()  # one publish / prune at a time in this process
+
+    # ---- start-up -------------------------------------------------------------------------
+    def open(self) -> None:
+        """Create the layout, register version 0 and remove leftovers of interrupted writes."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        if self.index.get(0, include_pruned=True) is None:
+            self.index.add(CheckpointRecord(0, None, CheckpointStatus.promoted, BASE_PATH, 0, 0, {}))
+        if self.index.active_version() is None:
+            self.index.activate(0)
+        known = {r.version for r in self.index.list()}
+        for child in self.root.iterdir():
+            m = _DIR_RE.match(child.name)
+            if child.name.startswith(".tmp-") or (m and int(m.group(1)) not in known):
+                # A write that never reached the index: never served, never listed.
+                shutil.rmtree(child, ignore_errors=True)
+
+    # ---- writing --------------------------------------------------------------------------
+    def publish(
+        self,
+        model: torch.nn.Module,
+        snapshot: TrainerSnapshot,
+        parent: int,
+        status: CheckpointStatus,
+        metrics: dict[str, Any],
+    ) -> CheckpointRecord:
+        with self._lock:
+            on_disk = [int(m.group(1)) for c in self.root.iterdir() if (m := _DIR_RE.match(c.name))]
+            version = max([self.index.max_version() or 0, *on_disk]) + 1
+            final = self.root / version_dir_name(version)
+            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
+            try:
+                save_model(model, str(tmp / MODEL_FILE))
+                tensors: dict[str, torch.Tensor] = {}
+                meta: dict[str, Any] = {"step": snapshot.step, "samples_seen": snapshot.samples_seen}
+                if snapshot.optimizer is not None:
+                    opt_tensors, opt_meta = _split_optimizer(snapshot.optimizer)
+                    tensors.update(opt_tensors)
+                    meta["optimizer"] = opt_meta
+                if snapshot.rng is not None:
+                    tensors["rng.torch"] = snapshot.rng
+                save_file(tensors, str(tmp / TRAINER_FILE))
+                (tmp / TRAINER_JSON).write_text(json.dumps(meta), encoding="utf-8")
+                files = [MODEL_FILE, TRAINER_FILE, TRAINER_JSON]
+                for name in files:
+                    _fsync_file(tmp / name)
+                manifest = {"version": version, "files": {name: _sha256(tmp / name) for name in files}}
+                (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+                _fsync_file(tmp / MANIFEST)
+                _fsync_dir(tmp)
+                os.rename(tmp, final)
+                _fsync_dir(self.root)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            rec = CheckpointRecord(
+                version=version,
+                parent_version=parent,
+                status=status,
+                path=version_dir_name(version),
+                step=snapshot.step,
+                samples_seen=snapshot.samples_seen,
+                metrics=metrics,
+            )
+            self.index.add(rec)
+            return self.index.get(version) or rec
+
+    def promote(self, version: int, expected_active: int) -> bool:
+        """Make a candidate the active version, unless the active version moved meanwhile."""
+        return self.index.activate(version, expected=expected_active, promote=True)
+
+    def reject(self, version: int) -> None:
+        self.index.set_status(version, CheckpointStatus.rejected)
+
+    def rollback(self, version: int) -> CheckpointRecord:
+        rec = self.index.get(version)
+        if rec is None:
+            raise UnknownVersion(version)
+        if rec.status is CheckpointStatus.rejected:
+            raise RejectedVersion(version)
+        self.verify(version)
+        self.index.activate(version, promote=rec.status is CheckpointStatus.candidate)
+        return rec
+
+    def prune(self) -> list[int]:
+        """Delete all but the newest ``keep_last`` checkpoints, version 0 and the active one."""
+        with self._lock:
+            records = self.index.list()
+            active = self.index.active_version()
+            keep = {0, active} | {r.version for r in records[: self.keep_last]}
+            removed = []
+            for rec in records:
+                if rec.version in keep:
+                    continue
+                self.index.mark_pruned(rec.version)
+                shutil.rmtree(self.root / rec.path, ignore_errors=True)
+                removed.append(rec.version)
+            return removed
+
+    # ---- reading --------------------------------------------------------------------------
+    def get(self, version: int) -> CheckpointRecord:
+        rec = self.index.get(version)
+        if rec is None:
+            raise UnknownVersion(version)
+        return rec
+
+    def list(self) -> list[CheckpointRecord]:
+        return self.index.list()
+
+    def active_version(self) -> int:
+        v = self.index.active_version()
+        return 0 if v is None else v
+
+    def lineage(self, version: int) -> set[int]:
+        """The version and all its ancestors."""
+        parents = self.index.parents()
+        out: set[int] = set()
+        v: int | None = version
+        while v is not None and v not in out:
+            out.add(v)
+            v = parents.get(v)
+        return out
+
+    def verify(self, version: int) -> None:
+        """Check every file against the manifest; raise CorruptCheckpoint if anything is off."""
+        if version == 0:
+            return
+        d = self.root / version_dir_name(version)
+        try:
+            manifest = json.loads((d / MANIFEST).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise CorruptCheckpoint(f"version {version}: no readable manifest ({exc})") from exc
+        for name, digest in manifest.get("files", {}).items():
+            p = d / name
+            if not p.is_file() or _sha256(p) != digest:
+                raise CorruptCheckpoint(f"version {version}: {name} is missing or does not match its checksum")
+
+    def weights_path(self, version: int) -> Path | None:
+        """The weights file of a version (verified), or None for version 0 (the base weights)."""
+        if version == 0:
+            self.get(0)
+            return None
+        rec = self.get(version)
+        self.verify(version)
+        return self.root / rec.path / MODEL_FILE
+
+    def trainer_snapshot(self, version: int) -> TrainerSnapshot:
+        """Optimizer state and counters saved with a version (empty for version 0)."""
+        if version == 0:
+            return TrainerSnapshot(step=0, samples_seen=0, optimizer=None, rng=None)
+        rec = self.get(version)
+        d = self.root / rec.path
+        meta = json.loads((d / TRAINER_JSON).read_text(encoding="utf-8"))
+        tensors = load_file(str(d / TRAINER_FILE))
+        optimizer = _join_optimizer(tensors, meta["optimizer"]) if "optimizer" in meta else None
+        return TrainerSnapshot(
+            step=int(meta["step"]),
+            samples_seen=int(meta["samples_seen"]),
+            optimizer=optimizer,
+            rng=tensors.get("rng.torch"),
+        )

@@ -1,0 +1,193 @@
+"""One settings tree, built once at start and passed down.
+
+Precedence, highest first: explicit CLI values, ``LLMOS_...`` environment variables
+(nested fields with ``__``, e.g. ``LLMOS_TRAIN__LR=1e-3``), the YAML file, the defaults below.
+``configs/default.yaml`` mirrors these defaults; a test keeps the two equal.
+An unknown key anywhere is an error that names the key.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ServerSettings(_Section):
+    host: str = Field("127.0.0.1", description="Address to bind; loopback unless told otherwise.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on (0 picks a free one).")
+    max_text_chars: int = Field(32_768, gt=0, description="Longest text accepted by POST /v1/texts, in characters.")
+    max_prompt_chars: int = Field(16_384, gt=0, description="Longest prompt accepted by /generate, in characters.")
+    max_body_bytes: int = Field(
+        1 << 20, gt=0, description="Largest request body, counted as it streams in (413 past it)."
+    )
+
+
+class AuthSettings(_Section):
+    admin_token: str | None = Field(
+        None, description="Bearer token for /v1/admin/*; made and kept in <data_dir>/admin_token when unset."
+    )
+
+
+class StoreSettings(_Section):
+    url: str | None = Field(
+        None, description="SQLAlchemy URL; default sqlite:///<data_dir>/llmos.db (WAL, synchronous=FULL)."
+    )
+    busy_timeout_s: float = Field(30.0, gt=0, description="How long a SQLite writer waits for the write lock.")
+
+
+class ModelSettings(_Section):
+    name_or_path: str = Field(
+        "builtin:tiny", description="'builtin:tiny', a local Hugging Face model directory, or a hub id."
+    )
+    device: str = Field("auto", description="'auto' (cuda when present, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Training arithmetic: bf16 autocast or fp32; auto = bf16 on CUDA, fp32 on CPU."
+    )
+    seed: int = Field(0, description="Seed for the built-in model's initialisation and the trainer's shuffling.")
+
+
+class TrainSettings(_Section):
+    lr: float = Field(3e-3, gt=0, description="Peak learning rate of AdamW.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
+    warmup_steps: int = Field(10, ge=0, description="Linear learning-rate warm-up from 0, in optimizer steps.")
+    grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this (0 = off).")
+    block_size: int = Field(128, ge=8, description="Tokens per packed training block.")
+    micro_batch: int = Field(8, ge=1, description="Blocks per optimizer step.")
+    batch_tokens: int = Field(8192, ge=64, description="Most tokens (approximated by UTF-8 bytes) claimed per batch.")
+    batch_max_samples: int = Field(512, ge=1, description="Most samples claimed per batch.")
+    fill_wait_s: float = Field(0.5, ge=0, description="After the first sample arrives, wait this long for more.")
+    passes_per_batch: int = Field(40, ge=1, description="Passes over a claimed batch; a tiny model needs many.")
+    max_sample_tokens: int = Field(8192, ge=1, description="Longer samples are rejected in preprocess.")
+    heldout_fraction: float = Field(0.1, ge=0, lt=1, description="Fraction of samples kept out of training (by hash).")
+    poll_interval_s: float = Field(1.0, gt=0, description="How often an idle trainer looks at the queue.")
+    evaluate_every_steps: int = Field(
+        0, ge=0, description="Evaluate and checkpoint after this many steps (0 = after every claimed batch)."
+    )
+    evaluate_every_s: float = Field(0, ge=0, description="...or once this many seconds have passed (0 = off).")
+    error_backoff_s: float = Field(5.0, ge=0, description="Pause after an unexpected trainer error before retrying.")
+
+
+class EvalSettings(_Section):
+    max_samples: int = Field(64, ge=1, description="Most recent held-out samples in the evaluation set.")
+    tolerance: float = Field(
+        0.02, ge=0, description="Promote when held-out loss <= active's * (1 + tolerance) and finite."
+    )
+
+
+class RegistrySettings(_Section):
+    keep_last: int = Field(5, ge=1, description="Checkpoints kept on disk besides version 0 and the active one.")
+
+
+class ServingSettings(_Section):
+    max_concurrency: int = Field(1, ge=1, description="Generations run at once; others wait their turn.")
+
+
+class RuntimeSettings(_Section):
+    torch_threads: int = Field(
+        0, ge=0, description="torch intra-op threads for the process (0 = half the cores, at least 1)."
+    )
+
+
+class FeedbackSettings(_Section):
+    correction_weight: float = Field(1.0, gt=0, description="Loss weight of a (prompt + correction) sample.")
+
+
+class Settings(BaseSettings):
+    """The whole configuration of one llmos process."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="LLMOS_", env_nested_delimiter="__", extra="forbid", validate_assignment=True
+    )
+
+    data_dir: Path = Field(Path("./llmos-data"), description="Where the store, models and checkpoints live.")
+    server: ServerSettings = ServerSettings()
+    auth: AuthSettings = AuthSettings()
+    store: StoreSettings = StoreSettings()
+    model: ModelSettings = ModelSettings()
+    train: TrainSettings = TrainSettings()
+    eval: EvalSettings = EvalSettings()
+    registry: RegistrySettings = RegistrySettings()
+    serving: ServingSettings = ServingSettings()
+    runtime: RuntimeSettings = RuntimeSettings()
+    feedback: FeedbackSettings = FeedbackSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The YAML file arrives through init kwargs (see load_settings), so env must outrank it:
+        # env first, then init (YAML merged with CLI values, CLI already on top).
+        return (env_settings, init_settings)
+
+    @property
+    def store_url(self) -> str:
+        return self.store.url or f"sqlite:///{self.data_dir / 'llmos.db'}"
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message says which key and why."""
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{key}'")
+        else:
+            lines.append(f"'{key}': {e['msg']}")
+    return f"invalid configuration ({source}): " + "; ".join(lines)
+
+
+def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Settings:
+    """Build the settings: defaults < YAML file < LLMOS_* environment < explicit overrides.
+
+    ``config_file`` falls back to ``$LLMOS_CONFIG``. Overrides use dotted keys
+    (``{"server.port": 9000}``); a value of None means "not given".
+    """
+    path = config_file or os.environ.get("LLMOS_CONFIG")
+    data: dict[str, Any] = {}
+    source = "defaults and environment"
+    if path:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        data = loaded or {}
+    admin_token = os.environ.get("LLMOS_ADMIN_TOKEN")
+    if admin_token:
+        overrides = {"auth.admin_token": admin_token, **{k: v for k, v in overrides.items() if v is not None}}
+    try:
+        settings = Settings(**data)
+        # CLI values outrank the environment, so they are applied after construction.
+        for dotted, value in overrides.items():
+            if value is None:
+                continue
+            *parents, leaf = dotted.split(".")
+            target: Any = settings
+            for p in parents:
+                target = getattr(target, p)
+            setattr(target, leaf, value)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, source)) from exc
+    return settings

@@ -1,0 +1,116 @@
+"""The checkpoint index: one row per version, and the active version, shared by every process
+on this store. Only the registry (llmos.registry) calls this; it owns the files the rows name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select, update
+
+from llmos.store.db import Database
+from llmos.store.tables import CheckpointRow, CheckpointStatus, MetaRow, utcnow
+
+ACTIVE_KEY = "active_version"
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    version: int
+    parent_version: int | None
+    status: CheckpointStatus
+    path: str
+    step: int
+    samples_seen: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+    created_at: datetime | None = None
+
+
+def _record(row: CheckpointRow) -> CheckpointRecord:
+    return CheckpointRecord(
+        version=row.version,
+        parent_version=row.parent_version,
+        status=CheckpointStatus(row.status),
+        path=row.path,
+        step=row.step,
+        samples_seen=row.samples_seen,
+        metrics=dict(row.metrics or {}),
+        created_at=row.created_at,
+    )
+
+
+class CheckpointIndex:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def add(self, rec: CheckpointRecord) -> None:
+        with self._db.write() as s:
+            s.add(
+                CheckpointRow(
+                    version=rec.version,
+                    parent_version=rec.parent_version,
+                    status=rec.status.value,
+                    path=rec.path,
+                    step=rec.step,
+                    samples_seen=rec.samples_seen,
+                    metrics=rec.metrics,
+                    created_at=utcnow(),
+                )
+            )
+
+    def max_version(self) -> int | None:
+        with self._db.read() as s:
+            return s.scalar(select(func.max(CheckpointRow.version)))
+
+    def get(self, version: int, include_pruned: bool = False) -> CheckpointRecord | None:
+        with self._db.read() as s:
+            row = s.get(CheckpointRow, version)
+            if row is None or (row.pruned_at is not None and not include_pruned):
+                return None
+            return _record(row)
+
+    def list(self) -> list[CheckpointRecord]:
+        """Live (unpruned) checkpoints, newest first."""
+        with self._db.read() as s:
+            rows = s.scalars(
+                select(CheckpointRow).where(CheckpointRow.pruned_at.is_(None)).order_by(CheckpointRow.version.desc())
+            ).all()
+            return [_record(r) for r in rows]
+
+    def parents(self) -> dict[int, int | None]:
+        with self._db.read() as s:
+            return {v: p for v, p in s.execute(select(CheckpointRow.version, CheckpointRow.parent_version))}
+
+    def set_status(self, version: int, status: CheckpointStatus) -> None:
+        with self._db.write() as s:
+            s.execute(update(CheckpointRow).where(CheckpointRow.version == version).values(status=status.value))
+
+    def mark_pruned(self, version: int) -> None:
+        with self._db.write() as s:
+            s.execute(update(CheckpointRow).where(CheckpointRow.version == version).values(pruned_at=utcnow()))
+
+    def active_version(self) -> int | None:
+        with self._db.read() as s:
+            row = s.get(MetaRow, ACTIVE_KEY)
+            return int(row.value) if row else None
+
+    def activate(self, version: int, expected: int | None = None, promote: bool = False) -> bool:
+        """Make ``version`` active. With ``expected``, only if the active version is still that one
+        (compare-and-set: a rollback in between wins over a trainer's promotion). Returns whether
+        it happened."""
+        with self._db.write() as s:
+            row = s.get(MetaRow, ACTIVE_KEY)
+            if expected is not None and (row is None or int(row.value) != expected):
+                return False
+            if row is None:
+                s.add(MetaRow(key=ACTIVE_KEY, value=str(version)))
+            else:
+                row.value = str(version)
+            if promote:
+                s.execute(
+                    update(CheckpointRow)
+                    .where(CheckpointRow.version == version)
+                    .values(status=CheckpointStatus.promoted.value)
+                )
+            return True

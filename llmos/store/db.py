@@ -1,0 +1,95 @@
+"""Engines and transactions for SQLite (embedded default) and PostgreSQL.
+
+SQLite: WAL with synchronous=FULL, so an acknowledged row survives power loss; writers start
+with BEGIN IMMEDIATE so a read-then-write transaction never fails with "database is locked"
+(a deferred BEGIN can, whatever the busy timeout). Readers use a second engine with a plain
+BEGIN so they never queue behind the write lock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from llmos.store.tables import Base
+
+
+def normalise_url(url: str) -> str:
+    """Pick the psycopg 3 driver for a bare postgresql:// URL."""
+    u = make_url(url)
+    if u.drivername in ("postgresql", "postgres"):
+        u = u.set(drivername="postgresql+psycopg")
+    return u.render_as_string(hide_password=False)
+
+
+def _sqlite_engine(url: str, begin: str, busy_timeout_s: float) -> Engine:
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": busy_timeout_s})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql(begin)
+
+    return engine
+
+
+class Database:
+    """Owns the engines; hands out short transactions. Repositories take one of these."""
+
+    def __init__(self, url: str, busy_timeout_s: float = 30.0) -> None:
+        self.url = normalise_url(url)
+        self.is_sqlite = self.url.startswith("sqlite")
+        if self.is_sqlite:
+            db_path = make_url(self.url).database
+            if db_path and db_path != ":memory:":
+                Path(db_path).parent.mkdir(parents=True, exist_ok=True)
+            self._write_engine = _sqlite_engine(self.url, "BEGIN IMMEDIATE", busy_timeout_s)
+            self._read_engine = _sqlite_engine(self.url, "BEGIN", busy_timeout_s)
+        else:
+            self._write_engine = create_engine(self.url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+            self._read_engine = self._write_engine
+        self._writer = sessionmaker(self._write_engine, expire_on_commit=False)
+        self._reader = sessionmaker(self._read_engine, expire_on_commit=False)
+
+    def create_schema(self) -> None:
+        Base.metadata.create_all(self._write_engine)
+
+    @contextmanager
+    def write(self) -> Iterator[Session]:
+        """A transaction that commits on success (durably, before returning) and rolls back on error."""
+        with self._writer.begin() as session:
+            yield session
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        with self._reader() as session:
+            yield session
+
+    def ping(self) -> None:
+        with self._read_engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+
+    def pragma(self, name: str) -> Any:
+        """Read a SQLite pragma (for start-up checks and tests)."""
+        with self._write_engine.connect() as conn:
+            return conn.exec_driver_sql(f"PRAGMA {name}").scalar()
+
+    def dispose(self) -> None:
+        self._write_engine.dispose()
+        if self._read_engine is not self._write_engine:
+            self._read_engine.dispose()

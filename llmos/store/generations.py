@@ -1,0 +1,110 @@
+"""Every generation served, and the feedback given on it.
+
+Feedback that should teach the model becomes a queued sample in the same transaction as the
+feedback row, so the two are never out of step.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+
+from llmos.store.db import Database
+from llmos.store.queue import NewSample, insert_samples
+from llmos.store.tables import FeedbackRow, GenerationRow, utcnow
+
+
+@dataclass(frozen=True)
+class Generation:
+    id: str
+    prompt: str
+    completion: str
+    model_version: int
+    params: dict[str, Any]
+    prompt_tokens: int
+    completion_tokens: int
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class Feedback:
+    id: str
+    generation_id: str
+    rating: float | None
+    correction: str | None
+    sample_id: str | None
+
+
+class UnknownGeneration(LookupError):
+    pass
+
+
+class GenerationLog:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def record(
+        self,
+        prompt: str,
+        completion: str,
+        model_version: int,
+        params: dict[str, Any],
+        prompt_tokens: int,
+        completion_tokens: int,
+    ) -> str:
+        gid = str(uuid.uuid4())
+        with self._db.write() as s:
+            s.add(
+                GenerationRow(
+                    id=gid,
+                    prompt=prompt,
+                    completion=completion,
+                    model_version=model_version,
+                    params=params,
+                    prompt_tokens=prompt_tokens,
+                    completion_tokens=completion_tokens,
+                    created_at=utcnow(),
+                )
+            )
+        return gid
+
+    def get(self, generation_id: str) -> Generation | None:
+        with self._db.read() as s:
+            row = s.get(GenerationRow, generation_id)
+            if row is None:
+                return None
+            return Generation(
+                id=row.id,
+                prompt=row.prompt,
+                completion=row.completion,
+                model_version=row.model_version,
+                params=dict(row.params),
+                prompt_tokens=row.prompt_tokens,
+                completion_tokens=row.completion_tokens,
+                created_at=row.created_at,
+            )
+
+    def add_feedback(
+        self, generation_id: str, rating: float | None, correction: str | None, sample: NewSample | None
+    ) -> Feedback:
+        """Store feedback (and the sample it yields, if any) atomically."""
+        with self._db.write() as s:
+            if s.scalar(select(GenerationRow.id).where(GenerationRow.id == generation_id)) is None:
+                raise UnknownGeneration(generation_id)
+            sample_id = insert_samples(s, [sample])[0] if sample is not None else None
+            fid = str(uuid.uuid4())
+            s.add(
+                FeedbackRow(
+                    id=fid,
+                    generation_id=generation_id,
+                    rating=rating,
+                    correction=correction,
+                    sample_id=sample_id,
+                    created_at=utcnow(),
+                )
+            )
+            return Feedback(fid, generation_id, rating, correction, sample_id)

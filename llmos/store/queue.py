@@ -1,0 +1,220 @@
+"""The sample queue: one method per operation on the ``samples`` table.
+
+Samples move queued -> training -> trained (or heldout / rejected). The trainer calls
+``claim_batch``, ``ack``, ``reject``, ``release``; it never writes SQL.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from llmos.store.db import Database
+from llmos.store.tables import SampleRow, SampleStatus, utcnow
+
+
+@dataclass(frozen=True)
+class NewSample:
+    text: str
+    source: str | None = None
+    weight: float = 1.0
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True)
+class Sample:
+    id: str
+    seq: int
+    text: str
+    source: str | None
+    weight: float
+    status: SampleStatus
+    reason: str | None
+    trained_in_version: int | None
+    created_at: datetime
+
+
+def _record(row: SampleRow) -> Sample:
+    return Sample(
+        id=row.id,
+        seq=row.seq,
+        text=row.text,
+        source=row.source,
+        weight=row.weight,
+        status=SampleStatus(row.status),
+        reason=row.reason,
+        trained_in_version=row.trained_in_version,
+        created_at=row.created_at,
+    )
+
+
+def insert_samples(session: Session, items: Sequence[NewSample]) -> list[str]:
+    """Insert within the caller's transaction; an idempotency key seen before yields its old id."""
+    keys = {it.idempotency_key for it in items if it.idempotency_key is not None}
+    known: dict[str, str] = {}
+    if keys:
+        rows = session.execute(
+            select(SampleRow.idempotency_key, SampleRow.id).where(SampleRow.idempotency_key.in_(keys))
+        )
+        known = {k: i for k, i in rows if k is not None}
+    ids: list[str] = []
+    new_rows: list[SampleRow] = []
+    now = utcnow()
+    for it in items:
+        if it.idempotency_key is not None and it.idempotency_key in known:
+            ids.append(known[it.idempotency_key])
+            continue
+        sid = str(uuid.uuid4())
+        if it.idempotency_key is not None:
+            known[it.idempotency_key] = sid  # a key repeated inside one request maps to one row
+        new_rows.append(
+            SampleRow(
+                id=sid,
+                text=it.text,
+                source=it.source,
+                weight=it.weight,
+                idempotency_key=it.idempotency_key,
+                status=SampleStatus.queued.value,
+                created_at=now,
+            )
+        )
+        ids.append(sid)
+    session.add_all(new_rows)
+    session.flush()
+    return ids
+
+
+class SampleQueue:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def enqueue(self, items: Sequence[NewSample]) -> list[str]:
+        """Store the samples durably and return their ids (committed when this returns)."""
+        for attempt in range(3):
+            try:
+                with self._db.write() as s:
+                    return insert_samples(s, items)
+            except IntegrityError:
+                # Another writer took one of our idempotency keys between our read and write
+                # (possible on PostgreSQL); the retry sees it and returns its id.
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def get(self, sample_id: str) -> Sample | None:
+        with self._db.read() as s:
+            row = s.scalar(select(SampleRow).where(SampleRow.id == sample_id))
+            return _record(row) if row else None
+
+    def depth(self) -> int:
+        with self._db.read() as s:
+            return s.scalar(select(func.count()).where(SampleRow.status == SampleStatus.queued.value)) or 0
+
+    def claim_batch(self, max_samples: int, max_bytes: int) -> list[Sample]:
+        """Move the oldest queued samples to ``training``: at most max_samples, and no more than
+        max_bytes of UTF-8 text in all (the first sample is always taken, so nothing starves)."""
+        with self._db.write() as s:
+            q = (
+                select(SampleRow)
+                .where(SampleRow.status == SampleStatus.queued.value)
+                .order_by(SampleRow.seq)
+                .limit(max_samples)
+            )
+            if not self._db.is_sqlite:
+                q = q.with_for_update(skip_locked=True)
+            rows = s.scalars(q).all()
+            taken: list[SampleRow] = []
+            total = 0
+            for row in rows:
+                size = len(row.text.encode("utf-8"))
+                if taken and total + size > max_bytes:
+                    break
+                taken.append(row)
+                total += size
+            now = utcnow()
+            for row in taken:
+                row.status = SampleStatus.training.value
+                row.claimed_at = now
+            return [_record(r) for r in taken]
+
+    def ack(self, ids: Iterable[str], version: int) -> None:
+        """The samples are in ``version``: trained."""
+        self._set(ids, status=SampleStatus.trained, trained_in_version=version, reason=None)
+
+    def mark_heldout(self, ids: Iterable[str]) -> None:
+        self._set(ids, status=SampleStatus.heldout)
+
+    def reject(self, reasons: Mapping[str, str]) -> None:
+        """Reject each sample with its own reason."""
+        with self._db.write() as s:
+            for sid, reason in reasons.items():
+                s.execute(
+                    update(SampleRow)
+                    .where(SampleRow.id == sid)
+                    .values(status=SampleStatus.rejected.value, reason=reason, claimed_at=None)
+                )
+
+    def release(self, ids: Iterable[str]) -> None:
+        """Give claimed samples back to the queue untouched (work abandoned)."""
+        self._set(ids, status=SampleStatus.queued, only_from=SampleStatus.training)
+
+    def requeue(self, ids: Iterable[str]) -> None:
+        """Put samples back in the queue to be trained again (their version was not served)."""
+        self._set(ids, status=SampleStatus.queued, trained_in_version=None)
+
+    def requeue_stale(self) -> int:
+        """Return every sample left in ``training`` to the queue (at start, after a crash)."""
+        with self._db.write() as s:
+            res = s.execute(
+                update(SampleRow)
+                .where(SampleRow.status == SampleStatus.training.value)
+                .values(status=SampleStatus.queued.value, claimed_at=None)
+            )
+            return res.rowcount or 0
+
+    def requeue_outside(self, lineage: set[int]) -> int:
+        """Requeue trained samples whose version is not in ``lineage`` (they were trained only in
+        versions a rollback abandoned)."""
+        with self._db.write() as s:
+            res = s.execute(
+                update(SampleRow)
+                .where(SampleRow.status == SampleStatus.trained.value)
+                .where(SampleRow.trained_in_version.not_in(lineage))
+                .values(status=SampleStatus.queued.value, trained_in_version=None, claimed_at=None)
+            )
+            return res.rowcount or 0
+
+    def heldout(self, limit: int) -> list[Sample]:
+        """The most recent held-out samples, oldest first."""
+        with self._db.read() as s:
+            rows = s.scalars(
+                select(SampleRow)
+                .where(SampleRow.status == SampleStatus.heldout.value)
+                .order_by(SampleRow.seq.desc())
+                .limit(limit)
+            ).all()
+            return [_record(r) for r in reversed(rows)]
+
+    def _set(
+        self,
+        ids: Iterable[str],
+        status: SampleStatus,
+        only_from: SampleStatus | None = None,
+        **values: object,
+    ) -> None:
+        id_list = list(ids)
+        if not id_list:
+            return
+        with self._db.write() as s:
+            for chunk_start in range(0, len(id_list), 500):
+                chunk = id_list[chunk_start : chunk_start + 500]
+                stmt = update(SampleRow).where(SampleRow.id.in_(chunk))
+                if only_from is not None:
+                    stmt = stmt.where(SampleRow.status == only_from.value)
+                s.execute(stmt.values(status=status.value, claimed_at=None, **values))

@@ -1,0 +1,116 @@
+"""The store's tables. Rows never leave this package: repositories return frozen records."""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, Dialect, Float, ForeignKey, Index, Integer, String, Text, TypeDecorator
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite stores them naive)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("naive datetime given to the store")
+        return value.astimezone(UTC) if value is not None else None
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class SampleStatus(enum.StrEnum):
+    queued = "queued"
+    training = "training"
+    trained = "trained"
+    heldout = "heldout"
+    rejected = "rejected"
+
+
+class CheckpointStatus(enum.StrEnum):
+    candidate = "candidate"
+    promoted = "promoted"
+    rejected = "rejected"
+
+
+class SampleRow(Base):
+    __tablename__ = "samples"
+
+    # seq orders the queue; id is what clients see.
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(36), unique=True, nullable=False)
+    text: Mapped[str] = mapped_column(Text, nullable=False)
+    source: Mapped[str | None] = mapped_column(String(200))
+    weight: Mapped[float] = mapped_column(Float, nullable=False, default=1.0)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
+    status: Mapped[str] = mapped_column(String(16), nullable=False, default=SampleStatus.queued.value)
+    reason: Mapped[str | None] = mapped_column(Text)
+    trained_in_version: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
+    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    __table_args__ = (Index("ix_samples_status_seq", "status", "seq"),)
+
+
+class GenerationRow(Base):
+    __tablename__ = "generations"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    prompt: Mapped[str] = mapped_column(Text, nullable=False)
+    completion: Mapped[str] = mapped_column(Text, nullable=False)
+    model_version: Mapped[int] = mapped_column(Integer, nullable=False)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
+    prompt_tokens: Mapped[int] = mapped_column(Integer, nullable=False)
+    completion_tokens: Mapped[int] = mapped_column(Integer, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
+
+
+class FeedbackRow(Base):
+    __tablename__ = "feedback"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    generation_id: Mapped[str] = mapped_column(ForeignKey("generations.id"), nullable=False, index=True)
+    rating: Mapped[float | None] = mapped_column(Float)
+    correction: Mapped[str | None] = mapped_column(Text)
+    sample_id: Mapped[str | None] = mapped_column(String(36))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
+
+
+class CheckpointRow(Base):
+    __tablename__ = "checkpoints"
+
+    version: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    parent_version: Mapped[int | None] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), nullable=False)
+    path: Mapped[str] = mapped_column(Text, nullable=False)
+    step: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    samples_seen: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False, default=dict)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
+    # Pruned checkpoints keep their row so lineage (parent chains) stays walkable.
+    pruned_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class MetaRow(Base):
+    """Small named values shared by every process on this store (e.g. the active version)."""
+
+    __tablename__ = "meta"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text, nullable=False)

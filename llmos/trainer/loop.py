@@ -1,0 +1,302 @@
+"""The online trainer: a background thread that drains the queue through five stages.
+
+    claim -> preprocess -> optimize (passes over the batch) -> evaluate -> checkpoint -> hot-swap
+
+Samples claimed since the last checkpoint are "pending": they stay in ``training`` until a
+checkpoint settles them (trained in that version, or rejected by the gate). Whenever the trainer
+stops, is reset by a rollback or fails, pending samples go back to the queue and the training
+state is reloaded from the active version, so serving and training never drift apart.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from llmos.model.loader import ModelFactory
+from llmos.registry.registry import Registry
+from llmos.serving.engine import ServingEngine
+from llmos.store.queue import Sample, SampleQueue
+from llmos.trainer.checkpoint import checkpoint
+from llmos.trainer.evaluate import EvalConfig, EvalReport, evaluate
+from llmos.trainer.optimize import optimize
+from llmos.trainer.preprocess import Batch, PreprocessConfig, eval_batch, preprocess
+from llmos.trainer.state import OptimizerConfig, TrainingState, load_state
+from llmos.trainer.swap import swap
+
+log = logging.getLogger(__name__)
+
+
+class TrainerPhase(enum.StrEnum):
+    idle = "idle"
+    training = "training"
+    paused = "paused"
+    error = "error"
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    preprocess: PreprocessConfig
+    optimizer: OptimizerConfig
+    eval: EvalConfig
+    micro_batch: int
+    passes_per_batch: int
+    batch_tokens: int
+    batch_max_samples: int
+    fill_wait_s: float
+    poll_interval_s: float
+    evaluate_every_steps: int
+    evaluate_every_s: float
+    eval_max_samples: int
+    error_backoff_s: float
+    bf16: bool
+    seed: int
+
+
+@dataclass(frozen=True)
+class TrainerStatus:
+    state: TrainerPhase
+    step: int
+    last_loss: float | None
+    device: str
+    last_error: str | None
+
+
+class _Interrupted(Exception):
+    """Raised between steps when the trainer must stop or go back to the active version."""
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: TrainerConfig,
+        queue: SampleQueue,
+        registry: Registry,
+        serving: ServingEngine,
+        factory: ModelFactory,
+    ) -> None:
+        self.cfg = cfg
+        self.queue = queue
+        self.registry = registry
+        self.serving = serving
+        self.factory = factory
+        self.device = factory.device
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._resume = threading.Event()
+        self._resume.set()
+        self._reset = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._phase = TrainerPhase.idle
+        self._last_error: str | None = None
+        self._state: TrainingState | None = None
+        self._pending: list[str] = []  # trained since the last checkpoint, still in `training`
+        self._claimed: list[str] = []  # the batch in hand
+        self._steps_since_eval = 0
+        self._last_eval_t = time.monotonic()
+        self._eval_cache: tuple[tuple[str, ...], Batch] | None = None
+        self._active_loss_cache: tuple[int, tuple[str, ...], float] | None = None
+
+    # ---- control (any thread) ---------------------------------------------------------------
+    def start(self) -> None:
+        self._load(self.registry.active_version())
+        self._thread = threading.Thread(target=self._run, name="llmos-trainer", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask the loop to finish its step, release what it claimed and exit."""
+        self._stop.set()
+        self._resume.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def wake(self) -> None:
+        """New data arrived: look at the queue now instead of at the next poll."""
+        self._wake.set()
+
+    def pause(self) -> None:
+        self._resume.clear()
+
+    def resume(self) -> None:
+        self._resume.set()
+        self._wake.set()
+
+    def request_reset(self) -> None:
+        """The active version changed under us (rollback): drop the work in hand and reload."""
+        self._reset.set()
+        self._wake.set()
+
+    def status(self) -> TrainerStatus:
+        st = self._state
+        phase = TrainerPhase.paused if not self._resume.is_set() else self._phase
+        return TrainerStatus(
+            state=phase,
+            step=st.step if st else 0,
+            last_loss=st.last_loss if st else None,
+            device=str(self.device),
+            last_error=self._last_error,
+        )
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._checkpoint_boundary()
+                worked = self.cycle()
+                self._phase = TrainerPhase.idle
+                self._last_error = None
+                if not worked:
+                    self._wake.wait(self.cfg.poll_interval_s)
+                    self._wake.clear()
+            except _Interrupted:
+                if self._stop.is_set():
+                    break
+                self._go_back()
+            except Exception as exc:  # a daemon keeps going: report, go back, retry later
+                log.exception("trainer cycle failed")
+                self._phase = TrainerPhase.error
+                self._last_error = f"{type(exc).__name__}: {exc}"
+                self._go_back()
+                self._stop.wait(self.cfg.error_backoff_s)
+        self._release()
+
+    def cycle(self) -> bool:
+        """One unit of work. Returns False when there was nothing to do."""
+        samples = self._claim()
+        if not samples:
+            if self._pending and self._due():
+                self._settle()
+            return False
+        self._phase = TrainerPhase.training
+        pre = preprocess(samples, self.factory.tokenizer, self.cfg.preprocess)  # 1. clean, hold out, pack
+        self.queue.mark_heldout(pre.heldout)
+        self.queue.reject(pre.rejected)
+        self._claimed = list(pre.batch.sample_ids)
+        if len(pre.batch) == 0:
+            return True
+        skipped = self._fit(pre.batch)  # 2. optimizer steps, passes over the batch
+        if skipped is not None:
+            self.queue.reject({sid: f"optimizer: {skipped}" for sid in self._claimed})
+            self._claimed = []
+            self._go_back()
+            return True
+        self._pending += self._claimed
+        self._claimed = []
+        if self._due():
+            self._settle()  # 3-5. evaluate, checkpoint, hot-swap
+        return True
+
+    def _settle(self) -> None:
+        state = self._require_state()
+        report = self._evaluate(state)  # 3. held-out loss against the active version
+        extra = {"samples": len(self._pending), "steps": self._steps_since_eval}
+        record = checkpoint(state, report, self.registry, extra)  # 4. durable, then registered
+        if not report.promote:
+            log.info("version %d rejected: %s", record.version, report.reason)
+            self.queue.reject({sid: f"gate: {report.reason}" for sid in self._pending})
+            self._pending = []
+            self._go_back()
+        else:
+            self.queue.ack(self._pending, record.version)
+            if swap(record, self.registry, self.serving):  # 5. promote, serving follows
+                log.info("version %d promoted: %s", record.version, report.reason)
+                state.base_version = record.version
+                self._pending = []
+            else:
+                log.info("version %d not promoted: the active version changed (rollback)", record.version)
+                self.queue.requeue(self._pending)
+                self._pending = []
+                self._go_back()
+        self._steps_since_eval = 0
+        self._last_eval_t = time.monotonic()
+        self.registry.prune()
+
+    # ---- stage helpers ----------------------------------------------------------------------
+    def _claim(self) -> list[Sample]:
+        if self.queue.depth() == 0:
+            return []
+        # Give a burst of posts a moment to arrive, so one batch carries them all.
+        self._stop.wait(self.cfg.fill_wait_s)
+        return self.queue.claim_batch(self.cfg.batch_max_samples, self.cfg.batch_tokens)
+
+    def _fit(self, batch: Batch) -> str | None:
+        state = self._require_state()
+        for _ in range(self.cfg.passes_per_batch):
+            shuffle = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + state.step)
+            for ids, weights in batch.micro_batches(self.cfg.micro_batch, shuffle):
+                self._checkpoint_boundary()
+                report = optimize(state, ids, weights, self.cfg.optimizer, self.device, self.cfg.bf16)
+                if report.skipped is not None:
+                    return report.skipped
+                self._steps_since_eval += 1
+        state.samples_seen += len(batch.sample_ids)
+        return None
+
+    def _evaluate(self, state: TrainingState) -> EvalReport:
+        held = self.queue.heldout(self.cfg.eval_max_samples)
+        key = tuple(s.id for s in held)
+        if self._eval_cache is None or self._eval_cache[0] != key:
+            self._eval_cache = (key, eval_batch([s.text for s in held], self.factory.tokenizer, self.cfg.preprocess))
+        eval_set = self._eval_cache[1]
+        active = self.serving.current()
+        cached = self._active_loss_cache
+        active_loss = cached[2] if cached and cached[:2] == (active.version, key) else None
+        report = evaluate(state.model, active.model, eval_set, self.cfg.eval, self.device, state.last_loss, active_loss)
+        if report.active_loss is not None:
+            self._active_loss_cache = (active.version, key, report.active_loss)
+        return report
+
+    def _due(self) -> bool:
+        every_steps, every_s = self.cfg.evaluate_every_steps, self.cfg.evaluate_every_s
+        if every_steps == 0 and every_s == 0:
+            return True
+        if every_steps and self._steps_since_eval >= every_steps:
+            return True
+        return bool(every_s) and time.monotonic() - self._last_eval_t >= every_s
+
+    def _checkpoint_boundary(self) -> None:
+        """Between steps: honour stop, reset and pause."""
+        if self._stop.is_set():
+            raise _Interrupted
+        if self._reset.is_set():
+            raise _Interrupted
+        if not self._resume.is_set():
+            while not self._resume.wait(0.2):
+                pass
+            if self._stop.is_set() or self._reset.is_set():
+                raise _Interrupted
+
+    # ---- state management -------------------------------------------------------------------
+    def _require_state(self) -> TrainingState:
+        if self._state is None:
+            raise RuntimeError("trainer state not loaded")
+        return self._state
+
+    def _release(self) -> None:
+        """Give every sample in hand back to the queue."""
+        if self._claimed or self._pending:
+            self.queue.release(self._claimed + self._pending)
+        self._claimed, self._pending = [], []
+        self._steps_since_eval = 0
+
+    def _go_back(self) -> None:
+        """Drop work in hand and continue from the active version's weights and optimizer state."""
+        self._reset.clear()
+        self._release()
+        self._load(self.registry.active_version())
+
+    def _load(self, version: int) -> None:
+        model = self.factory.instance(self.registry.weights_path(version))
+        opt = self.cfg.optimizer
+        self._state = load_state(version, self.registry, model, opt)
+        log.info("trainer continues from version %d (step %d)", version, self._state.step)

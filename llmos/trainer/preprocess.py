@@ -1,0 +1,147 @@
+"""Stage 1 — preprocess: normalise, hold out, tokenize and pack claimed samples.
+
+Packing: every kept sample is followed by EOS and the stream starts with EOS, so each sample is
+read as the start of a document (as generation sees a prompt). The stream is cut into blocks of
+``block_size + 1`` tokens overlapping by one (inputs ``[:-1]``, targets ``[1:]``); only the
+last block is shorter. No token is padding, so no compute goes to it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import unicodedata
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from llmos.store.queue import Sample
+
+# Samples made from feedback are never held out: a user who corrects the model expects it to learn.
+FEEDBACK_SOURCE_PREFIX = "feedback:"
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    block_size: int
+    max_sample_tokens: int
+    heldout_fraction: float
+
+
+@dataclass
+class Batch:
+    """Packed training data: blocks of token ids and per-token loss weights, each (T+1,)."""
+
+    blocks: list[torch.Tensor] = field(default_factory=list)
+    weights: list[torch.Tensor] = field(default_factory=list)
+    sample_ids: list[str] = field(default_factory=list)
+    n_tokens: int = 0
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def micro_batches(
+        self, size: int, generator: torch.Generator | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (ids, weights), each (B, T+1), grouping blocks of equal length; shuffled when a
+        generator is given."""
+        order = list(range(len(self.blocks)))
+        if generator is not None:
+            order = torch.randperm(len(order), generator=generator).tolist()
+        by_len: dict[int, list[int]] = {}
+        for i in order:
+            by_len.setdefault(int(self.blocks[i].numel()), []).append(i)
+        for idxs in by_len.values():
+            for start in range(0, len(idxs), size):
+                chunk = idxs[start : start + size]
+                yield (
+                    torch.stack([self.blocks[i] for i in chunk]),
+                    torch.stack([self.weights[i] for i in chunk]),
+                )
+
+
+@dataclass
+class Preprocessed:
+    batch: Batch
+    heldout: list[str] = field(default_factory=list)
+    rejected: dict[str, str] = field(default_factory=dict)
+
+
+def normalise(text: str) -> str:
+    """Unicode NFC, control characters removed (newline and tab kept), outer whitespace stripped."""
+    text = unicodedata.normalize("NFC", text)
+    text = "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch)[0] != "C")
+    return text.strip()
+
+
+def is_heldout(text: str, fraction: float) -> bool:
+    """Deterministic by content: the same text always lands on the same side."""
+    if fraction <= 0:
+        return False
+    h = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
+    return (h % 1_000_000) < fraction * 1_000_000
+
+
+def pack(
+    token_lists: Sequence[list[int]], sample_weights: Sequence[float], eos_id: int, block_size: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    stream: list[int] = [eos_id]
+    weights: list[float] = [0.0]  # the leading EOS is never a target
+    for ids, w in zip(token_lists, sample_weights, strict=True):
+        stream.extend(ids)
+        stream.append(eos_id)
+        weights.extend([w] * (len(ids) + 1))
+    ids_t = torch.tensor(stream, dtype=torch.long)
+    w_t = torch.tensor(weights, dtype=torch.float32)
+    blocks, block_weights = [], []
+    for start in range(0, len(stream) - 1, block_size):
+        end = min(start + block_size + 1, len(stream))
+        blocks.append(ids_t[start:end])
+        block_weights.append(w_t[start:end])
+    return blocks, block_weights
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def preprocess(samples: Sequence[Sample], tokenizer: PreTrainedTokenizerBase, cfg: PreprocessConfig) -> Preprocessed:
+    out = Preprocessed(batch=Batch())
+    token_lists: list[list[int]] = []
+    weights: list[float] = []
+    for s in samples:
+        text = normalise(s.text)
+        if not text:
+            out.rejected[s.id] = "empty after normalisation"
+            continue
+        from_feedback = (s.source or "").startswith(FEEDBACK_SOURCE_PREFIX)
+        if not from_feedback and is_heldout(text, cfg.heldout_fraction):
+            out.heldout.append(s.id)
+            continue
+        ids = encode(tokenizer, text)
+        if len(ids) > cfg.max_sample_tokens:
+            out.rejected[s.id] = f"too long: {len(ids)} tokens > train.max_sample_tokens={cfg.max_sample_tokens}"
+            continue
+        token_lists.append(ids)
+        weights.append(s.weight)
+        out.batch.sample_ids.append(s.id)
+    if token_lists:
+        eos = tokenizer.eos_token_id
+        assert eos is not None
+        out.batch.blocks, out.batch.weights = pack(token_lists, weights, eos, cfg.block_size)
+        out.batch.n_tokens = sum(len(t) + 1 for t in token_lists)
+    return out
+
+
+def eval_batch(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, cfg: PreprocessConfig) -> Batch:
+    """Pack held-out texts (already normalised when stored as held out) for evaluation."""
+    token_lists = [encode(tokenizer, normalise(t))[: cfg.max_sample_tokens] for t in texts]
+    token_lists = [t for t in token_lists if t]
+    batch = Batch()
+    if token_lists:
+        eos = tokenizer.eos_token_id
+        assert eos is not None
+        batch.blocks, batch.weights = pack(token_lists, [1.0] * len(token_lists), eos, cfg.block_size)
+        batch.n_tokens = sum(len(t) + 1 for t in token_lists)
+    return batch

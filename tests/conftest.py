@@ -1,0 +1,131 @@
+"""Shared fixtures: settings in a temporary data directory, the real store on SQLite (and on
+PostgreSQL when LLMOS_TEST_POSTGRES_URL is set), and a real uvicorn server on a loopback port."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from llmos.settings import Settings, load_settings  # noqa: E402
+from llmos.store.db import Database  # noqa: E402
+
+PG_URL = os.environ.get("LLMOS_TEST_POSTGRES_URL")
+ADMIN = "test-admin-token"
+
+
+def make_settings(data_dir: Path, **overrides: Any) -> Settings:
+    """Test settings: the embedded default, with an admin token and no waiting for batches to fill."""
+    base = {
+        "auth.admin_token": ADMIN,
+        "data_dir": data_dir,
+        "train.fill_wait_s": 0.05,
+        "train.poll_interval_s": 0.1,
+        "server.port": 0,
+    }
+    base.update(overrides)
+    return load_settings(None, **base)
+
+
+def _backends() -> list[str]:
+    return ["sqlite", "postgres"] if PG_URL else ["sqlite"]
+
+
+@pytest.fixture(params=_backends())
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database: a SQLite file, or a new schema on the PostgreSQL server."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'test.db'}"
+        return
+    assert PG_URL is not None
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = Database(PG_URL)
+    with admin.write() as s:
+        s.connection().exec_driver_sql(f'CREATE SCHEMA "{schema}"')
+    sep = "&" if "?" in PG_URL else "?"
+    yield f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
+    with admin.write() as s:
+        s.connection().exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
+    admin.dispose()
+
+
+@pytest.fixture
+def db(db_url: str) -> Iterator[Database]:
+    database = Database(db_url)
+    database.create_schema()
+    yield database
+    database.dispose()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LiveServer:
+    """The real app under uvicorn in a background thread, on a loopback port."""
+
+    def __init__(self, settings: Settings) -> None:
+        from llmos.api.app import create_app
+        from llmos.daemon import Daemon
+
+        self.port = free_port()
+        self.daemon = Daemon(settings)
+        self.app = create_app(self.daemon)
+        config = uvicorn.Config(
+            self.app, host="127.0.0.1", port=self.port, log_level="warning", timeout_graceful_shutdown=5
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("server did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+    def client(self, **kw: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60, **kw)
+
+
+@pytest.fixture
+def live(tmp_path: Path) -> Iterator[LiveServer]:
+    with LiveServer(make_settings(tmp_path / "data")) as srv:
+        yield srv
+
+
+def admin_headers() -> dict[str, str]:
+    return {"Authorization": f"Bearer {ADMIN}"}
+
+
+def wait_for(predicate: Any, timeout: float, interval: float = 0.2) -> Any:
+    """Poll until predicate() is truthy; return its value, or fail with the last one seen."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s (last value: {last!r})")
