@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 
 class _Section(BaseModel):
@@ -143,11 +143,11 @@ class ConfigError(ValueError):
     """The configuration cannot be used; the message says which key and why."""
 
 
-def _format_error(err: ValidationError, source: str) -> str:
+def _format_error(err: ValidationError, source: str, prefix: tuple[str, ...] = ()) -> str:
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"])
-        if e["type"] == "extra_forbidden":
+        key = ".".join(str(p) for p in (*prefix, *e["loc"]))
+        if e["type"] in ("extra_forbidden", "no_such_attribute"):
             lines.append(f"unknown key '{key}'")
         else:
             lines.append(f"'{key}': {e['msg']}")
@@ -179,15 +179,23 @@ def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Se
         overrides = {"auth.admin_token": admin_token, **{k: v for k, v in overrides.items() if v is not None}}
     try:
         settings = Settings(**data)
-        # CLI values outrank the environment, so they are applied after construction.
-        for dotted, value in overrides.items():
-            if value is None:
-                continue
-            *parents, leaf = dotted.split(".")
-            target: Any = settings
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, source)) from exc
+    except SettingsError as exc:  # an LLMOS_* value that is not valid JSON for a section or list
+        raise ConfigError(f"invalid configuration (environment): {exc}") from exc
+    # CLI values outrank the environment, so they are applied after construction.
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        *parents, leaf = dotted.split(".")
+        target: Any = settings
+        try:
             for p in parents:
                 target = getattr(target, p)
             setattr(target, leaf, value)
-    except ValidationError as exc:
-        raise ConfigError(_format_error(exc, source)) from exc
+        except AttributeError as exc:
+            raise ConfigError(f"invalid configuration (overrides): unknown key '{dotted}'") from exc
+        except ValidationError as exc:
+            # Assignment errors are located relative to the section; name the full key.
+            raise ConfigError(_format_error(exc, "overrides", tuple(parents))) from exc
     return settings

@@ -12,16 +12,17 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 EOS = "<|endoftext|>"
-TINY_SHAPE = {"n_layer": 2, "n_embd": 128, "n_head": 4, "n_positions": 1024}
+TINY_SHAPE: dict[str, Any] = {"n_layer": 2, "n_embd": 128, "n_head": 4, "n_positions": 1024}
 # No dropout: online learning sees each fact a few times and must pick it up quickly, and
 # training then draws nothing from the global RNG (exact resume stays simple).
-NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+NO_DROPOUT: dict[str, Any] = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:

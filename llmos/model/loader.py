@@ -48,7 +48,7 @@ class ModelFactory:
         if self.tokenizer.eos_token_id is None:
             raise ValueError(f"the tokenizer of {base} has no EOS token; llmos packs samples with EOS between them")
         self._template: PreTrainedModel = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-        self._template.to(device)
+        self._template.to(device)  # type: ignore[arg-type]  # transformers' wrapper hides nn.Module.to
         self._template.eval()
 
     @property

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from transformers import PreTrainedModel
@@ -103,7 +104,7 @@ class ServingEngine:
             if params.seed is not None and params.temperature > 0:
                 gen = torch.Generator(device="cpu").manual_seed(params.seed)
             new: list[int] = []
-            finish = "length"
+            finish: Literal["stop", "length"] = "length"
             with torch.inference_mode():
                 # The stream starts with EOS, as every training sample does.
                 x = torch.tensor([[eos, *ids]], device=self.device)  # (1, T)
@@ -120,7 +121,7 @@ class ServingEngine:
                         break
                     x = torch.tensor([[tok]], device=self.device)
                     out = model(input_ids=x, use_cache=True, **{self._cache_arg: out[self._cache_arg]})
-            text = self.tokenizer.decode(new)
+            text = str(self.tokenizer.decode(new))
             yield -1, Completion(text, loaded.version, len(ids), len(new), finish)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 
 @dataclass(frozen=True)
@@ -19,7 +20,7 @@ class Completion:
     version: int
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # "stop" (EOS) or "length"
+    finish_reason: Literal["stop", "length"]  # EOS, or the token budget ran out
 
 
 class PromptTooLong(ValueError):

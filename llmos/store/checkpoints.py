@@ -100,7 +100,9 @@ class CheckpointIndex:
         (compare-and-set: a rollback in between wins over a trainer's promotion). Returns whether
         it happened."""
         with self._db.write() as s:
-            row = s.get(MetaRow, ACTIVE_KEY)
+            # FOR UPDATE: on PostgreSQL a plain read would let a promotion check a value that a
+            # rollback is about to replace, then overwrite it. (SQLite's BEGIN IMMEDIATE serialises.)
+            row = s.get(MetaRow, ACTIVE_KEY, with_for_update=True)
             if expected is not None and (row is None or int(row.value) != expected):
                 return False
             if row is None:

@@ -176,7 +176,7 @@ class SampleQueue:
                 .where(SampleRow.status == SampleStatus.training.value)
                 .values(status=SampleStatus.queued.value, claimed_at=None)
             )
-            return res.rowcount or 0
+            return int(getattr(res, "rowcount", 0) or 0)
 
     def requeue_outside(self, lineage: set[int]) -> int:
         """Requeue trained samples whose version is not in ``lineage`` (they were trained only in
@@ -188,7 +188,7 @@ class SampleQueue:
                 .where(SampleRow.trained_in_version.not_in(lineage))
                 .values(status=SampleStatus.queued.value, trained_in_version=None, claimed_at=None)
             )
-            return res.rowcount or 0
+            return int(getattr(res, "rowcount", 0) or 0)
 
     def heldout(self, limit: int) -> list[Sample]:
         """The most recent held-out samples, oldest first."""

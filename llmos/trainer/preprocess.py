@@ -69,9 +69,12 @@ class Preprocessed:
 
 
 def normalise(text: str) -> str:
-    """Unicode NFC, control characters removed (newline and tab kept), outer whitespace stripped."""
+    """Unicode NFC, control characters removed (newline and tab kept), outer whitespace stripped.
+
+    Only controls (Cc) and lone surrogates (Cs) go: format characters (Cf) such as the zero-width
+    joiner of an emoji sequence or the ZWNJ of Persian spelling are part of the text."""
     text = unicodedata.normalize("NFC", text)
-    text = "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch)[0] != "C")
+    text = "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch) not in ("Cc", "Cs"))
     return text.strip()
 
 

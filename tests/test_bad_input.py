@@ -1,0 +1,191 @@
+"""Bad input gets a 4xx with a message that says what is wrong, never a 500, and the server
+carries on. Table-driven against the real server."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+
+import pytest
+from conftest import ADMIN, LiveServer, make_settings
+
+J = {"content-type": "application/json"}
+ADMIN_H = {"Authorization": f"Bearer {ADMIN}", **J}
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    settings = make_settings(
+        tmp_path_factory.mktemp("bad") / "data", **{"server.max_text_chars": 1000, "server.max_body_bytes": 65536}
+    )
+    with LiveServer(settings) as s:
+        yield s
+
+
+def body(obj: object) -> bytes:
+    return json.dumps(obj).encode()
+
+
+# (name, method, path, raw body or None, headers, expected status, a word the message must contain)
+CASES = [
+    ("invalid json", "POST", "/v1/texts", b'{"text": "abc"', J, 422, "json"),
+    ("not an object", "POST", "/v1/texts", b"[1, 2]", J, 422, "text"),
+    ("text wrong type", "POST", "/v1/texts", body({"text": 5}), J, 422, "string"),
+    ("text missing", "POST", "/v1/texts", body({"source": "x"}), J, 422, "text"),
+    ("empty text", "POST", "/v1/texts", body({"text": ""}), J, 422, "empty"),
+    ("blank text", "POST", "/v1/texts", body({"text": "  \n\t "}), J, 422, "empty"),
+    ("oversized text", "POST", "/v1/texts", body({"text": "x" * 1001}), J, 422, "max_text_chars"),
+    (
+        "oversized text in a batch",
+        "POST",
+        "/v1/texts",
+        body({"items": [{"text": "a"}, {"text": "y" * 1001}]}),
+        J,
+        422,
+        "items[1].text",
+    ),
+    ("empty batch", "POST", "/v1/texts", body({"items": []}), J, 422, "at least 1"),
+    ("batch over 1000", "POST", "/v1/texts", body({"items": [{"text": "a"}] * 1001}), J, 422, "1000"),
+    ("zero weight", "POST", "/v1/texts", body({"text": "a", "weight": 0}), J, 422, "greater than 0"),
+    ("negative weight", "POST", "/v1/texts", body({"text": "a", "weight": -1}), J, 422, "greater than 0"),
+    ("NaN weight", "POST", "/v1/texts", b'{"text": "a", "weight": NaN}', J, 422, "finite"),
+    ("Infinity weight", "POST", "/v1/texts", b'{"text": "a", "weight": Infinity}', J, 422, "finite"),
+    ("huge number", "POST", "/v1/texts", body({"text": "a", "weight": 1e308}), J, 422, "less than"),
+    ("unknown field", "POST", "/v1/texts", body({"text": "a", "weigth": 2}), J, 422, "weigth"),
+    ("NUL in text", "POST", "/v1/texts", body({"text": "a\u0000b"}), J, 422, "NUL"),
+    ("lone surrogate", "POST", "/v1/texts", b'{"text": "a\\ud800b"}', J, 422, "surrogate"),
+    ("not UTF-8", "POST", "/v1/texts", b'{"text": "\xff\xfe\xfa"}', J, 400, "UTF-8"),
+    ("deep nesting", "POST", "/v1/texts", b'{"text": ' + b"[" * 5000 + b"]" * 5000 + b"}", J, 400, "nested"),
+    ("body too large", "POST", "/v1/texts", body({"text": "z" * 70000}), J, 413, "larger than"),
+    ("unknown text id", "GET", "/v1/texts/does-not-exist", None, {}, 404, "does-not-exist"),
+    ("path tricks in id", "GET", "/v1/texts/..%2F..%2Fetc%2Fpasswd", None, {}, 404, "not found"),
+    ("dots as id", "GET", "/v1/texts/..", None, {}, 404, "not found"),
+    ("header injection in id", "GET", "/v1/texts/a%0d%0aX-Evil:%201", None, {}, 404, "no text"),
+    ("max_new_tokens 0", "GET", "/generate?prompt=hi&max_new_tokens=0", None, {}, 422, "max_new_tokens"),
+    ("max_new_tokens -5", "GET", "/generate?prompt=hi&max_new_tokens=-5", None, {}, 422, "max_new_tokens"),
+    (
+        "max_new_tokens huge",
+        "GET",
+        "/generate?prompt=hi&max_new_tokens=99999999999999999999",
+        None,
+        {},
+        422,
+        "max_new_tokens",
+    ),
+    ("max_new_tokens text", "GET", "/generate?prompt=hi&max_new_tokens=lots", None, {}, 422, "integer"),
+    ("prompt missing", "GET", "/generate", None, {}, 422, "prompt"),
+    ("negative temperature", "GET", "/generate?prompt=hi&temperature=-1", None, {}, 422, "temperature"),
+    ("NaN temperature", "GET", "/generate?prompt=hi&temperature=nan", None, {}, 422, "temperature"),
+    ("top_p 0", "GET", "/generate?prompt=hi&top_p=0", None, {}, 422, "top_p"),
+    ("top_p 1.5", "GET", "/generate?prompt=hi&top_p=1.5", None, {}, 422, "top_p"),
+    (
+        "POST max_new_tokens 0",
+        "POST",
+        "/generate",
+        body({"prompt": "hi", "max_new_tokens": 0}),
+        J,
+        422,
+        "max_new_tokens",
+    ),
+    ("POST prompt wrong type", "POST", "/generate", body({"prompt": ["hi"]}), J, 422, "string"),
+    ("prompt beyond the context", "POST", "/generate", body({"prompt": "w" * 5000}), J, 422, "context"),
+    (
+        "feedback unknown generation",
+        "POST",
+        "/v1/feedback",
+        body({"generation_id": "nope", "rating": 1}),
+        J,
+        404,
+        "nope",
+    ),
+    ("feedback with nothing", "POST", "/v1/feedback", body({"generation_id": "x"}), J, 422, "rating"),
+    ("feedback rating 2", "POST", "/v1/feedback", body({"generation_id": "x", "rating": 2}), J, 422, "rating"),
+    ("rollback no token", "POST", "/v1/admin/rollback", body({"version": 0}), J, 401, "token"),
+    (
+        "rollback wrong token",
+        "POST",
+        "/v1/admin/rollback",
+        body({"version": 0}),
+        {"Authorization": "Bearer nope", **J},
+        401,
+        "wrong",
+    ),
+    (
+        "rollback not bearer",
+        "POST",
+        "/v1/admin/rollback",
+        body({"version": 0}),
+        {"Authorization": f"Basic {ADMIN}", **J},
+        401,
+        "token",
+    ),
+    ("pause no token", "POST", "/v1/admin/trainer/pause", None, {}, 401, "token"),
+    ("rollback unknown version", "POST", "/v1/admin/rollback", body({"version": 999}), ADMIN_H, 404, "999"),
+    ("rollback negative version", "POST", "/v1/admin/rollback", body({"version": -1}), ADMIN_H, 422, "version"),
+    ("rollback path as version", "POST", "/v1/admin/rollback", body({"version": "../../etc"}), ADMIN_H, 422, "integer"),
+    ("wrong method", "DELETE", "/v1/texts", None, {}, 405, "not allowed"),
+    ("unknown route", "GET", "/v2/nothing", None, {}, 404, "not found"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_gets_a_clear_4xx(srv: LiveServer, case: tuple) -> None:
+    _name, method, path, raw, headers, status, word = case
+    with srv.client() as c:
+        r = c.request(method, path, content=raw, headers=headers)
+        assert r.status_code == status, (r.status_code, r.text[:500])
+        detail = r.json()["detail"]
+        assert detail, r.text
+        assert word.lower() in json.dumps(detail).lower(), detail
+        # The server carries on.
+        assert c.get("/healthz").status_code == 200
+
+
+def test_chunked_body_over_the_cap_is_refused_without_content_length(srv: LiveServer) -> None:
+    def chunks() -> Iterator[bytes]:
+        yield b'{"text": "'
+        for _ in range(100):
+            yield b"a" * 1024
+        yield b'"}'
+
+    with srv.client() as c:
+        r = c.post("/v1/texts", content=chunks(), headers=J)
+        assert r.status_code == 413, r.text
+        assert c.post("/v1/texts", json={"text": "still fine"}).status_code == 202
+
+
+def test_declared_length_over_the_cap_is_refused_before_reading(srv: LiveServer) -> None:
+    # Raw socket: a client library will not send a body that disagrees with its headers.
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/texts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 10000000\r\n\r\n" + b'{"text": "'
+        )
+        reply = sock.recv(4096).decode("latin-1")
+    assert reply.startswith("HTTP/1.1 413"), reply
+    assert "max_body_bytes" in reply
+    with srv.client() as c:
+        assert c.get("/healthz").status_code == 200
+
+
+def test_rejected_version_cannot_be_rolled_back_to(srv: LiveServer) -> None:
+    # A version the gate refused exists in the registry but can never be served.
+    daemon = srv.daemon
+    from llmos.store.tables import CheckpointStatus
+    from llmos.trainer.state import TrainingState
+
+    state = TrainingState(
+        model=daemon.factory.instance(),
+        optimizer=__import__("torch").optim.SGD(daemon.factory.instance().parameters(), lr=0.1),
+        base_version=0,
+    )
+    rec = daemon.registry.publish(
+        state.model, state.snapshot(), parent=0, status=CheckpointStatus.rejected, metrics={"gate": "test"}
+    )
+    with srv.client() as c:
+        r = c.post("/v1/admin/rollback", json={"version": rec.version}, headers=ADMIN_H)
+        assert r.status_code == 409, r.text
+        assert "rejected" in r.json()["detail"]
+        listed = {cp["version"]: cp["status"] for cp in c.get("/v1/checkpoints").json()["checkpoints"]}
+        assert listed[rec.version] == "rejected"

@@ -1,0 +1,255 @@
+"""The checkpoint registry with the real store: layout on disk, publish, load back, resume,
+verify, rollback, lineage and pruning."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmos.model.builtin import create_tiny
+from llmos.model.loader import ModelFactory
+from llmos.registry.registry import (
+    MANIFEST,
+    MODEL_FILE,
+    TRAINER_FILE,
+    TRAINER_JSON,
+    CorruptCheckpoint,
+    Registry,
+    RejectedVersion,
+    TrainerSnapshot,
+    UnknownVersion,
+)
+from llmos.store.checkpoints import CheckpointIndex
+from llmos.store.db import Database
+from llmos.store.tables import CheckpointStatus
+from llmos.trainer.optimize import optimize
+from llmos.trainer.state import OptimizerConfig, TrainingState, load_state, make_optimizer
+
+CPU = torch.device("cpu")
+OPT = OptimizerConfig(lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1, warmup_steps=3, grad_clip=1.0)
+NO_STATE = TrainerSnapshot(step=0, samples_seen=0, optimizer=None, rng=None)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def factory(tmp_path_factory: pytest.TempPathFactory) -> ModelFactory:
+    base = create_tiny(tmp_path_factory.mktemp("models") / "tiny", n_positions=64)
+    return ModelFactory(str(base), CPU)
+
+
+@pytest.fixture
+def registry(db: Database, tmp_path: Path) -> Registry:
+    reg = Registry(tmp_path / "checkpoints", CheckpointIndex(db), keep_last=2)
+    reg.open()
+    return reg
+
+
+def batch(factory: ModelFactory) -> tuple[torch.Tensor, torch.Tensor]:
+    """One micro-batch (2, 17) of real text, every target weighted 1."""
+    eos = factory.tokenizer.eos_token_id
+    text = factory.tokenizer.encode("The registry keeps every version.", add_special_tokens=False)
+    ids = torch.tensor([[eos, *text[:16]], [eos, *text[10:26]]])
+    return ids, torch.ones_like(ids, dtype=torch.float32)
+
+
+def trained_state(factory: ModelFactory, steps: int) -> TrainingState:
+    model = factory.instance()
+    model.train()
+    state = TrainingState(model=model, optimizer=make_optimizer(model, OPT), base_version=0)
+    ids, w = batch(factory)
+    for _ in range(steps):
+        assert optimize(state, ids, w, OPT, CPU).skipped is None
+    return state
+
+
+def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_open_registers_version_0_as_active(registry: Registry) -> None:
+    assert registry.active_version() == 0
+    [base] = registry.list()
+    assert (base.version, base.parent_version, base.status) == (0, None, CheckpointStatus.promoted)
+    assert registry.weights_path(0) is None  # version 0 is the base model itself
+    registry.open()  # a second start changes nothing
+    assert [r.version for r in registry.list()] == [0]
+
+
+def test_open_removes_leftovers_of_interrupted_writes(
+    registry: Registry, factory: ModelFactory, db: Database, tmp_path: Path
+) -> None:
+    kept = registry.publish(factory.instance(), NO_STATE, parent=0, status=CheckpointStatus.candidate, metrics={})
+    root = registry.root
+    (root / ".tmp-abc123").mkdir()
+    (root / ".tmp-abc123" / MODEL_FILE).write_bytes(b"half a file")
+    (root / "v000007").mkdir()  # renamed into place, but the process died before registering it
+    (root / "v000007" / MANIFEST).write_text("{}")
+    (root / "notes").mkdir()  # not ours to touch
+
+    restarted = Registry(tmp_path / "checkpoints", CheckpointIndex(db))
+    restarted.open()
+
+    assert sorted(p.name for p in root.iterdir()) == ["notes", "v000001"]
+    restarted.verify(kept.version)
+    # The number the dead write used is free again: nothing ever served or listed it.
+    again = restarted.publish(factory.instance(), NO_STATE, parent=1, status=CheckpointStatus.candidate, metrics={})
+    assert again.version == 2
+
+
+def test_publish_writes_a_complete_checkpoint_and_registers_it(registry: Registry, factory: ModelFactory) -> None:
+    state = trained_state(factory, steps=2)
+    metrics = {"heldout_loss": 4.5, "gate": "ok", "samples": 3}
+    rec = registry.publish(state.model, state.snapshot(), parent=0, status=CheckpointStatus.candidate, metrics=metrics)
+
+    assert (rec.version, rec.parent_version, rec.status) == (1, 0, CheckpointStatus.candidate)
+    assert (rec.step, rec.metrics) == (2, metrics)
+    assert rec.created_at is not None
+    d = registry.root / rec.path
+    assert sorted(p.name for p in d.iterdir()) == sorted([MODEL_FILE, TRAINER_FILE, TRAINER_JSON, MANIFEST])
+    manifest = json.loads((d / MANIFEST).read_text())
+    assert manifest["version"] == 1
+    assert sorted(manifest["files"]) == sorted([MODEL_FILE, TRAINER_FILE, TRAINER_JSON])
+    assert json.loads((d / TRAINER_JSON).read_text())["step"] == 2
+    assert not [p for p in registry.root.iterdir() if p.name.startswith(".tmp-")]
+
+    rejected = registry.publish(state.model, state.snapshot(), parent=1, status=CheckpointStatus.rejected, metrics={})
+    assert (rejected.version, rejected.parent_version, rejected.status) == (2, 1, CheckpointStatus.rejected)
+    assert [r.version for r in registry.list()] == [2, 1, 0]
+    assert registry.get(1) == rec
+    assert registry.active_version() == 0  # publishing does not serve anything
+
+
+def test_weights_load_back_identically(registry: Registry, factory: ModelFactory) -> None:
+    state = trained_state(factory, steps=3)
+    rec = registry.publish(state.model, state.snapshot(), parent=0, status=CheckpointStatus.candidate, metrics={})
+
+    path = registry.weights_path(rec.version)
+    assert path is not None
+    loaded = factory.instance(path)
+    saved, base, back = weights(state.model), weights(factory.instance()), weights(loaded)
+    assert saved.keys() == back.keys()
+    for name in saved:
+        assert torch.equal(saved[name], back[name]), name
+    assert any(not torch.equal(saved[n], base[n]) for n in saved)  # training changed something
+    # The tied embedding / output matrix is still one tensor, so further training keeps them equal.
+    assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
+
+
+def test_optimizer_state_round_trips_and_resumes_identically(registry: Registry, factory: ModelFactory) -> None:
+    torch.manual_seed(1234)
+    state = trained_state(factory, steps=2)
+    state.samples_seen = 5
+    saved_opt = state.optimizer.state_dict()
+    rec = registry.publish(state.model, state.snapshot(), parent=0, status=CheckpointStatus.candidate, metrics={})
+
+    snap = registry.trainer_snapshot(rec.version)
+    assert (snap.step, snap.samples_seen) == (2, 5)
+    assert snap.optimizer is not None and snap.rng is not None
+    assert torch.equal(snap.rng, torch.get_rng_state())
+    assert snap.optimizer["state"].keys() == saved_opt["state"].keys()
+    for idx, per_param in saved_opt["state"].items():
+        for key, value in per_param.items():
+            assert torch.equal(torch.as_tensor(snap.optimizer["state"][idx][key]), torch.as_tensor(value)), (idx, key)
+
+    # The original keeps training one more step; a resumed copy does the same from the checkpoint.
+    ids, w = batch(factory)
+    path = registry.weights_path(rec.version)
+    resumed = load_state(rec.version, registry, factory.instance(path), OPT)
+    assert (resumed.step, resumed.samples_seen, resumed.base_version) == (2, 5, 1)
+    fresh_model = factory.instance(path)
+    fresh_model.train()
+    fresh = TrainingState(fresh_model, make_optimizer(fresh_model, OPT), base_version=1, step=2)
+
+    for s in (state, resumed, fresh):
+        assert optimize(s, ids, w, OPT, CPU).skipped is None
+
+    a, b, c = weights(state.model), weights(resumed.model), weights(fresh.model)
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=1e-6, atol=1e-7), name
+    # Without the saved moments the same step lands elsewhere: the state is what made them agree.
+    assert any(not torch.allclose(a[n], c[n], rtol=1e-4, atol=1e-6) for n in a)
+
+
+def test_verify_catches_a_flipped_byte_and_a_missing_manifest(registry: Registry, factory: ModelFactory) -> None:
+    model = factory.instance()
+    one = registry.publish(model, NO_STATE, parent=0, status=CheckpointStatus.candidate, metrics={})
+    two = registry.publish(model, NO_STATE, parent=0, status=CheckpointStatus.candidate, metrics={})
+    registry.verify(one.version)
+    registry.verify(two.version)
+
+    f = registry.root / one.path / MODEL_FILE
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    f.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpoint, match=MODEL_FILE):
+        registry.verify(one.version)
+    with pytest.raises(CorruptCheckpoint):
+        registry.weights_path(one.version)  # so serving never loads it
+    with pytest.raises(CorruptCheckpoint):
+        registry.rollback(one.version)
+    assert registry.active_version() == 0
+
+    (registry.root / two.path / MANIFEST).unlink()
+    with pytest.raises(CorruptCheckpoint, match="manifest"):
+        registry.verify(two.version)
+
+
+def test_rollback(registry: Registry, factory: ModelFactory) -> None:
+    model = factory.instance()
+    good = registry.publish(model, NO_STATE, parent=0, status=CheckpointStatus.candidate, metrics={})
+    bad = registry.publish(model, NO_STATE, parent=1, status=CheckpointStatus.rejected, metrics={})
+
+    with pytest.raises(UnknownVersion):
+        registry.rollback(99)
+    with pytest.raises(RejectedVersion):
+        registry.rollback(bad.version)
+    assert registry.active_version() == 0
+
+    assert registry.rollback(good.version).version == good.version
+    assert registry.active_version() == good.version
+    assert registry.get(good.version).status is CheckpointStatus.promoted
+    registry.rollback(0)
+    assert registry.active_version() == 0
+
+
+def test_lineage_follows_parents(registry: Registry, factory: ModelFactory) -> None:
+    model = factory.instance()
+    for parent in (0, 1, 1, 3):  # versions 1..4; 2 and 3 branch from 1
+        registry.publish(model, NO_STATE, parent=parent, status=CheckpointStatus.candidate, metrics={})
+
+    assert registry.lineage(0) == {0}
+    assert registry.lineage(2) == {0, 1, 2}
+    assert registry.lineage(4) == {0, 1, 3, 4}
+
+
+def test_prune_keeps_base_active_and_newest(registry: Registry, factory: ModelFactory) -> None:
+    model = factory.instance()
+    for v in range(1, 6):  # a chain 0 <- 1 <- ... <- 5
+        registry.publish(model, NO_STATE, parent=v - 1, status=CheckpointStatus.candidate, metrics={})
+    registry.rollback(2)
+
+    removed = registry.prune()  # keep_last=2
+
+    assert sorted(removed) == [1, 3]
+    assert [r.version for r in registry.list()] == [5, 4, 2, 0]
+    assert sorted(p.name for p in registry.root.iterdir()) == ["v000002", "v000004", "v000005"]
+    with pytest.raises(UnknownVersion):
+        registry.rollback(3)
+    with pytest.raises(UnknownVersion):
+        registry.get(1)
+    assert registry.lineage(5) == {0, 1, 2, 3, 4, 5}  # pruned rows still link the chain
+    assert registry.active_version() == 2
+    assert registry.prune() == []
+    # New versions never reuse a pruned number.
+    assert registry.publish(model, NO_STATE, parent=5, status=CheckpointStatus.candidate, metrics={}).version == 6

@@ -1,0 +1,429 @@
+"""The trainer's stages as plain functions (preprocess, optimize, evaluate) and the serving
+engine, on the tiny built-in model."""
+
+from __future__ import annotations
+
+import math
+import unicodedata
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmos.model.builtin import byte_tokenizer, create_tiny
+from llmos.model.loader import ModelFactory
+from llmos.registry.registry import Registry, TrainerSnapshot
+from llmos.serving.engine import ServingEngine
+from llmos.serving.types import PromptTooLong, SamplingParams
+from llmos.store.checkpoints import CheckpointIndex
+from llmos.store.db import Database
+from llmos.store.queue import Sample
+from llmos.store.tables import CheckpointStatus, SampleStatus
+from llmos.trainer.evaluate import EvalConfig, evaluate, heldout_loss
+from llmos.trainer.optimize import lr_at, optimize
+from llmos.trainer.preprocess import (
+    Batch,
+    PreprocessConfig,
+    eval_batch,
+    is_heldout,
+    normalise,
+    pack,
+    preprocess,
+)
+from llmos.trainer.state import OptimizerConfig, TrainingState, make_optimizer
+
+CPU = torch.device("cpu")
+CONTEXT = 64
+TOK = byte_tokenizer()
+EOS = TOK.eos_token_id
+OPT = OptimizerConfig(lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0, warmup_steps=0, grad_clip=1.0)
+FACT = "Alice keeps her bicycle in Paris."
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def factory(tmp_path_factory: pytest.TempPathFactory) -> ModelFactory:
+    base = create_tiny(tmp_path_factory.mktemp("models") / "tiny", n_positions=CONTEXT)
+    return ModelFactory(str(base), CPU)
+
+
+def sample(text: str, source: str | None = None, weight: float = 1.0) -> Sample:
+    return Sample(
+        id=str(uuid.uuid4()),
+        seq=0,
+        text=text,
+        source=source,
+        weight=weight,
+        status=SampleStatus.training,
+        reason=None,
+        trained_in_version=None,
+        created_at=datetime.now(UTC),
+    )
+
+
+def encode(text: str) -> list[int]:
+    return list(TOK.encode(text, add_special_tokens=False))
+
+
+def new_state(factory: ModelFactory, cfg: OptimizerConfig = OPT) -> TrainingState:
+    model = factory.instance()
+    model.train()
+    return TrainingState(model=model, optimizer=make_optimizer(model, cfg), base_version=0)
+
+
+def fact_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    pre = preprocess([sample(FACT)], TOK, PreprocessConfig(block_size=48, max_sample_tokens=100, heldout_fraction=0))
+    [(ids, w)] = list(pre.batch.micro_batches(8))
+    return ids, w
+
+
+def learn_fact(factory: ModelFactory, steps: int = 30) -> TrainingState:
+    state = new_state(factory)
+    ids, w = fact_batch()
+    for _ in range(steps):
+        assert optimize(state, ids, w, OPT, CPU).skipped is None
+    return state
+
+
+def params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def optimizer_tensors(state: TrainingState) -> list[torch.Tensor]:
+    """AdamW's step counts and moments, in a fixed order."""
+    return [v.clone() for per_param in state.optimizer.state.values() for v in per_param.values()]
+
+
+# ---- preprocess -------------------------------------------------------------------------------
+
+
+def test_normalise_nfc_and_control_characters() -> None:
+    assert normalise("Cafe\u0301") == "Café" and len(normalise("Cafe\u0301")) == 4
+    assert normalise("  a\x00b\x07c\x1b[0m\r\n\td\x7f  ") == "abc[0m\n\td"
+    # Format characters are text, not control: an emoji sequence and Persian spelling survive.
+    assert normalise("👩\u200d💻") == "👩\u200d💻"
+    assert normalise("می\u200cخواهم") == "می\u200cخواهم"
+    assert normalise("中文 ok") == "中文 ok"
+
+
+def test_preprocess_trains_on_the_normalised_text() -> None:
+    cfg = PreprocessConfig(block_size=64, max_sample_tokens=100, heldout_fraction=0)
+    pre = preprocess([sample(" Cafe\u0301\x00 au lait\x1b ")], TOK, cfg)
+    [block] = pre.batch.blocks
+    assert block.tolist() == [EOS, *encode("Café au lait"), EOS]
+    assert TOK.decode(block[1:-1].tolist()) == unicodedata.normalize("NFC", "Café au lait")
+
+
+def test_preprocess_rejects_empty_and_too_long_samples_with_reasons() -> None:
+    cfg = PreprocessConfig(block_size=64, max_sample_tokens=10, heldout_fraction=0)
+    empty, long, exact, short = sample("\x00\x01 \n\t "), sample("x" * 11), sample("é" * 5), sample("ok")
+    pre = preprocess([empty, long, exact, short], TOK, cfg)
+
+    assert set(pre.rejected) == {empty.id, long.id}
+    assert "empty" in pre.rejected[empty.id]
+    assert "too long" in pre.rejected[long.id] and "11" in pre.rejected[long.id]
+    assert pre.batch.sample_ids == [exact.id, short.id]  # 10 byte tokens is exactly the limit
+    assert pre.heldout == []
+
+
+def test_heldout_choice_is_deterministic_by_content_and_near_the_fraction() -> None:
+    texts = [f"sample number {i}: the weather on day {i * 7 % 31} was fine" for i in range(2000)]
+    chosen = {t for t in texts if is_heldout(t, 0.1)}
+    assert 160 <= len(chosen) <= 240  # ~10% of 2000
+    assert not any(is_heldout(t, 0.0) for t in texts)
+
+    cfg = PreprocessConfig(block_size=128, max_sample_tokens=1000, heldout_fraction=0.1)
+
+    def held_texts(samples: list[Sample]) -> set[str]:
+        by_id = {s.id: s.text for s in samples}
+        return {by_id[i] for i in preprocess(samples, TOK, cfg).heldout}
+
+    first = held_texts([sample(t) for t in texts[:300]])
+    again = held_texts([sample(t) for t in reversed(texts[:300])])  # new ids, other order
+    alone = set().union(*(held_texts([sample(t)]) for t in texts[:300]))  # one sample per batch
+    assert first and first == again == alone == chosen & set(texts[:300])
+
+    # Decided on the normalised text: one text in two Unicode forms lands on one side, even
+    # where the raw forms would hash to different sides.
+    cfg = PreprocessConfig(block_size=128, max_sample_tokens=1000, heldout_fraction=0.5)
+    raw = next(
+        t
+        for t in (f"Cafe\u0301 number {i}" for i in range(100))
+        if is_heldout(t, 0.5) != is_heldout(unicodedata.normalize("NFC", t), 0.5)
+    )
+    decomposed, composed = sample(raw), sample(unicodedata.normalize("NFC", raw))
+    pre = preprocess([decomposed, composed], TOK, cfg)
+    assert (decomposed.id in pre.heldout) == (composed.id in pre.heldout)
+
+
+def test_feedback_samples_are_never_held_out() -> None:
+    texts = [f"correction {i}" for i in range(200)]
+    cfg = PreprocessConfig(block_size=128, max_sample_tokens=1000, heldout_fraction=0.5)
+    plain = preprocess([sample(t) for t in texts], TOK, cfg)
+    assert 50 < len(plain.heldout) < 150
+    fb = [sample(t, source="feedback:correction") for t in texts]
+    pre = preprocess(fb, TOK, cfg)
+    assert pre.heldout == []
+    assert pre.batch.sample_ids == [s.id for s in fb]
+
+
+def test_packing_covers_every_token_once_with_its_samples_weight() -> None:
+    texts, ws = ["hello", "wörld, 世界!", "x" * 13, "a"], [1.0, 0.5, 2.0, 3.0]
+    cfg = PreprocessConfig(block_size=8, max_sample_tokens=100, heldout_fraction=0)
+    pre = preprocess([sample(t, weight=w) for t, w in zip(texts, ws, strict=True)], TOK, cfg)
+    b = pre.batch
+
+    stream, expected_w = [EOS], []
+    for t, w in zip(texts, ws, strict=True):
+        ids = encode(t)
+        stream += [*ids, EOS]
+        expected_w += [w] * (len(ids) + 1)  # the EOS closing a sample is its own target
+    assert b.n_tokens == len(stream) - 1
+    assert [len(x) for x in b.blocks[:-1]] == [9] * (len(b.blocks) - 1)  # block_size + 1
+    assert 2 <= len(b.blocks[-1]) <= 9
+    for prev, nxt in zip(b.blocks, b.blocks[1:], strict=False):
+        assert prev[-1] == nxt[0]  # consecutive blocks overlap by one token
+    targets = [tok for blk in b.blocks for tok in blk[1:].tolist()]
+    assert targets == stream[1:]  # every token of the stream is a target exactly once
+    assert [x for blk in b.weights for x in blk[1:].tolist()] == expected_w
+    assert all(blk.shape == w.shape for blk, w in zip(b.blocks, b.weights, strict=True))
+
+    seen = []
+    for mb_ids, mb_w in b.micro_batches(3, torch.Generator().manual_seed(0)):
+        assert mb_ids.shape == mb_w.shape and mb_ids.dim() == 2 and mb_ids.shape[0] <= 3
+        seen += [tuple(row.tolist()) for row in mb_ids]
+    assert sorted(seen) == sorted(tuple(x.tolist()) for x in b.blocks)
+
+
+def test_pack_single_short_sample() -> None:
+    blocks, weights = pack([[5, 6]], [0.25], eos_id=EOS, block_size=8)
+    assert [x.tolist() for x in blocks] == [[EOS, 5, 6, EOS]]
+    assert weights[0].tolist() == [0.0, 0.25, 0.25, 0.25]
+
+
+# ---- optimize ---------------------------------------------------------------------------------
+
+
+def test_loss_goes_down_on_a_repeated_sentence(factory: ModelFactory) -> None:
+    state = new_state(factory)
+    ids, w = fact_batch()
+    losses = []
+    for _ in range(30):
+        report = optimize(state, ids, w, OPT, CPU)
+        assert report.skipped is None and report.tokens == ids.shape[1] - 1
+        losses.append(report.loss)
+    assert losses[-1] < 0.2 * losses[0]
+    assert state.step == 30 and state.last_loss == losses[-1]
+
+
+def test_a_non_finite_step_is_skipped_and_changes_nothing(factory: ModelFactory) -> None:
+    ids, w = fact_batch()
+    hit, twin = new_state(factory), new_state(factory)
+    for s in (hit, twin):  # one good step each, so the optimizer holds state worth corrupting
+        optimize(s, ids, w, OPT, CPU)
+    before = params(hit.model)
+    moments = optimizer_tensors(hit)
+
+    hook = hit.model.get_submodule("transformer.ln_f").register_forward_hook(lambda _m, _i, out: out * float("nan"))
+    report = optimize(hit, ids, w, OPT, CPU)
+    hook.remove()
+
+    assert report.skipped is not None and "non-finite" in report.skipped
+    assert hit.step == 1
+    after = params(hit.model)
+    for name in before:
+        assert torch.equal(before[name], after[name]), name
+    assert len(optimizer_tensors(hit)) == len(moments) > 0
+    assert all(torch.equal(x, y) for x, y in zip(optimizer_tensors(hit), moments, strict=True))
+    assert all(p.grad is None for p in hit.model.parameters())
+    # The next good step lands exactly where it would have without the bad one.
+    optimize(hit, ids, w, OPT, CPU)
+    optimize(twin, ids, w, OPT, CPU)
+    a, b = params(hit.model), params(twin.model)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_learning_rate_warms_up_linearly(factory: ModelFactory) -> None:
+    cfg = OptimizerConfig(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0, warmup_steps=4, grad_clip=1.0)
+    state = new_state(factory, cfg)
+    ids, w = fact_batch()
+    used = []
+    for _ in range(6):
+        optimize(state, ids, w, cfg, CPU)
+        used.append(state.optimizer.param_groups[0]["lr"])
+    assert used == pytest.approx([2.5e-3, 5e-3, 7.5e-3, 1e-2, 1e-2, 1e-2])
+    no_warmup = OptimizerConfig(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0, warmup_steps=0, grad_clip=1.0)
+    assert lr_at(0, no_warmup) == 1e-2
+
+
+# ---- evaluate ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def learned(factory: ModelFactory) -> torch.nn.Module:
+    model = learn_fact(factory).model
+    model.eval()
+    return model
+
+
+def eval_set() -> Batch:
+    return eval_batch([FACT], TOK, PreprocessConfig(block_size=48, max_sample_tokens=100, heldout_fraction=0.1))
+
+
+def test_evaluate_promotes_better_and_rejects_worse(factory: ModelFactory, learned: torch.nn.Module) -> None:
+    base, data, cfg = factory.instance(), eval_set(), EvalConfig(tolerance=0.02, micro_batch=4)
+
+    better = evaluate(learned, base, data, cfg, CPU, train_loss=0.1)
+    assert better.promote and better.candidate_loss is not None and better.active_loss is not None
+    assert better.candidate_loss < better.active_loss
+    assert better.eval_tokens == len(encode(FACT)) + 1
+    assert better.metrics()["heldout_loss"] == better.candidate_loss
+
+    worse = evaluate(base, learned, data, cfg, CPU, train_loss=0.1)
+    assert not worse.promote and "active" in worse.reason
+
+
+def test_evaluate_tolerance_boundary(factory: ModelFactory) -> None:
+    model, data = factory.instance(), eval_set()
+    loss = heldout_loss(model, data, CPU, micro_batch=4)
+    cfg = EvalConfig(tolerance=0.02, micro_batch=4)
+
+    def decide(active_loss: float) -> bool:
+        return evaluate(model, model, data, cfg, CPU, train_loss=1.0, active_loss=active_loss).promote
+
+    assert decide(loss)  # equal is not worse
+    assert decide(loss / 1.02 * 1.001)  # worse, but within the tolerance
+    assert not decide(loss / 1.02 * 0.999)  # just past it
+    assert evaluate(model, model, data, EvalConfig(0.0, 4), CPU, train_loss=1.0, active_loss=loss).promote
+
+
+def test_evaluate_rejects_a_nan_candidate(factory: ModelFactory) -> None:
+    broken, active = factory.instance(), factory.instance()
+    with torch.no_grad():
+        broken.get_parameter("transformer.ln_f.weight")[0] = float("nan")
+    report = evaluate(broken, active, eval_set(), EvalConfig(0.02, 4), CPU, train_loss=1.0)
+    assert not report.promote
+    assert report.candidate_loss is not None and math.isnan(report.candidate_loss)
+
+
+@pytest.mark.parametrize(
+    ("train_loss", "promote"), [(2.5, True), (0.0, True), (float("nan"), False), (float("inf"), False), (None, False)]
+)
+def test_evaluate_without_heldout_data_asks_for_a_finite_train_loss(
+    factory: ModelFactory, train_loss: float | None, promote: bool
+) -> None:
+    model = factory.instance()
+    report = evaluate(model, model, Batch(), EvalConfig(0.02, 4), CPU, train_loss=train_loss)
+    assert report.promote is promote
+    assert (report.candidate_loss, report.active_loss, report.eval_tokens) == (None, None, 0)
+
+
+# ---- serving ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def served(factory: ModelFactory, learned: torch.nn.Module, tmp_path: Path) -> Iterator[tuple[ServingEngine, Registry]]:
+    """An engine serving version 0, with version 1 (which learned FACT) published but not active."""
+    db = Database(f"sqlite:///{tmp_path / 'serving.db'}")
+    db.create_schema()
+    registry = Registry(tmp_path / "checkpoints", CheckpointIndex(db))
+    registry.open()
+    snap = TrainerSnapshot(step=30, samples_seen=1, optimizer=None, rng=None)
+    registry.publish(learned, snap, parent=0, status=CheckpointStatus.candidate, metrics={})
+    engine = ServingEngine(factory, registry)
+    assert not engine.ready
+    assert engine.sync() == 0
+    yield engine, registry
+    db.dispose()
+
+
+GREEDY = SamplingParams(max_new_tokens=12)
+
+
+def test_greedy_generation_is_deterministic_and_matches_plain_decoding(
+    served: tuple[ServingEngine, Registry], factory: ModelFactory
+) -> None:
+    engine, _ = served
+    a, b = engine.generate("Alice keeps", GREEDY), engine.generate("Alice keeps", GREEDY)
+    assert a == b
+    assert (a.version, a.prompt_tokens, a.completion_tokens, a.finish_reason) == (0, 11, 12, "length")
+
+    # The same tokens as argmax decoding over the whole sequence, without the KV cache.
+    model = factory.instance()
+    ids = [EOS, *encode("Alice keeps")]
+    with torch.inference_mode():
+        for _ in range(12):
+            ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    assert a.text == TOK.decode(ids[12:])
+
+
+def test_seeded_sampling_is_reproducible(served: tuple[ServingEngine, Registry]) -> None:
+    engine, _ = served
+
+    def sampled(seed: int) -> str:
+        return engine.generate("Once", SamplingParams(max_new_tokens=16, temperature=1.0, top_p=0.95, seed=seed)).text
+
+    assert sampled(7) == sampled(7)
+    assert len({sampled(s) for s in range(4)}) > 1
+
+
+def test_sync_swaps_to_the_active_version(served: tuple[ServingEngine, Registry]) -> None:
+    engine, registry = served
+    before = engine.generate("Alice keeps her", GREEDY)
+    assert before.version == 0
+
+    assert registry.promote(1, expected_active=0)
+    assert engine.sync() == 1
+    after = engine.generate("Alice keeps her", SamplingParams(max_new_tokens=30))
+    assert after.version == 1
+    assert after.text == " bicycle in Paris." and after.finish_reason == "stop"  # what version 1 learned
+    assert engine.current().version == 1 and engine.last_swap_s is not None
+
+    registry.rollback(0)
+    assert engine.sync() == 0
+    assert engine.generate("Alice keeps her", GREEDY) == before
+
+
+def test_a_request_in_flight_finishes_on_its_version(served: tuple[ServingEngine, Registry]) -> None:
+    engine, registry = served
+    old_events = list(engine.stream("Alice keeps her", GREEDY))
+    old = old_events[-1][1]
+    assert old is not None
+    registry.promote(1, expected_active=0)
+    engine.sync()
+    new = engine.generate("Alice keeps her", GREEDY)
+    assert new.text != old.text  # the two versions answer differently
+    registry.rollback(0)
+    engine.sync()
+
+    events = engine.stream("Alice keeps her", GREEDY)
+    first = [next(events) for _ in range(3)]
+    assert all(done is None for _tok, done in first)
+    registry.rollback(1)
+    assert engine.sync() == 1  # swapped while the request is half done
+    rest = list(events)
+
+    assert first + rest == old_events  # every token, and the result naming version 0
+    assert engine.generate("Alice keeps her", GREEDY) == new
+
+
+def test_prompt_longer_than_the_context_is_refused(served: tuple[ServingEngine, Registry]) -> None:
+    engine, _ = served
+    with pytest.raises(PromptTooLong):
+        engine.generate("x" * CONTEXT, GREEDY)
+    with pytest.raises(PromptTooLong):
+        engine.generate("x" * (CONTEXT - 1), GREEDY)
+    # The longest prompt that fits still gets an answer, cut at the context's end.
+    fits = engine.generate("x" * (CONTEXT - 2), GREEDY)
+    assert fits.prompt_tokens == CONTEXT - 2 and fits.completion_tokens <= 1
