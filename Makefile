@@ -4,15 +4,22 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-all lint run clean
+.PHONY: install test test-all lint run clean bench-forgetting
 
 # One command sets everything up: a virtual environment with torch (CPU wheel unless you have
-# installed another build) and llmos with its test tools.
+# installed another build) and llmos with its test tools (among them the openai client and
+# playwright's Python client), and Debian's chromium for the dashboard test when it is missing
+# and apt-get can be run (as root). Playwright's own browser download is never used.
 install:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip >/dev/null
 	$(BIN)/pip install "torch==2.13.0"
 	$(BIN)/pip install -e ".[dev]"
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get install -y --no-install-recommends chromium || \
+		{ apt-get update && apt-get install -y --no-install-recommends chromium; }; \
+	else echo "note: /usr/bin/chromium is missing and apt-get cannot run here; the dashboard test needs it" >&2; fi
 
 # Fast tier: unit and end-to-end tests (a few minutes on 2 cores).
 test:
@@ -31,3 +38,7 @@ run:
 
 clean:
 	rm -rf llmos-data .pytest_cache
+
+# Forgetting of an earlier domain while a new one streams in, per mitigation strategy (< 5 min, CPU).
+bench-forgetting:
+	$(BIN)/python bench/forgetting.py --out bench/results

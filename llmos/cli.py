@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import signal
 from pathlib import Path
@@ -10,6 +11,8 @@ from typing import Annotated
 
 import typer
 
+from llmos import remote
+from llmos.logs import LogFormat, configure
 from llmos.settings import ConfigError, load_settings
 
 app = typer.Typer(
@@ -29,17 +32,28 @@ def serve(
     port: Annotated[int | None, typer.Option(help="Port (default 8000).")] = None,
     data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Data directory (default ./llmos-data).")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    log_format: Annotated[
+        LogFormat, typer.Option("--log-format", help="text (for people) or json (one object per line).")
+    ] = "text",
 ) -> None:
     """Run the daemon: HTTP API, background trainer and serving engine in one process."""
     if log_level.lower() not in ("debug", "info", "warning", "error"):
         typer.echo(f"llmos: --log-level must be debug, info, warning or error, not '{log_level}'", err=True)
         raise typer.Exit(2)
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure(log_level, log_format)
     try:
         settings = load_settings(config, **{"server.host": host, "server.port": port, "data_dir": data_dir})
     except ConfigError as exc:
         typer.echo(f"llmos: {exc}", err=True)
         raise typer.Exit(2) from exc
+    if not settings.auth.api_keys and not is_loopback(settings.server.host):
+        typer.echo(
+            f"llmos: refusing to listen on {settings.server.host} without API keys: anyone who can reach it could "
+            "feed the model text and use it. Set auth.api_keys (e.g. LLMOS_AUTH__API_KEYS='[\"<a long random "
+            "key>\"]'), or bind to 127.0.0.1.",
+            err=True,
+        )
+        raise typer.Exit(2)
 
     import uvicorn
 
@@ -52,15 +66,65 @@ def serve(
         typer.echo(f"llmos: {exc}", err=True)
         raise typer.Exit(2) from exc
     if daemon.admin_token_path is not None:
-        typer.echo(f"llmos: admin token is in {daemon.admin_token_path}", err=True)
+        if log_format == "json":
+            logging.getLogger("llmos").info("admin token is in %s", daemon.admin_token_path)
+        else:
+            typer.echo(f"llmos: admin token is in {daemon.admin_token_path}", err=True)
     server_config = uvicorn.Config(
         create_app(daemon),
         host=settings.server.host,
         port=settings.server.port,
         log_level=log_level.lower(),
+        log_config=None,  # keep the handler configure() installed: one format for every line
         timeout_graceful_shutdown=8,
     )
     _make_server_class()(server_config).run()
+
+
+@app.command()
+def export(
+    version: Annotated[int, typer.Argument(min=0, help="The stored version to export.")],
+    directory: Annotated[Path, typer.Argument(help="A new (or empty) directory to write.")],
+    config: Annotated[Path | None, typer.Option("--config", help="YAML config file (default: $LLMOS_CONFIG).")] = None,
+    data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Data directory (default ./llmos-data).")] = None,
+) -> None:
+    """Write VERSION as a Hugging Face model directory: AutoModelForCausalLM.from_pretrained(DIRECTORY)
+    loads it, and greedy generation reproduces what llmos served (a LoRA adapter is merged)."""
+    try:
+        settings = load_settings(config, data_dir=data_dir)
+    except ConfigError as exc:
+        typer.echo(f"llmos: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    from llmos.export import ExportError, export_version
+    from llmos.registry.registry import CorruptCheckpoint, UnknownVersion
+
+    try:
+        info = export_version(settings, version, directory)
+    except UnknownVersion as exc:
+        typer.echo(f"llmos: no stored version {version} in {settings.data_dir}", err=True)
+        raise typer.Exit(1) from exc
+    except (ExportError, CorruptCheckpoint) as exc:
+        typer.echo(f"llmos: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(f"exported version {version} ({info['status']}) to {directory}")
+
+
+# Commands that talk to a running server (llmos/remote.py).
+app.command()(remote.ingest)
+app.command()(remote.status)
+app.command()(remote.checkpoints)
+app.command()(remote.rollback)
+app.command()(remote.generate)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` only admits this machine (an IP literal in 127/8 or ::1, or localhost)."""
+    if host.strip().lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name that may resolve to anything: not known to be loopback
 
 
 def _make_server_class() -> type:

@@ -4,32 +4,47 @@ functions that the HTTP routes call (one each). Nothing below this module reads 
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import os
 import secrets
+import threading
+import uuid
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from llmos.model.loader import ModelFactory, resolve_base, resolve_device
-from llmos.registry.registry import Registry
+from llmos.model.loader import LoraSpec, ModelFactory, resolve_base, resolve_device
+from llmos.registry.registry import CorruptCheckpoint, Registry
 from llmos.serving.engine import ServingEngine
+from llmos.serving.text import TextStream
 from llmos.serving.types import Completion, SamplingParams
 from llmos.settings import Settings
+from llmos.store.audit import AuditEntry, AuditLog, AuditOutcome
 from llmos.store.checkpoints import CheckpointIndex, CheckpointRecord
 from llmos.store.db import Database
 from llmos.store.generations import Feedback, GenerationLog
 from llmos.store.queue import NewSample, Sample, SampleQueue
+from llmos.store.reservoir import Reservoir
+from llmos.store.tables import GenerationRow, SampleStatus, utcnow
 from llmos.trainer.evaluate import EvalConfig
 from llmos.trainer.loop import Trainer, TrainerConfig, TrainerStatus
 from llmos.trainer.preprocess import FEEDBACK_SOURCE_PREFIX, PreprocessConfig
+from llmos.trainer.regularize import RegularizationConfig
 from llmos.trainer.state import OptimizerConfig
 
 log = logging.getLogger(__name__)
 
 ADMIN_TOKEN_FILE = "admin_token"
+
+
+class QueueFull(RuntimeError):
+    def __init__(self, depth: int, limit: int) -> None:
+        super().__init__(f"the queue holds {depth} texts waiting to be trained; the limit is {limit}")
+        self.depth, self.limit = depth, limit
 
 
 @dataclass(frozen=True)
@@ -42,6 +57,27 @@ class GenerationResult:
 class RollbackResult:
     active_version: int
     requeued: int
+
+
+class ServiceCounters:
+    """What the service functions did since this process started (read by GET /metrics)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.generations = 0
+        self.prompt_tokens = 0
+        self.generated_tokens = 0
+        self.rollbacks = 0
+
+    def generation(self, c: Completion) -> None:
+        with self._lock:
+            self.generations += 1
+            self.prompt_tokens += c.prompt_tokens
+            self.generated_tokens += c.completion_tokens
+
+    def rollback(self) -> None:
+        with self._lock:
+            self.rollbacks += 1
 
 
 def admin_token(settings: Settings) -> tuple[str, Path | None]:
@@ -60,13 +96,43 @@ def admin_token(settings: Settings) -> tuple[str, Path | None]:
     return token, path
 
 
+def read_anchor_file(path: Path | None) -> tuple[str, ...]:
+    """Texts of the user's eval file (JSONL, one {"text": ...} per line)."""
+    if path is None:
+        return ()
+    texts = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as exc:
+            raise ValueError(f"eval.anchor_file {path}, line {n}: not JSON ({exc})") from exc
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            raise ValueError(f"eval.anchor_file {path}, line {n}: expected an object with a 'text' string")
+        texts.append(obj["text"])
+    return tuple(texts)
+
+
 def trainer_config(settings: Settings, device: torch.device) -> TrainerConfig:
-    t = settings.train
+    t, o = settings.train, settings.optimizer
     bf16 = settings.model.precision == "bf16" or (settings.model.precision == "auto" and device.type == "cuda")
+    r = settings.regularization
     return TrainerConfig(
         preprocess=PreprocessConfig(t.block_size, t.max_sample_tokens, t.heldout_fraction),
-        optimizer=OptimizerConfig(t.lr, t.betas, t.weight_decay, t.warmup_steps, t.grad_clip),
-        eval=EvalConfig(settings.eval.tolerance, t.micro_batch),
+        optimizer=OptimizerConfig(
+            name=o.name,
+            lr=o.lr,
+            betas=o.betas,
+            eps=o.eps,
+            weight_decay=o.weight_decay,
+            momentum=o.momentum,
+            nesterov=o.nesterov,
+            warmup_steps=o.warmup_steps,
+            schedule=o.schedule,
+            grad_clip=t.grad_clip,
+        ),
+        eval=EvalConfig(settings.eval.tolerance, t.micro_batch, settings.eval.forgetting_budget),
         micro_batch=t.micro_batch,
         passes_per_batch=t.passes_per_batch,
         batch_tokens=t.batch_tokens,
@@ -79,7 +145,19 @@ def trainer_config(settings: Settings, device: torch.device) -> TrainerConfig:
         error_backoff_s=t.error_backoff_s,
         bf16=bf16,
         seed=settings.model.seed,
+        grad_accum_steps=t.grad_accum_steps,
+        replay_ratio=settings.replay.ratio if settings.replay.enabled else 0.0,
+        replay_min=settings.replay.min_samples,
+        regularization=RegularizationConfig(r.method, r.strength, r.fisher_batches),
+        anchor_texts=read_anchor_file(settings.eval.anchor_file),
     )
+
+
+def lora_spec(settings: Settings) -> LoraSpec | None:
+    if settings.train.mode != "lora":
+        return None
+    lo = settings.train.lora
+    return LoraSpec(lo.rank, lo.alpha, lo.dropout, lo.targets)
 
 
 class Daemon:
@@ -92,7 +170,9 @@ class Daemon:
         torch.set_num_threads(threads)
         self.admin_token, self.admin_token_path = admin_token(settings)
         self.db = Database(settings.store_url, settings.store.busy_timeout_s)
+        self.db.check_durable()  # raises StoreNotDurable: never acknowledge what a crash could lose
         self.db.create_schema()
+        self.audit_log = AuditLog(self.db)
         self.queue = SampleQueue(self.db)
         self.generations = GenerationLog(self.db)
         self.registry = Registry(
@@ -101,16 +181,57 @@ class Daemon:
         self.registry.open()
         device = resolve_device(settings.model.device)
         base = resolve_base(settings.model.name_or_path, settings.data_dir, settings.model.seed)
-        self.factory = ModelFactory(base, device)
-        self.engine = ServingEngine(self.factory, self.registry, settings.serving.max_concurrency)
-        self.trainer = Trainer(trainer_config(settings, device), self.queue, self.registry, self.engine, self.factory)
+        self.factory = ModelFactory(base, device, lora_spec(settings))
+        self.engine = ServingEngine(
+            self.factory, self.registry, settings.serving.max_concurrency, settings.serving.pinned_versions
+        )
+        self.counters = ServiceCounters()
+        self.replay_pool = Reservoir(self.db, "replay", settings.replay.capacity, SampleStatus.trained)
+        self.anchor_pool = Reservoir(self.db, "anchor", settings.eval.anchor_capacity, SampleStatus.heldout)
+        self.trainer = Trainer(
+            trainer_config(settings, device),
+            self.queue,
+            self.registry,
+            self.engine,
+            self.factory,
+            self.replay_pool,
+            self.anchor_pool,
+        )
 
-    def start(self) -> None:
+    def start(self, run_trainer: bool = True) -> None:
+        """Recover, load the active version and start the trainer thread (without it, a caller
+        such as a benchmark drives ``trainer.cycle()`` itself)."""
         requeued = self.queue.requeue_stale()  # a previous process died holding these
         if requeued:
             log.info("returned %d samples left in training to the queue", requeued)
+        self._leave_corrupt_active()
         self.engine.sync()
-        self.trainer.start()
+        if run_trainer:
+            self.trainer.start()
+        else:
+            self.trainer.load_active()
+
+    def _leave_corrupt_active(self) -> None:
+        """A corrupt checkpoint is never served: if the active version's files fail verification,
+        serve its newest ancestor that verifies (version 0 at worst), and say so in the audit log."""
+        active = self.registry.active_version()
+        corrupt = self.registry.corrupt_versions()
+        if active not in corrupt:
+            return
+        live = {r.version: r for r in self.registry.list()}
+        for v in sorted(self.registry.lineage(active), reverse=True):
+            rec = live.get(v)
+            if rec is None or rec.corrupt or rec.status.value == "rejected":
+                continue
+            try:
+                self.registry.rollback(v)
+            except CorruptCheckpoint:
+                continue
+            log.error("active version %d is corrupt (%s); serving version %d instead", active, corrupt[active], v)
+            self.audit(
+                "system", "fallback", {"from_version": active, "to_version": v}, AuditOutcome.ok, 200, corrupt[active]
+            )
+            return
 
     def stop(self) -> None:
         self.trainer.stop()
@@ -118,6 +239,9 @@ class Daemon:
 
     # ---- service functions (one per route) ---------------------------------------------------
     def ingest(self, items: list[NewSample]) -> list[str]:
+        depth, limit = self.queue.depth(), self.settings.limits.max_queue_depth
+        if depth + len(items) > limit:  # backpressure: the sender waits, memory and disk do not grow
+            raise QueueFull(depth, limit)
         ids = self.queue.enqueue(items)  # committed (durably) when this returns
         self.trainer.wake()
         return ids
@@ -140,7 +264,72 @@ class Daemon:
             prompt_tokens=c.prompt_tokens,
             completion_tokens=c.completion_tokens,
         )
+        self.counters.generation(c)
         return GenerationResult(gid, c)
+
+    def generate_stream(
+        self,
+        prompt: str,
+        params: SamplingParams,
+        version: int | None = None,
+        stop: Sequence[str] = (),
+        generation_id: str | None = None,
+    ) -> Generator[str | GenerationResult]:
+        """Complete a prompt with the active version, or the stored promoted ``version``, yielding
+        text as it is made (whole characters) and finally the recorded result. Generation ends at
+        the first of ``stop`` (which is not part of the text). The id is chosen up front so that a
+        stream can name it before the completion exists. Run the whole iteration on one thread."""
+        gid = generation_id or str(uuid.uuid4())
+        if version is None:
+            version = self.engine.current().version  # fixed now: a stop string ends the stream early
+        prompt_tokens = len(self.engine.encode_prompt(prompt, params.max_new_tokens))
+        text = TextStream(self.engine.tokenizer, stop)
+        events = self.engine.stream(prompt, params, version)
+        c: Completion | None = None
+        try:
+            for tok, done in events:
+                if done is not None:
+                    c = done
+                    break
+                delta = text.push(tok)
+                if delta:
+                    yield delta
+                if text.stopped:
+                    c = Completion(text.text, version, prompt_tokens, text.tokens, "stop")
+                    break
+        finally:
+            events.close()  # frees the generation slot at once, also when the caller gave up
+        if c is None:
+            raise RuntimeError("generation ended without a result")
+        rest = text.finish(c.text)
+        if rest:
+            yield rest
+        self._record(gid, prompt, params, c, stop)
+        self.counters.generation(c)
+        yield GenerationResult(gid, c)
+
+    def _record(self, gid: str, prompt: str, params: SamplingParams, c: Completion, stop: Sequence[str]) -> None:
+        # GenerationLog.record() makes its own id, but a stream must send the id in its first chunk.
+        # TODO(store): let GenerationLog.record take the id, and call it here.
+        with self.db.write() as s:
+            s.add(
+                GenerationRow(
+                    id=gid,
+                    prompt=prompt,
+                    completion=c.text,
+                    model_version=c.version,
+                    params={
+                        "max_new_tokens": params.max_new_tokens,
+                        "temperature": params.temperature,
+                        "top_p": params.top_p,
+                        "seed": params.seed,
+                        "stop": list(stop),
+                    },
+                    prompt_tokens=c.prompt_tokens,
+                    completion_tokens=c.completion_tokens,
+                    created_at=utcnow(),
+                )
+            )
 
     def feedback(self, generation_id: str, rating: float | None, correction: str | None) -> Feedback:
         """A correction teaches (prompt + correction); a positive rating teaches (prompt + completion)
@@ -164,13 +353,29 @@ class Daemon:
     def checkpoints(self) -> tuple[int, list[CheckpointRecord]]:
         return self.registry.active_version(), self.registry.list()
 
+    def metrics_history(self, last: int) -> list[CheckpointRecord]:
+        return self.registry.index.history(last)
+
     def rollback(self, version: int, requeue: bool) -> RollbackResult:
         self.registry.rollback(version)  # raises UnknownVersion / RejectedVersion / CorruptCheckpoint
         self.engine.sync()  # serving switches now
         self.trainer.request_reset()  # training continues from it
         n = self.queue.requeue_outside(self.registry.lineage(version)) if requeue else 0
+        self.counters.rollback()
         log.info("rolled back to version %d (requeued %d samples)", version, n)
         return RollbackResult(version, n)
+
+    def device_memory(self) -> dict[str, int]:
+        """Bytes of accelerator memory (allocated by tensors, reserved by the caching allocator,
+        total); empty on a CPU."""
+        dev = self.factory.device
+        if dev.type != "cuda":
+            return {}
+        return {
+            "allocated": torch.cuda.memory_allocated(dev),
+            "reserved": torch.cuda.memory_reserved(dev),
+            "total": torch.cuda.get_device_properties(dev).total_memory,
+        }
 
     def trainer_status(self) -> tuple[TrainerStatus, int, int]:
         return self.trainer.status(), self.queue.depth(), self.engine.current().version
@@ -185,7 +390,21 @@ class Daemon:
             problems.append(f"store unreachable: {type(exc).__name__}")
         if not self.trainer.alive:
             problems.append("trainer not running")
-        return not problems, {"problems": problems}
+        # Degraded: serving works, but something needs an operator (e.g. checkpoints cannot be written).
+        degraded = []
+        last_error = self.trainer.status().last_error
+        if last_error:
+            degraded.append(f"trainer: {last_error}")
+        degraded += [f"checkpoint {r.version} is corrupt: {r.corrupt}" for r in self.registry.list() if r.corrupt]
+        return not problems, {"problems": problems, "degraded": degraded}
+
+    def audit(
+        self, actor: str, action: str, params: dict[str, Any], outcome: AuditOutcome, status: int, detail: str | None
+    ) -> None:
+        self.audit_log.record(actor, action, outcome, status, params, detail)
+
+    def audit_entries(self, limit: int, before: int | None) -> list[AuditEntry]:
+        return self.audit_log.list(limit, before)
 
     def check_admin(self, presented: str) -> bool:
         return hmac.compare_digest(presented.encode("utf-8"), self.admin_token.encode("utf-8"))

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 
@@ -35,6 +35,36 @@ class AuthSettings(_Section):
     admin_token: str | None = Field(
         None, description="Bearer token for /v1/admin/*; made and kept in <data_dir>/admin_token when unset."
     )
+    api_keys: list[Annotated[str, Field(min_length=16)]] = Field(
+        default_factory=list,
+        description="Bearer keys for ingest, feedback and generation; empty = open (allowed on loopback only).",
+    )
+
+    @model_validator(mode="after")
+    def _admin_token_is_not_an_api_key(self) -> AuthSettings:
+        if self.admin_token is not None and self.admin_token in self.api_keys:
+            raise ValueError("the admin token must not also be an API key")
+        return self
+
+
+class LimitsSettings(_Section):
+    key_rate_per_s: float = Field(
+        50.0, ge=0, description="Requests per second per API key (or client address when open); 0 = no limit."
+    )
+    key_burst: int = Field(1000, ge=1, description="Requests a key may make at once before its rate applies.")
+    source_rate_per_s: float = Field(
+        20.0, ge=0, description="Texts per second accepted per 'source' label; 0 = no limit."
+    )
+    source_burst: int = Field(1000, ge=1, description="Texts one source may send at once before its rate applies.")
+    max_tracked: int = Field(
+        10_000, ge=1, description="Keys and sources tracked at once; the least recently seen are forgotten."
+    )
+    max_queue_depth: int = Field(
+        100_000, ge=1, description="Most texts waiting to be trained; ingest gets 429 past it."
+    )
+    queue_full_retry_after_s: int = Field(
+        10, ge=1, description="Retry-After, in seconds, sent with a 429 for a full queue."
+    )
 
 
 class StoreSettings(_Section):
@@ -55,12 +85,38 @@ class ModelSettings(_Section):
     seed: int = Field(0, description="Seed for the built-in model's initialisation and the trainer's shuffling.")
 
 
-class TrainSettings(_Section):
-    lr: float = Field(3e-3, gt=0, description="Peak learning rate of AdamW.")
+class OptimizerSettings(_Section):
+    name: Literal["adamw", "sgd", "momentum"] = Field(
+        "adamw", description="adamw (default), sgd (plain), or momentum (SGD with momentum)."
+    )
+    lr: float = Field(3e-3, gt=0, description="Peak learning rate (reached after warm-up).")
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    weight_decay: float = Field(0.0, ge=0, description="Weight decay (decoupled for AdamW, L2 for SGD).")
+    momentum: float = Field(0.9, ge=0, lt=1, description="Momentum factor of the momentum optimizer.")
+    nesterov: bool = Field(False, description="Nesterov momentum (momentum optimizer only).")
     warmup_steps: int = Field(10, ge=0, description="Linear learning-rate warm-up from 0, in optimizer steps.")
+    schedule: Literal["constant", "inverse_sqrt"] = Field(
+        "constant", description="After warm-up: constant, or decay as sqrt(warmup / step)."
+    )
+
+
+class LoraSettings(_Section):
+    rank: int = Field(16, ge=1, description="LoRA rank r.")
+    alpha: int = Field(32, gt=0, description="LoRA alpha (the update is scaled by alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA path.")
+    targets: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt, or 'all-linear' (peft picks every linear layer)."
+    )
+
+
+class TrainSettings(_Section):
+    mode: Literal["full", "lora"] = Field(
+        "full", description="full: every weight trains; lora: the base stays frozen, checkpoints hold the adapter."
+    )
+    lora: LoraSettings = LoraSettings()
     grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this (0 = off).")
+    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches whose gradients add up to one optimizer step.")
     block_size: int = Field(128, ge=8, description="Tokens per packed training block.")
     micro_batch: int = Field(8, ge=1, description="Blocks per optimizer step.")
     batch_tokens: int = Field(8192, ge=64, description="Most tokens (approximated by UTF-8 bytes) claimed per batch.")
@@ -80,8 +136,37 @@ class TrainSettings(_Section):
 class EvalSettings(_Section):
     max_samples: int = Field(64, ge=1, description="Most recent held-out samples in the evaluation set.")
     tolerance: float = Field(
-        0.02, ge=0, description="Promote when held-out loss <= active's * (1 + tolerance) and finite."
+        0.02, ge=0, description="Gate: held-out loss may exceed the active version's by this fraction at most."
     )
+    forgetting_budget: float = Field(
+        1.0,
+        ge=0,
+        description="Gate: anchor (retention) loss may exceed the active version's by this fraction "
+        "(1.0 = refuse a version that doubles it; tighten for stricter retention).",
+    )
+    anchor_capacity: int = Field(
+        256, ge=0, description="Size of the anchor set: a reservoir sample of all held-out data ever seen."
+    )
+    anchor_file: Path | None = Field(
+        None, description="Optional JSONL file of texts ({'text': ...}) always in the anchor set."
+    )
+
+
+class ReplaySettings(_Section):
+    enabled: bool = Field(True, description="Mix earlier trained samples into each batch against forgetting.")
+    ratio: float = Field(0.5, ge=0, lt=1, description="Fraction of each batch's samples drawn from the replay pool.")
+    capacity: int = Field(4096, ge=1, description="Replay pool size: a reservoir sample of trained samples.")
+    min_samples: int = Field(
+        32, ge=0, description="Replay at least this many samples per batch, so a tiny batch cannot overwrite much."
+    )
+
+
+class RegularizationSettings(_Section):
+    method: Literal["none", "l2sp", "ewc"] = Field(
+        "none", description="Pull toward the anchor weights: L2-SP, or EWC with a diagonal Fisher."
+    )
+    strength: float = Field(1.0, ge=0, description="Penalty weight (lambda); scale differs between methods.")
+    fisher_batches: int = Field(8, ge=1, description="EWC: micro-batches of anchor data for the Fisher estimate.")
 
 
 class RegistrySettings(_Section):
@@ -90,6 +175,19 @@ class RegistrySettings(_Section):
 
 class ServingSettings(_Section):
     max_concurrency: int = Field(1, ge=1, description="Generations run at once; others wait their turn.")
+    max_new_tokens_cap: int = Field(
+        1024, ge=1, description="Largest max_new_tokens a request may ask for (422 past it)."
+    )
+    model_name: str = Field(
+        "llmos",
+        min_length=1,
+        max_length=64,
+        pattern=r"^[^@\s]+$",
+        description="Model name of the OpenAI-compatible API: '<name>' is the active version, '<name>@<v>' pins v.",
+    )
+    pinned_versions: int = Field(
+        2, ge=1, description="Pinned versions ('<name>@<v>') kept loaded besides the active one (LRU)."
+    )
 
 
 class RuntimeSettings(_Section):
@@ -99,7 +197,9 @@ class RuntimeSettings(_Section):
 
 
 class FeedbackSettings(_Section):
-    correction_weight: float = Field(1.0, gt=0, description="Loss weight of a (prompt + correction) sample.")
+    correction_weight: float = Field(
+        2.0, gt=0, description="Loss weight of a (prompt + correction) sample (plain text weighs 1)."
+    )
 
 
 class Settings(BaseSettings):
@@ -112,9 +212,13 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("./llmos-data"), description="Where the store, models and checkpoints live.")
     server: ServerSettings = ServerSettings()
     auth: AuthSettings = AuthSettings()
+    limits: LimitsSettings = LimitsSettings()
     store: StoreSettings = StoreSettings()
     model: ModelSettings = ModelSettings()
+    optimizer: OptimizerSettings = OptimizerSettings()
     train: TrainSettings = TrainSettings()
+    replay: ReplaySettings = ReplaySettings()
+    regularization: RegularizationSettings = RegularizationSettings()
     eval: EvalSettings = EvalSettings()
     registry: RegistrySettings = RegistrySettings()
     serving: ServingSettings = ServingSettings()

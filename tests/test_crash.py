@@ -4,47 +4,16 @@ checkpoint on disk loadable."""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-from conftest import ADMIN, free_port, wait_for
+from conftest import free_port, wait_for
+from helpers import start_server
 
 FINAL = {"trained", "heldout", "rejected"}
-
-
-def start_server(data_dir: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "LLMOS_ADMIN_TOKEN": ADMIN,
-        "LLMOS_TRAIN__PASSES_PER_BATCH": "3",
-        "LLMOS_TRAIN__FILL_WAIT_S": "0.05",
-        "LLMOS_TRAIN__POLL_INTERVAL_S": "0.2",
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llmos", "serve", "--data-dir", str(data_dir), "--port", str(port)],
-        env=env,
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}: {log.read_text()[-2000:]}")
-        try:
-            return httpx.get(url + "/readyz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_for(up, timeout=90, interval=0.3)
-    return proc
 
 
 def test_kill_9_after_500_acknowledged_posts(tmp_path: Path) -> None:

@@ -69,7 +69,7 @@ def trained_state(factory: ModelFactory, steps: int) -> TrainingState:
     state = TrainingState(model=model, optimizer=make_optimizer(model, OPT), base_version=0)
     ids, w = batch(factory)
     for _ in range(steps):
-        assert optimize(state, ids, w, OPT, CPU).skipped is None
+        assert optimize(state, [(ids, w)], OPT, CPU).skipped is None
     return state
 
 
@@ -172,7 +172,7 @@ def test_optimizer_state_round_trips_and_resumes_identically(registry: Registry,
     fresh = TrainingState(fresh_model, make_optimizer(fresh_model, OPT), base_version=1, step=2)
 
     for s in (state, resumed, fresh):
-        assert optimize(s, ids, w, OPT, CPU).skipped is None
+        assert optimize(s, [(ids, w)], OPT, CPU).skipped is None
 
     a, b, c = weights(state.model), weights(resumed.model), weights(fresh.model)
     for name in a:

@@ -91,7 +91,7 @@ def learn_fact(factory: ModelFactory, steps: int = 30) -> TrainingState:
     state = new_state(factory)
     ids, w = fact_batch()
     for _ in range(steps):
-        assert optimize(state, ids, w, OPT, CPU).skipped is None
+        assert optimize(state, [(ids, w)], OPT, CPU).skipped is None
     return state
 
 
@@ -219,7 +219,7 @@ def test_loss_goes_down_on_a_repeated_sentence(factory: ModelFactory) -> None:
     ids, w = fact_batch()
     losses = []
     for _ in range(30):
-        report = optimize(state, ids, w, OPT, CPU)
+        report = optimize(state, [(ids, w)], OPT, CPU)
         assert report.skipped is None and report.tokens == ids.shape[1] - 1
         losses.append(report.loss)
     assert losses[-1] < 0.2 * losses[0]
@@ -230,12 +230,12 @@ def test_a_non_finite_step_is_skipped_and_changes_nothing(factory: ModelFactory)
     ids, w = fact_batch()
     hit, twin = new_state(factory), new_state(factory)
     for s in (hit, twin):  # one good step each, so the optimizer holds state worth corrupting
-        optimize(s, ids, w, OPT, CPU)
+        optimize(s, [(ids, w)], OPT, CPU)
     before = params(hit.model)
     moments = optimizer_tensors(hit)
 
     hook = hit.model.get_submodule("transformer.ln_f").register_forward_hook(lambda _m, _i, out: out * float("nan"))
-    report = optimize(hit, ids, w, OPT, CPU)
+    report = optimize(hit, [(ids, w)], OPT, CPU)
     hook.remove()
 
     assert report.skipped is not None and "non-finite" in report.skipped
@@ -247,8 +247,8 @@ def test_a_non_finite_step_is_skipped_and_changes_nothing(factory: ModelFactory)
     assert all(torch.equal(x, y) for x, y in zip(optimizer_tensors(hit), moments, strict=True))
     assert all(p.grad is None for p in hit.model.parameters())
     # The next good step lands exactly where it would have without the bad one.
-    optimize(hit, ids, w, OPT, CPU)
-    optimize(twin, ids, w, OPT, CPU)
+    optimize(hit, [(ids, w)], OPT, CPU)
+    optimize(twin, [(ids, w)], OPT, CPU)
     a, b = params(hit.model), params(twin.model)
     for name in a:
         assert torch.equal(a[name], b[name]), name
@@ -260,7 +260,7 @@ def test_learning_rate_warms_up_linearly(factory: ModelFactory) -> None:
     ids, w = fact_batch()
     used = []
     for _ in range(6):
-        optimize(state, ids, w, cfg, CPU)
+        optimize(state, [(ids, w)], cfg, CPU)
         used.append(state.optimizer.param_groups[0]["lr"])
     assert used == pytest.approx([2.5e-3, 5e-3, 7.5e-3, 1e-2, 1e-2, 1e-2])
     no_warmup = OptimizerConfig(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0, warmup_steps=0, grad_clip=1.0)

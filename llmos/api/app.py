@@ -11,9 +11,15 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmos import __version__
+from llmos.api import dashboard
+from llmos.api.deps import Keyring
+from llmos.api.limits import RateLimiter
+from llmos.api.metrics import instrument
+from llmos.api.openai import router as openai_router
 from llmos.api.routes import router
 from llmos.daemon import Daemon
 
@@ -78,7 +84,13 @@ def create_app(daemon: Daemon, manage_lifecycle: bool = True) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.daemon = daemon
+    limits = daemon.settings.limits
+    app.state.keyring = Keyring(daemon.admin_token, daemon.settings.auth.api_keys)
+    app.state.key_limiter = RateLimiter(limits.key_rate_per_s, limits.key_burst, limits.max_tracked)
+    app.state.source_limiter = RateLimiter(limits.source_rate_per_s, limits.source_burst, limits.max_tracked)
     app.include_router(router)
+    app.include_router(openai_router)  # /v1/completions, /v1/chat/completions, /v1/models
+    dashboard.install(app)  # /dashboard
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_req: Request, exc: RequestValidationError) -> JSONResponse:
@@ -91,7 +103,14 @@ def create_app(daemon: Daemon, manage_lifecycle: bool = True) -> FastAPI:
             # FastAPI's words for a body json.loads could not take: bytes that are not UTF-8,
             # or nesting deeper than the parser allows.
             detail = "request body is not parseable JSON: it must be UTF-8 and not nested too deeply"
-        return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
+        headers = exc.headers
+        if exc.status_code == 405:
+            # Starlette names only the first route on the path; a path served by several (GET and
+            # POST /generate) must list every method it allows.
+            partial = [r for r in _req.app.routes if r.matches(_req.scope)[0] is Match.PARTIAL]
+            allowed = {m for r in partial for m in getattr(r, "methods", None) or ()}
+            headers = {**(headers or {}), "Allow": ", ".join(sorted(allowed))}
+        return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(req: Request, exc: Exception) -> JSONResponse:
@@ -99,4 +118,5 @@ def create_app(daemon: Daemon, manage_lifecycle: bool = True) -> FastAPI:
         return JSONResponse({"detail": "internal error; see the server log"}, status_code=500)
 
     app.add_middleware(BodyLimit, max_bytes=daemon.settings.server.max_body_bytes)
+    instrument(app, daemon)  # /metrics, and request latency by route (outermost middleware)
     return app

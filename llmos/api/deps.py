@@ -1,15 +1,70 @@
-"""Dependencies shared by the routes."""
+"""Dependencies shared by the routes: the daemon, who is calling, rate limits, the admin audit.
+
+Two kinds of credential, both sent as ``Authorization: Bearer <secret>``: API keys
+(``auth.api_keys``) for ingest, feedback and generation, and the admin token for ``/v1/admin/*``.
+With no API keys configured the data routes are open (the CLI allows that on loopback only).
+Secrets are compared in constant time, against every key every time; only a short fingerprint of
+a secret (never the secret) is kept, for rate limits and the audit log.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+import hashlib
+import hmac
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from llmos.api.limits import RateLimiter, retry_after
 from llmos.daemon import Daemon
+from llmos.store.audit import AuditOutcome
 
-_bearer = HTTPBearer(auto_error=False, description="The admin token")
+_bearer = HTTPBearer(auto_error=False, description="An API key, or the admin token for /v1/admin/*")
+_BEARER_HINT = {"WWW-Authenticate": "Bearer"}
+
+
+def fingerprint(secret: str) -> str:
+    """A short, stable, non-reversible name for a secret (the first 12 hex digits of its sha256)."""
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a request: ``id`` names the credential (or the client address when the API is open)
+    without revealing it; rate limits and the audit log key on it."""
+
+    kind: Literal["admin", "api_key", "anonymous"]
+    id: str
+
+
+class Keyring:
+    """The credentials this process accepts, kept as sha256 digests so that every comparison is
+    between equal-length values (hmac.compare_digest leaks lengths, not contents)."""
+
+    def __init__(self, admin_token: str, api_keys: Sequence[str]) -> None:
+        self._admin = hashlib.sha256(admin_token.encode("utf-8")).digest()
+        self._admin_id = "admin:" + fingerprint(admin_token)
+        self._keys = [(hashlib.sha256(k.encode("utf-8")).digest(), "key:" + fingerprint(k)) for k in api_keys]
+
+    @property
+    def open(self) -> bool:
+        """No API keys configured: the data routes need no credential."""
+        return not self._keys
+
+    def identify(self, presented: str) -> Caller | None:
+        digest = hashlib.sha256(presented.encode("utf-8")).digest()
+        is_admin = hmac.compare_digest(digest, self._admin)
+        key_id = None
+        for key_digest, kid in self._keys:  # every key, every time: no early exit
+            if hmac.compare_digest(digest, key_digest):
+                key_id = kid
+        if is_admin:
+            return Caller("admin", self._admin_id)
+        return Caller("api_key", key_id) if key_id else None
 
 
 def get_daemon(request: Request) -> Daemon:
@@ -18,15 +73,104 @@ def get_daemon(request: Request) -> Daemon:
 
 
 DaemonDep = Annotated[Daemon, Depends(get_daemon)]
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
-def require_admin(daemon: DaemonDep, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+def get_keyring(request: Request) -> Keyring:
+    keyring: Keyring = request.app.state.keyring
+    return keyring
+
+
+def get_key_limiter(request: Request) -> RateLimiter:
+    limiter: RateLimiter = request.app.state.key_limiter
+    return limiter
+
+
+def get_source_limiter(request: Request) -> RateLimiter:
+    limiter: RateLimiter = request.app.state.source_limiter
+    return limiter
+
+
+KeyringDep = Annotated[Keyring, Depends(get_keyring)]
+SourceLimiterDep = Annotated[RateLimiter, Depends(get_source_limiter)]
+
+
+def too_many(detail: str, wait_s: float) -> HTTPException:
+    return HTTPException(429, detail, headers={"Retry-After": retry_after(wait_s)})
+
+
+def require_api_key(
+    request: Request,
+    creds: BearerDep,
+    keyring: KeyringDep,
+    limiter: Annotated[RateLimiter, Depends(get_key_limiter)],
+) -> Caller:
+    """An API key (or the admin token); none needed when no keys are configured. Then the
+    caller's rate limit."""
+    caller = keyring.identify(creds.credentials) if creds is not None else None
+    if caller is None:
+        if not keyring.open:
+            if creds is None:
+                raise HTTPException(401, "API key required: send 'Authorization: Bearer <key>'", headers=_BEARER_HINT)
+            raise HTTPException(401, "unknown API key", headers=_BEARER_HINT)
+        # Open API: clients that always send some key (OpenAI SDKs do) are welcome; keyed by address.
+        caller = Caller("anonymous", "addr:" + (request.client.host if request.client else "unknown"))
+    wait = limiter.take({caller.id: 1})
+    if wait:
+        raise too_many(
+            f"rate limit: {limiter.rate_per_s:g} requests per second per key, bursts of {limiter.burst} "
+            "(limits.key_rate_per_s, limits.key_burst); retry later",
+            wait,
+        )
+    return caller
+
+
+# For any router (this one, an OpenAI-compatible one, ...): `caller: ApiKeyDep` as a parameter, or
+# `dependencies=[ApiKey]`.
+ApiKeyDep = Annotated[Caller, Depends(require_api_key)]
+ApiKey = Depends(require_api_key)  # for dependencies=[...] where the route does not need the caller
+
+
+def require_admin(creds: BearerDep, keyring: KeyringDep) -> Caller:
     if creds is None:
         raise HTTPException(
-            401, "admin token required: send 'Authorization: Bearer <token>'", headers={"WWW-Authenticate": "Bearer"}
+            401, "admin token required: send 'Authorization: Bearer <token>'", headers=_BEARER_HINT
         )
-    if not daemon.check_admin(creds.credentials):
-        raise HTTPException(401, "wrong admin token", headers={"WWW-Authenticate": "Bearer"})
+    caller = keyring.identify(creds.credentials)
+    if caller is None:
+        raise HTTPException(401, "wrong admin token", headers=_BEARER_HINT)
+    if caller.kind != "admin":
+        raise HTTPException(403, "an API key cannot use /v1/admin/*: send the admin token")
+    return caller
 
 
 AdminDep = Depends(require_admin)
+AdminCallerDep = Annotated[Caller, Depends(require_admin)]
+
+
+class AdminAudit:
+    """Records each admin action in the store's audit log with its outcome."""
+
+    def __init__(self, daemon: Daemon, caller: Caller) -> None:
+        self._daemon = daemon
+        self.caller = caller
+
+    @contextmanager
+    def __call__(self, action: str, **params: Any) -> Iterator[None]:
+        try:
+            yield
+        except HTTPException as exc:
+            outcome = AuditOutcome.refused if exc.status_code < 500 else AuditOutcome.error
+            self._daemon.audit(self.caller.id, action, params, outcome, exc.status_code, str(exc.detail))
+            raise
+        except Exception as exc:
+            self._daemon.audit(self.caller.id, action, params, AuditOutcome.error, 500, type(exc).__name__)
+            raise
+        self._daemon.audit(self.caller.id, action, params, AuditOutcome.ok, 200, None)
+
+
+def get_admin_audit(daemon: DaemonDep, caller: AdminCallerDep) -> AdminAudit:
+    return AdminAudit(daemon, caller)
+
+
+AuditDep = Annotated[AdminAudit, Depends(get_admin_audit)]

@@ -2,38 +2,61 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import JSONResponse
 
-from llmos.api.deps import AdminDep, DaemonDep
+from llmos.api.deps import AdminDep, ApiKey, AuditDep, DaemonDep, SourceLimiterDep, too_many
 from llmos.api.schemas import (
+    AuditEntryOut,
+    AuditOut,
     CheckpointOut,
     CheckpointsOut,
     FeedbackIn,
+    FeedbackOut,
     GenerateIn,
     GenerateOut,
-    IdOut,
+    GenerateQuery,
     IdsOut,
+    MetricsHistoryOut,
+    MetricsPoint,
+    ReadyOut,
     RollbackIn,
     RollbackOut,
     TextIn,
     TextOut,
     TextsIn,
     TrainerOut,
+    error_responses,
 )
+from llmos.daemon import QueueFull
 from llmos.registry.registry import CorruptCheckpoint, RejectedVersion, UnknownVersion
 from llmos.serving.types import PromptTooLong, SamplingParams
 from llmos.store.generations import UnknownGeneration
 from llmos.store.queue import NewSample
 
 router = APIRouter()
+GREEDY_BELOW = 1e-5  # a temperature under this is served greedily (as vLLM does)
+TOP_P_FLOOR = 1e-6  # under the top probability of any vocabulary below a million tokens
 
 
-@router.post("/v1/texts", status_code=202, response_model=IdsOut, tags=["data"])
-def post_texts(body: TextIn | TextsIn, daemon: DaemonDep) -> IdsOut:
-    """Queue one text or a batch; the ids are returned only once the rows are committed."""
+_BODY_ERRORS = (400, 401, 413, 422, 429)
+_ADMIN_ERRORS = (400, 401, 403, 413, 422)
+
+
+@router.post(
+    "/v1/texts",
+    status_code=202,
+    response_model=IdsOut,
+    dependencies=[ApiKey],
+    tags=["data"],
+    responses=error_responses(*_BODY_ERRORS),
+)
+def post_texts(body: TextIn | TextsIn, daemon: DaemonDep, sources: SourceLimiterDep) -> IdsOut:
+    """Queue one text or a batch; the ids are returned only once the rows are committed.
+    429 with Retry-After when a source sends faster than its rate or the queue is full."""
     items = body.items if isinstance(body, TextsIn) else [body]
     limit = daemon.settings.server.max_text_chars
     for i, it in enumerate(items):
@@ -42,11 +65,37 @@ def post_texts(body: TextIn | TextsIn, daemon: DaemonDep) -> IdsOut:
             raise HTTPException(
                 422, f"{where} is {len(it.text)} characters; the limit is {limit} (server.max_text_chars)"
             )
-    ids = daemon.ingest([NewSample(it.text, it.source, it.weight, it.idempotency_key) for it in items])
+    per_source: dict[str, float] = {}
+    for it in items:
+        if it.source is not None:
+            per_source["source:" + it.source] = per_source.get("source:" + it.source, 0) + 1
+    wait = sources.take(per_source)
+    if wait == math.inf:
+        raise HTTPException(
+            422, f"one request holds more texts from one source than limits.source_burst ({sources.burst}) allows"
+        )
+    if wait:
+        raise too_many(
+            f"rate limit: {sources.rate_per_s:g} texts per second per source, bursts of {sources.burst} "
+            "(limits.source_rate_per_s, limits.source_burst); retry later",
+            wait,
+        )
+    try:
+        ids = daemon.ingest([NewSample(it.text, it.source, it.weight, it.idempotency_key) for it in items])
+    except QueueFull as exc:
+        raise too_many(
+            f"{exc} (limits.max_queue_depth); retry later", daemon.settings.limits.queue_full_retry_after_s
+        ) from exc
     return IdsOut(ids=ids)
 
 
-@router.get("/v1/texts/{sample_id}", response_model=TextOut, tags=["data"])
+@router.get(
+    "/v1/texts/{sample_id}",
+    response_model=TextOut,
+    dependencies=[ApiKey],
+    tags=["data"],
+    responses=error_responses(401, 404, 429),
+)
 def get_text(sample_id: str, daemon: DaemonDep) -> TextOut:
     s = daemon.sample(sample_id) if len(sample_id) <= 64 else None
     if s is None:
@@ -66,7 +115,17 @@ def _generate(req: GenerateIn, daemon: DaemonDep) -> GenerateOut:
         raise HTTPException(
             422, f"prompt is {len(req.prompt)} characters; the limit is {limit} (server.max_prompt_chars)"
         )
-    params = SamplingParams(req.max_new_tokens, req.temperature, req.top_p, req.seed)
+    cap = daemon.settings.serving.max_new_tokens_cap
+    if req.max_new_tokens > cap:
+        raise HTTPException(
+            422, f"max_new_tokens is {req.max_new_tokens}; the limit is {cap} (serving.max_new_tokens_cap)"
+        )
+    # Below GREEDY_BELOW sampling is argmax in all but name, and logits / temperature overflows.
+    temperature = req.temperature if req.temperature >= GREEDY_BELOW else 0.0
+    # A top_p below TOP_P_FLOOR keeps only the most likely token, as TOP_P_FLOOR does; far below it,
+    # it would round to 0 in float32 and keep nothing.
+    top_p = max(req.top_p, TOP_P_FLOOR)
+    params = SamplingParams(req.max_new_tokens, temperature, top_p, req.seed)
     try:
         r = daemon.generate(req.prompt, params)
     except PromptTooLong as exc:
@@ -82,28 +141,53 @@ def _generate(req: GenerateIn, daemon: DaemonDep) -> GenerateOut:
     )  # type: ignore[arg-type]
 
 
-@router.get("/generate", response_model=GenerateOut, tags=["generation"])
-def get_generate(req: Annotated[GenerateIn, Query()], daemon: DaemonDep) -> GenerateOut:
+@router.get(
+    "/generate",
+    response_model=GenerateOut,
+    dependencies=[ApiKey],
+    tags=["generation"],
+    responses=error_responses(401, 422, 429),
+)
+def get_generate(req: Annotated[GenerateQuery, Query()], daemon: DaemonDep) -> GenerateOut:
     """Complete a prompt with the active model version (greedy at temperature 0)."""
     return _generate(req, daemon)
 
 
-@router.post("/generate", response_model=GenerateOut, tags=["generation"])
+@router.post(
+    "/generate",
+    response_model=GenerateOut,
+    dependencies=[ApiKey],
+    tags=["generation"],
+    responses=error_responses(*_BODY_ERRORS),
+)
 def post_generate(req: GenerateIn, daemon: DaemonDep) -> GenerateOut:
     return _generate(req, daemon)
 
 
-@router.post("/v1/feedback", status_code=202, response_model=IdOut, tags=["data"])
-def post_feedback(body: FeedbackIn, daemon: DaemonDep) -> IdOut:
+@router.post(
+    "/v1/feedback",
+    status_code=202,
+    response_model=FeedbackOut,
+    dependencies=[ApiKey],
+    tags=["data"],
+    responses=error_responses(404, *_BODY_ERRORS),
+)
+def post_feedback(body: FeedbackIn, daemon: DaemonDep) -> FeedbackOut:
     """Rate or correct a generation; corrections and positive ratings become training samples."""
     try:
         fb = daemon.feedback(body.generation_id, body.rating, body.correction)
     except UnknownGeneration as exc:
         raise HTTPException(404, f"no generation with id '{body.generation_id}'") from exc
-    return IdOut(id=fb.id)
+    return FeedbackOut(id=fb.id, sample_id=fb.sample_id)
 
 
-@router.get("/v1/checkpoints", response_model=CheckpointsOut, tags=["checkpoints"])
+@router.get(
+    "/v1/checkpoints",
+    response_model=CheckpointsOut,
+    dependencies=[ApiKey],
+    tags=["checkpoints"],
+    responses=error_responses(401, 429),
+)
 def get_checkpoints(daemon: DaemonDep) -> CheckpointsOut:
     active, records = daemon.checkpoints()
     return CheckpointsOut(
@@ -117,30 +201,48 @@ def get_checkpoints(daemon: DaemonDep) -> CheckpointsOut:
                 step=r.step,
                 samples_seen=r.samples_seen,
                 metrics=r.metrics,
+                corrupt=r.corrupt is not None,
+                corrupt_reason=r.corrupt,
             )
             for r in records
         ],
     )
 
 
-@router.post("/v1/admin/rollback", response_model=RollbackOut, dependencies=[AdminDep], tags=["admin"])
-def post_rollback(body: RollbackIn, daemon: DaemonDep) -> RollbackOut:
-    """Serve an earlier version now; the trainer continues from it."""
-    try:
-        r = daemon.rollback(body.version, body.requeue)
-    except UnknownVersion as exc:
-        raise HTTPException(404, f"no checkpoint with version {body.version}") from exc
-    except RejectedVersion as exc:
-        raise HTTPException(409, f"version {body.version} was rejected by evaluation and cannot be served") from exc
-    except CorruptCheckpoint as exc:
-        raise HTTPException(409, f"version {body.version} cannot be served: {exc}") from exc
+@router.post(
+    "/v1/admin/rollback",
+    response_model=RollbackOut,
+    tags=["admin"],
+    responses=error_responses(404, 409, *_ADMIN_ERRORS),
+)
+def post_rollback(body: RollbackIn, daemon: DaemonDep, audit: AuditDep) -> RollbackOut:
+    """Serve an earlier version now; the trainer continues from it. Takes a registry version
+    number only (never a path); recorded in the audit log."""
+    with audit("rollback", version=body.version, requeue=body.requeue):
+        try:
+            r = daemon.rollback(body.version, body.requeue)
+        except UnknownVersion as exc:
+            raise HTTPException(404, f"no checkpoint with version {body.version}") from exc
+        except RejectedVersion as exc:
+            raise HTTPException(
+                409, f"version {body.version} was rejected by evaluation and cannot be served"
+            ) from exc
+        except CorruptCheckpoint as exc:
+            raise HTTPException(409, f"version {body.version} cannot be served: {exc}") from exc
     return RollbackOut(active_version=r.active_version, requeued=r.requeued)
 
 
-@router.get("/v1/trainer", response_model=TrainerOut, tags=["trainer"])
+@router.get(
+    "/v1/trainer",
+    response_model=TrainerOut,
+    dependencies=[ApiKey],
+    tags=["trainer"],
+    responses=error_responses(401, 429),
+)
 def get_trainer(daemon: DaemonDep) -> TrainerOut:
     st, depth, active = daemon.trainer_status()
     return TrainerOut(
+        prequential_loss=st.prequential_loss,
         state=st.state.value,
         step=st.step,
         queue_depth=depth,
@@ -151,16 +253,86 @@ def get_trainer(daemon: DaemonDep) -> TrainerOut:
     )
 
 
-@router.post("/v1/admin/trainer/pause", response_model=TrainerOut, dependencies=[AdminDep], tags=["admin"])
-def post_pause(daemon: DaemonDep) -> TrainerOut:
-    daemon.trainer.pause()
+@router.get(
+    "/v1/metrics/history",
+    response_model=MetricsHistoryOut,
+    dependencies=[ApiKey],
+    tags=["trainer"],
+    responses=error_responses(401, 422, 429),
+)
+def get_metrics_history(
+    daemon: DaemonDep, last: Annotated[int, Query(ge=1, le=10_000, description="How many checkpoints")] = 100
+) -> MetricsHistoryOut:
+    """Per checkpoint, oldest first: prequential, held-out (plasticity) and anchor (retention) loss."""
+
+    def num(m: dict[str, object], key: str) -> float | None:
+        v = m.get(key)
+        return float(v) if isinstance(v, int | float) else None
+
+    return MetricsHistoryOut(
+        points=[
+            MetricsPoint(
+                version=r.version,
+                created_at=r.created_at,
+                status=r.status.value,
+                step=r.step,
+                samples_seen=r.samples_seen,
+                prequential_loss=num(r.metrics, "prequential_loss"),
+                heldout_loss=num(r.metrics, "heldout_loss"),
+                anchor_loss=num(r.metrics, "anchor_loss"),
+                train_loss=num(r.metrics, "train_loss"),
+            )
+            for r in daemon.metrics_history(last)
+        ]
+    )
+
+
+@router.post("/v1/admin/trainer/pause", response_model=TrainerOut, tags=["admin"], responses=error_responses(401, 403))
+def post_pause(daemon: DaemonDep, audit: AuditDep) -> TrainerOut:
+    with audit("trainer.pause"):
+        daemon.trainer.pause()
     return get_trainer(daemon)
 
 
-@router.post("/v1/admin/trainer/resume", response_model=TrainerOut, dependencies=[AdminDep], tags=["admin"])
-def post_resume(daemon: DaemonDep) -> TrainerOut:
-    daemon.trainer.resume()
+@router.post(
+    "/v1/admin/trainer/resume", response_model=TrainerOut, tags=["admin"], responses=error_responses(401, 403)
+)
+def post_resume(daemon: DaemonDep, audit: AuditDep) -> TrainerOut:
+    with audit("trainer.resume"):
+        daemon.trainer.resume()
     return get_trainer(daemon)
+
+
+@router.get(
+    "/v1/admin/audit",
+    response_model=AuditOut,
+    dependencies=[AdminDep],
+    tags=["admin"],
+    responses=error_responses(401, 403, 422),
+)
+def get_audit(
+    daemon: DaemonDep,
+    limit: Annotated[int, Query(ge=1, le=1000, description="Most entries to return")] = 100,
+    before: Annotated[int | None, Query(ge=1, le=2**63 - 1, description="Only entries older than this id")] = None,
+) -> AuditOut:
+    """Admin actions, newest first: who (a credential fingerprint), what, when, outcome."""
+    entries = daemon.audit_entries(limit, before)
+    return AuditOut(
+        entries=[
+            AuditEntryOut(
+                id=e.id,
+                at=e.at,
+                actor=e.actor,
+                action=e.action,
+                params=e.params,
+                outcome=e.outcome.value,
+                status_code=e.status_code,
+                detail=e.detail,
+            )
+            for e in entries
+        ],
+        next_before=entries[-1].id if len(entries) == limit else None,
+    )
 
 
 @router.get("/healthz", tags=["health"])
@@ -168,9 +340,21 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", tags=["health"], responses={503: {"description": "not ready"}})
+@router.get(
+    "/readyz",
+    tags=["health"],
+    response_model=ReadyOut,
+    responses={503: {"model": ReadyOut, "description": "not ready"}},
+)
 def readyz(daemon: DaemonDep) -> JSONResponse:
+    """503 "not ready" when requests cannot be served (no model, store unreachable, trainer dead).
+    200 "degraded" when serving works but something needs an operator: the trainer's last error
+    (e.g. a checkpoint that could not be written: disk full, fsync failed) or a corrupt checkpoint;
+    the detail names it. A degraded server stays in rotation: it still serves the active version."""
     ok, info = daemon.readiness()
-    if ok:
-        return JSONResponse({"status": "ready", **info})
-    return JSONResponse({"status": "not ready", "detail": "; ".join(info["problems"]), **info}, status_code=503)
+    if not ok:
+        body = ReadyOut(status="not ready", detail="; ".join(info["problems"]), **info)
+        return JSONResponse(body.model_dump(), status_code=503)
+    if info.get("degraded"):
+        return JSONResponse(ReadyOut(status="degraded", detail="; ".join(info["degraded"]), **info).model_dump())
+    return JSONResponse(ReadyOut(status="ready", **info).model_dump())

@@ -5,7 +5,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 
 def _clean(value: str) -> str:
@@ -24,20 +25,52 @@ def _not_blank(value: str) -> str:
     return value
 
 
-Text = Annotated[str, AfterValidator(_clean)]
-NonBlankText = Annotated[str, AfterValidator(_clean), AfterValidator(_not_blank)]
+# The same rules as the validators, for the published schema (clients and fuzzers read it). Only in
+# the schema: the validators above check them in linear time.
+_NO_NUL = Field(json_schema_extra={"pattern": r"^[^\x00]*$"})
+# Whitespace spelled out as str.strip() sees it (regex engines disagree on \s, e.g. about U+0085).
+_SPACE = r"\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+_NOT_BLANK = Field(json_schema_extra={"pattern": rf"^[^\x00]*[^\x00{_SPACE}][^\x00]*$"})
+
+Text = Annotated[str, AfterValidator(_clean), _NO_NUL]
+
+
+def _json_int(value: Any) -> Any:
+    """JSON has one number type: 5.0 is the integer 5 (as JSON Schema says); true is not 1."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# An integer in a JSON body: strict (no "5", no true), but 5.0 counts.
+JsonInt = Annotated[int, BeforeValidator(_json_int)]
+
+
+def _not_null(value: Any) -> Any:
+    if value is None:
+        raise ValueError("must not be null: leave the field out instead")
+    return value
+
+
+# Optional fields are left out, not sent as null: one way to say "none", and a schema that says
+# exactly what is accepted (the default None is never validated, an explicit null is refused).
+NoNull = AfterValidator(_not_null)
+NonBlankText = Annotated[str, AfterValidator(_clean), AfterValidator(_not_blank), _NOT_BLANK]
 
 
 class _Request(BaseModel):
     # Unknown fields are an error (a misspelt "weigth" must not pass silently); NaN/Infinity too.
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # Strict: a JSON body must hold the types the schema names (no "1" for 1, no 0 for false).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 class TextIn(_Request):
     text: NonBlankText
-    source: Annotated[Text, Field(max_length=200)] | None = None
+    source: Annotated[Annotated[Text, Field(max_length=200)] | SkipJsonSchema[None], NoNull] = None
     weight: float = Field(1.0, gt=0, le=1e6)
-    idempotency_key: Annotated[Text, Field(min_length=1, max_length=200)] | None = None
+    idempotency_key: Annotated[
+        Annotated[Text, Field(min_length=1, max_length=200)] | SkipJsonSchema[None], NoNull
+    ] = None
 
 
 class TextsIn(_Request):
@@ -58,10 +91,20 @@ class TextOut(BaseModel):
 
 class GenerateIn(_Request):
     prompt: Text
-    max_new_tokens: int = Field(64, ge=1, le=1024)
+    max_new_tokens: JsonInt = Field(64, ge=1, le=1024)
     temperature: float = Field(0.0, ge=0, le=100)
     top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    # 2**53 - 1: the largest integer every JSON parser reads exactly (a bound that a double cannot
+    # hold would let clients see values past it as "within").
+    seed: Annotated[
+        Annotated[int, Field(ge=0, le=2**53 - 1), BeforeValidator(_json_int)] | SkipJsonSchema[None], NoNull
+    ] = None
+
+
+class GenerateQuery(GenerateIn):
+    """GenerateIn from a query string, where every value arrives as text."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=False)
 
 
 class GenerateOut(BaseModel):
@@ -74,9 +117,19 @@ class GenerateOut(BaseModel):
 
 
 class FeedbackIn(_Request):
+    # The rule of _one_of below, for the published schema.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["rating"], "properties": {"rating": {"type": "number"}}},
+                {"required": ["correction"], "properties": {"correction": {"type": "string"}}},
+            ]
+        }
+    )
+
     generation_id: Annotated[Text, Field(max_length=64)]
-    rating: float | None = Field(None, ge=-1, le=1)
-    correction: NonBlankText | None = None
+    rating: Annotated[Annotated[float, Field(ge=-1, le=1)] | SkipJsonSchema[None], NoNull] = None
+    correction: Annotated[NonBlankText | SkipJsonSchema[None], NoNull] = None
 
     @model_validator(mode="after")
     def _one_of(self) -> FeedbackIn:
@@ -89,6 +142,11 @@ class IdOut(BaseModel):
     id: str
 
 
+class FeedbackOut(BaseModel):
+    id: str
+    sample_id: str | None = None  # the training sample it created (follow it at /v1/texts/{id}), if any
+
+
 class CheckpointOut(BaseModel):
     version: int
     parent_version: int | None
@@ -97,6 +155,8 @@ class CheckpointOut(BaseModel):
     step: int
     samples_seen: int
     metrics: dict[str, Any]
+    corrupt: bool = False  # its files fail verification against the manifest: never served
+    corrupt_reason: str | None = None
 
 
 class CheckpointsOut(BaseModel):
@@ -105,7 +165,7 @@ class CheckpointsOut(BaseModel):
 
 
 class RollbackIn(_Request):
-    version: int = Field(ge=0, le=2**31 - 1)
+    version: JsonInt = Field(ge=0, le=2**31 - 1)
     requeue: bool = False
 
 
@@ -122,3 +182,72 @@ class TrainerOut(BaseModel):
     active_version: int
     device: str
     last_error: str | None = None
+    prequential_loss: float | None = None  # running average of loss on new data before training on it
+
+
+class MetricsPoint(BaseModel):
+    version: int
+    created_at: datetime | None
+    status: Literal["candidate", "promoted", "rejected"]
+    step: int
+    samples_seen: int
+    prequential_loss: float | None
+    heldout_loss: float | None  # plasticity: recent held-out data
+    anchor_loss: float | None  # retention: the anchor set
+    train_loss: float | None
+
+
+class MetricsHistoryOut(BaseModel):
+    points: list[MetricsPoint]
+
+
+class ErrorItem(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ErrorOut(BaseModel):
+    """Every error: a message, or for a request that fails validation, one item per problem."""
+
+    detail: str | list[ErrorItem]
+
+
+class ReadyOut(BaseModel):
+    status: Literal["ready", "degraded", "not ready"]
+    problems: list[str]  # why it is not ready (503)
+    degraded: list[str] = []  # ready, but something needs an operator (e.g. checkpoints failing)
+    detail: str | None = None
+
+
+class AuditEntryOut(BaseModel):
+    id: int
+    at: datetime
+    actor: str  # which credential: a fingerprint ("admin:<12 hex>"), never the secret; or "system"
+    action: str
+    params: dict[str, Any]
+    outcome: Literal["ok", "refused", "error"]
+    status_code: int
+    detail: str | None
+
+
+class AuditOut(BaseModel):
+    entries: list[AuditEntryOut]  # newest first
+    next_before: int | None  # pass as ?before= for older entries; null at the end
+
+
+_ERROR_WHY = {
+    400: "The body is not parseable JSON (not UTF-8, or nested too deeply).",
+    401: "Missing or unknown credential.",
+    403: "An API key on an admin route.",
+    404: "Not found.",
+    409: "The version cannot be served (rejected or corrupt).",
+    413: "The body is larger than server.max_body_bytes.",
+    422: "The request is invalid; the detail says which field and why.",
+    429: "Rate limit or full queue; retry after Retry-After seconds.",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the errors a route can answer with (all shaped as ErrorOut)."""
+    return {c: {"model": ErrorOut, "description": _ERROR_WHY[c]} for c in codes}

@@ -7,11 +7,14 @@ the base model directory, loaded with ``from_pretrained``. Nothing here unpickle
 from __future__ import annotations
 
 import copy
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, load_model, save_file, save_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from llmos.model.builtin import ensure_tiny
@@ -37,33 +40,77 @@ def resolve_base(name_or_path: str, data_dir: Path, seed: int = 0) -> str:
     return name_or_path
 
 
-class ModelFactory:
-    """Holds the base model once and makes independent copies with a checkpoint's weights."""
+@dataclass(frozen=True)
+class LoraSpec:
+    rank: int
+    alpha: int
+    dropout: float
+    targets: list[str] | str
 
-    def __init__(self, base: str, device: torch.device) -> None:
+
+class ModelFactory:
+    """Holds the base model once and makes independent copies with a checkpoint's weights.
+
+    In LoRA mode the template is the base wrapped by peft with a zero-initialised adapter (so it
+    computes exactly the base model), only adapter weights train, and a checkpoint's weights file
+    holds the adapter alone.
+    """
+
+    def __init__(self, base: str, device: torch.device, lora: LoraSpec | None = None) -> None:
         hf_logging.disable_progress_bar()
         self.base = base
         self.device = device
+        self.lora = lora
         self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(base)
         if self.tokenizer.eos_token_id is None:
             raise ValueError(f"the tokenizer of {base} has no EOS token; llmos packs samples with EOS between them")
-        self._template: PreTrainedModel = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-        self._template.to(device)  # type: ignore[arg-type]  # transformers' wrapper hides nn.Module.to
+        model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        self.config = model.config
+        if lora is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # peft notes that GPT-2's Conv1D needs fan_in_fan_out
+                model = get_peft_model(
+                    model,  # type: ignore[arg-type]
+                    LoraConfig(
+                        r=lora.rank,
+                        lora_alpha=lora.alpha,
+                        lora_dropout=lora.dropout,
+                        target_modules=lora.targets,
+                        task_type="CAUSAL_LM",
+                    ),
+                )
+        self._template = model.to(device)
         self._template.eval()
 
     @property
     def context_length(self) -> int:
-        cfg = self._template.config
         for name in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
-            value = getattr(cfg, name, None)
+            value = getattr(self.config, name, None)
             if isinstance(value, int) and value > 0:
                 return value
         return 2048
 
-    def instance(self, weights: Path | None = None) -> PreTrainedModel:
+    def instance(self, weights: Path | None = None) -> torch.nn.Module:
         """A fresh model: the base weights, or those in ``weights`` (a safetensors file)."""
         model = copy.deepcopy(self._template)
         if weights is not None:
-            load_model(model, str(weights), strict=True, device=str(self.device))
+            self.load_weights(model, weights)
         model.eval()
         return model
+
+    def load_weights(self, model: torch.nn.Module, path: Path) -> None:
+        if self.lora is not None:
+            result = set_peft_model_state_dict(model, load_file(str(path), device=str(self.device)))
+            unexpected = list(getattr(result, "unexpected_keys", []))
+            if unexpected:
+                raise ValueError(f"{path} holds weights this adapter does not have: {unexpected[:3]}")
+        else:
+            load_model(model, str(path), strict=True, device=str(self.device))
+
+    def save_weights(self, model: torch.nn.Module, path: Path) -> None:
+        """Write what a checkpoint holds: every weight, or in LoRA mode the adapter only."""
+        if self.lora is not None:
+            state = get_peft_model_state_dict(model)
+            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path))
+        else:
+            save_model(model, str(path))  # handles GPT-2's tied embedding / lm_head

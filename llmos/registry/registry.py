@@ -22,7 +22,8 @@ import re
 import shutil
 import tempfile
 import threading
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,8 @@ class TrainerSnapshot:
     samples_seen: int
     optimizer: dict[str, Any] | None  # torch optimizer state_dict
     rng: torch.Tensor | None
+    prequential_loss: float | None = None
+    last_loss: float | None = None
 
 
 def version_dir_name(version: int) -> str:
@@ -118,6 +121,7 @@ class Registry:
         self.index = index
         self.keep_last = keep_last
         self._lock = threading.Lock()  # one publish / prune at a time in this process
+        self._corrupt: dict[int, str] = {}  # version -> why its files fail verify(); never served
 
     # ---- start-up -------------------------------------------------------------------------
     def open(self) -> None:
@@ -133,11 +137,16 @@ class Registry:
             if child.name.startswith(".tmp-") or (m and int(m.group(1)) not in known):
                 # A write that never reached the index: never served, never listed.
                 shutil.rmtree(child, ignore_errors=True)
+        for rec in self.index.list():  # an incomplete or tampered checkpoint is listed as corrupt
+            try:
+                self.verify(rec.version)
+            except CorruptCheckpoint:
+                pass
 
     # ---- writing --------------------------------------------------------------------------
     def publish(
         self,
-        model: torch.nn.Module,
+        weights: torch.nn.Module | Callable[[Path], None],
         snapshot: TrainerSnapshot,
         parent: int,
         status: CheckpointStatus,
@@ -149,9 +158,17 @@ class Registry:
             final = self.root / version_dir_name(version)
             tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
             try:
-                save_model(model, str(tmp / MODEL_FILE))
+                if isinstance(weights, torch.nn.Module):
+                    save_model(weights, str(tmp / MODEL_FILE))
+                else:
+                    weights(tmp / MODEL_FILE)  # e.g. a LoRA adapter only
                 tensors: dict[str, torch.Tensor] = {}
-                meta: dict[str, Any] = {"step": snapshot.step, "samples_seen": snapshot.samples_seen}
+                meta: dict[str, Any] = {
+                    "step": snapshot.step,
+                    "samples_seen": snapshot.samples_seen,
+                    "prequential_loss": snapshot.prequential_loss,
+                    "last_loss": snapshot.last_loss,
+                }
                 if snapshot.optimizer is not None:
                     opt_tensors, opt_meta = _split_optimizer(snapshot.optimizer)
                     tensors.update(opt_tensors)
@@ -224,7 +241,13 @@ class Registry:
         return rec
 
     def list(self) -> list[CheckpointRecord]:
-        return self.index.list()
+        """Live checkpoints, newest first; those whose files failed verification carry ``corrupt``."""
+        corrupt = dict(self._corrupt)
+        return [replace(r, corrupt=corrupt[r.version]) if r.version in corrupt else r for r in self.index.list()]
+
+    def corrupt_versions(self) -> dict[int, str]:
+        """Versions found corrupt (at open or on a later load), with the reason."""
+        return dict(self._corrupt)
 
     def active_version(self) -> int:
         v = self.index.active_version()
@@ -244,12 +267,23 @@ class Registry:
         """Check every file against the manifest; raise CorruptCheckpoint if anything is off."""
         if version == 0:
             return
+        try:
+            self._check_files(version)
+        except CorruptCheckpoint as exc:
+            self._corrupt[version] = str(exc)
+            raise
+        self._corrupt.pop(version, None)
+
+    def _check_files(self, version: int) -> None:
         d = self.root / version_dir_name(version)
         try:
             manifest = json.loads((d / MANIFEST).read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise CorruptCheckpoint(f"version {version}: no readable manifest ({exc})") from exc
-        for name, digest in manifest.get("files", {}).items():
+        files = manifest.get("files") if isinstance(manifest, dict) else None
+        if not isinstance(files, dict) or MODEL_FILE not in files:
+            raise CorruptCheckpoint(f"version {version}: the manifest does not list {MODEL_FILE}")
+        for name, digest in files.items():
             p = d / name
             if not p.is_file() or _sha256(p) != digest:
                 raise CorruptCheckpoint(f"version {version}: {name} is missing or does not match its checksum")
@@ -277,4 +311,6 @@ class Registry:
             samples_seen=int(meta["samples_seen"]),
             optimizer=optimizer,
             rng=tensors.get("rng.torch"),
+            prequential_loss=meta.get("prequential_loss"),
+            last_loss=meta.get("last_loss"),
         )

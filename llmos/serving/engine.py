@@ -7,20 +7,20 @@ touches the trainer's model: it loads versions from the registry, as another rep
 
 from __future__ import annotations
 
-import inspect
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from transformers import PreTrainedModel
 
 from llmos.model.loader import ModelFactory
 from llmos.registry.registry import Registry
 from llmos.serving.types import Completion, PromptTooLong, SamplingParams
+from llmos.store.tables import CheckpointStatus
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,16 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Loaded:
     version: int
-    model: PreTrainedModel
+    model: torch.nn.Module
+
+
+class NotPinnable(ValueError):
+    """A request pinned a version that was never promoted (a candidate, or rejected by the gate)."""
+
+    def __init__(self, version: int, status: str) -> None:
+        super().__init__(f"version {version} is {status}, not promoted; only promoted versions can be served")
+        self.version = version
+        self.status = status
 
 
 def pick_token(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
@@ -44,7 +53,9 @@ def pick_token(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | N
 
 
 class ServingEngine:
-    def __init__(self, factory: ModelFactory, registry: Registry, max_concurrency: int = 1) -> None:
+    def __init__(
+        self, factory: ModelFactory, registry: Registry, max_concurrency: int = 1, pinned_versions: int = 2
+    ) -> None:
         self._factory = factory
         self._registry = registry
         self._slots = threading.BoundedSemaphore(max_concurrency)
@@ -53,8 +64,10 @@ class ServingEngine:
         self.tokenizer = factory.tokenizer
         self.device = factory.device
         self.last_swap_s: float | None = None
-        # transformers 5 names the KV cache argument ``cache``; older models ``past_key_values``.
-        self._cache_arg = "cache"
+        # Versions that requests pinned (model "llmos@<version>"), least recently used first.
+        self._pinned: OrderedDict[int, Loaded] = OrderedDict()
+        self._pinned_lock = threading.Lock()
+        self._pinned_max = pinned_versions
 
     @property
     def ready(self) -> bool:
@@ -74,12 +87,33 @@ class ServingEngine:
                 return target
             t0 = time.perf_counter()
             model = self._factory.instance(self._registry.weights_path(target))  # standby
-            params = inspect.signature(model.forward).parameters
-            self._cache_arg = "cache" if "cache" in params else "past_key_values"
             self._current = Loaded(target, model)  # the swap: one reference
             self.last_swap_s = time.perf_counter() - t0
             log.info("serving version %d (loaded in %.3fs)", target, self.last_swap_s)
             return target
+
+    def pinned(self, version: int) -> Loaded:
+        """A stored promoted version, loaded from the registry as sync() does; the active one is
+        shared, others are kept in a small LRU. Raises UnknownVersion (never stored, or pruned),
+        NotPinnable (not promoted) or CorruptCheckpoint."""
+        status = self._registry.get(version).status  # asked every time: a pruned version must 404
+        if status is not CheckpointStatus.promoted:
+            raise NotPinnable(version, status.value)
+        cur = self._current
+        if cur is not None and cur.version == version:
+            return cur
+        with self._pinned_lock:
+            hit = self._pinned.get(version)
+            if hit is not None:
+                self._pinned.move_to_end(version)
+                return hit
+            t0 = time.perf_counter()
+            loaded = Loaded(version, self._factory.instance(self._registry.weights_path(version)))
+            self._pinned[version] = loaded
+            while len(self._pinned) > self._pinned_max:
+                self._pinned.popitem(last=False)
+            log.info("loaded pinned version %d in %.3fs", version, time.perf_counter() - t0)
+            return loaded
 
     def encode_prompt(self, prompt: str, max_new_tokens: int) -> list[int]:
         ids = list(self.tokenizer.encode(prompt, add_special_tokens=False))
@@ -88,14 +122,19 @@ class ServingEngine:
             raise PromptTooLong(f"prompt is {len(ids)} tokens; the model's context holds {ctx - 2} at most")
         return ids
 
-    def generate(self, prompt: str, params: SamplingParams) -> Completion:
-        return _collect(self.stream(prompt, params))
+    def generate(self, prompt: str, params: SamplingParams, version: int | None = None) -> Completion:
+        return _collect(self.stream(prompt, params, version))
 
-    def stream(self, prompt: str, params: SamplingParams) -> Iterator[tuple[int, Completion | None]]:
-        """Yield (token id, None) per new token, then (-1, Completion) at the end."""
+    def stream(
+        self, prompt: str, params: SamplingParams, version: int | None = None
+    ) -> Generator[tuple[int, Completion | None]]:
+        """Yield (token id, None) per new token, then (-1, Completion) at the end. ``version``
+        pins the request to a stored promoted version (see pinned()); None means the active one."""
         ids = self.encode_prompt(prompt, params.max_new_tokens)
+        pinned = self.pinned(version) if version is not None else None  # loads outside the slot
         with self._slots:
-            loaded = self.current()  # this request finishes on this version, whatever swaps meanwhile
+            # This request finishes on this version, whatever swaps meanwhile.
+            loaded = pinned if pinned is not None else self.current()
             model = loaded.model
             eos = self.tokenizer.eos_token_id
             ctx = self._factory.context_length
@@ -120,7 +159,9 @@ class ServingEngine:
                     if len(new) == budget:
                         break
                     x = torch.tensor([[tok]], device=self.device)
-                    out = model(input_ids=x, use_cache=True, **{self._cache_arg: out[self._cache_arg]})
+                    # transformers 5 names the KV cache ``cache``; older code ``past_key_values``.
+                    cache_arg = "cache" if "cache" in out else "past_key_values"
+                    out = model(input_ids=x, use_cache=True, **{cache_arg: out[cache_arg]})
             text = str(self.tokenizer.decode(new))
             yield -1, Completion(text, loaded.version, len(ids), len(new), finish)
 

@@ -25,6 +25,8 @@ class CheckpointRecord:
     samples_seen: int
     metrics: dict[str, Any] = field(default_factory=dict)
     created_at: datetime | None = None
+    # Why the files fail verification (set by the registry, not stored): such a version is never served.
+    corrupt: str | None = None
 
 
 def _record(row: CheckpointRow) -> CheckpointRecord:
@@ -69,6 +71,13 @@ class CheckpointIndex:
             if row is None or (row.pruned_at is not None and not include_pruned):
                 return None
             return _record(row)
+
+    def history(self, last: int) -> list[CheckpointRecord]:
+        """The newest ``last`` checkpoints ever made, pruned ones included (their metrics stay),
+        oldest first: the time series of how learning went."""
+        with self._db.read() as s:
+            rows = s.scalars(select(CheckpointRow).order_by(CheckpointRow.version.desc()).limit(last)).all()
+            return [_record(r) for r in reversed(rows)]
 
     def list(self) -> list[CheckpointRecord]:
         """Live (unpruned) checkpoints, newest first."""

@@ -48,6 +48,10 @@ def _sqlite_engine(url: str, begin: str, busy_timeout_s: float) -> Engine:
     return engine
 
 
+class StoreNotDurable(ValueError):
+    """The store's settings would let an acknowledged write be lost."""
+
+
 class Database:
     """Owns the engines; hands out short transactions. Repositories take one of these."""
 
@@ -88,6 +92,19 @@ class Database:
         """Read a SQLite pragma (for start-up checks and tests)."""
         with self._write_engine.connect() as conn:
             return conn.exec_driver_sql(f"PRAGMA {name}").scalar()
+
+    def check_durable(self) -> None:
+        """Refuse to run on a SQLite store where an acknowledged write could be lost: the pragmas set
+        on connect must read back as WAL and synchronous=FULL (2). PostgreSQL is durable as configured."""
+        if not self.is_sqlite:
+            return
+        mode = str(self.pragma("journal_mode")).lower()
+        sync = self.pragma("synchronous")
+        if mode != "wal" or sync != 2:
+            raise StoreNotDurable(
+                f"the SQLite store runs with journal_mode={mode} and synchronous={sync}, not wal and 2 (FULL), "
+                "so an acknowledged write could be lost on a crash or power cut; refusing to start"
+            )
 
     def dispose(self) -> None:
         self._write_engine.dispose()

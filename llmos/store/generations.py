@@ -12,10 +12,11 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from llmos.store.db import Database
 from llmos.store.queue import NewSample, insert_samples
-from llmos.store.tables import FeedbackRow, GenerationRow, utcnow
+from llmos.store.tables import FeedbackRow, GenerationRow, PreferencePairRow, utcnow
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,14 @@ class Feedback:
     rating: float | None
     correction: str | None
     sample_id: str | None
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    generation_id: str
+    prompt: str
+    chosen: str
+    rejected: str
 
 
 class UnknownGeneration(LookupError):
@@ -107,4 +116,36 @@ class GenerationLog:
                     created_at=utcnow(),
                 )
             )
+            s.flush()
+            self._maybe_pair(s, generation_id)
             return Feedback(fid, generation_id, rating, correction, sample_id)
+
+    @staticmethod
+    def _maybe_pair(s: Session, generation_id: str) -> None:
+        """Once a generation has both a negative rating and a correction (in one feedback or
+        several), keep it as a preference pair: chosen = the newest correction, rejected = the completion."""
+        if s.get(PreferencePairRow, generation_id) is not None:
+            return
+        rows = s.scalars(
+            select(FeedbackRow).where(FeedbackRow.generation_id == generation_id).order_by(FeedbackRow.created_at)
+        ).all()
+        negative = any(r.rating is not None and r.rating < 0 for r in rows)
+        corrections = [r.correction for r in rows if r.correction is not None]
+        if not (negative and corrections):
+            return
+        gen = s.get(GenerationRow, generation_id)
+        assert gen is not None
+        s.add(
+            PreferencePairRow(
+                generation_id=generation_id,
+                prompt=gen.prompt,
+                chosen=corrections[-1],
+                rejected=gen.completion,
+                created_at=utcnow(),
+            )
+        )
+
+    def preference_pairs(self, limit: int = 1000) -> list[PreferencePair]:
+        with self._db.read() as s:
+            rows = s.scalars(select(PreferencePairRow).order_by(PreferencePairRow.created_at).limit(limit)).all()
+            return [PreferencePair(r.generation_id, r.prompt, r.chosen, r.rejected) for r in rows]

@@ -40,7 +40,7 @@ class Sample:
     created_at: datetime
 
 
-def _record(row: SampleRow) -> Sample:
+def as_sample(row: SampleRow) -> Sample:
     return Sample(
         id=row.id,
         seq=row.seq,
@@ -110,7 +110,7 @@ class SampleQueue:
     def get(self, sample_id: str) -> Sample | None:
         with self._db.read() as s:
             row = s.scalar(select(SampleRow).where(SampleRow.id == sample_id))
-            return _record(row) if row else None
+            return as_sample(row) if row else None
 
     def depth(self) -> int:
         with self._db.read() as s:
@@ -141,7 +141,7 @@ class SampleQueue:
             for row in taken:
                 row.status = SampleStatus.training.value
                 row.claimed_at = now
-            return [_record(r) for r in taken]
+            return [as_sample(r) for r in taken]
 
     def ack(self, ids: Iterable[str], version: int) -> None:
         """The samples are in ``version``: trained."""
@@ -199,7 +199,7 @@ class SampleQueue:
                 .order_by(SampleRow.seq.desc())
                 .limit(limit)
             ).all()
-            return [_record(r) for r in reversed(rows)]
+            return [as_sample(r) for r in reversed(rows)]
 
     def _set(
         self,

@@ -114,3 +114,41 @@ class MetaRow(Base):
 
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(Text, nullable=False)
+
+
+class ReservoirRow(Base):
+    """Slots of named reservoir samples (replay pool, anchor set), holding samples by reference."""
+
+    __tablename__ = "reservoir_slots"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    slot: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    sample_id: Mapped[str] = mapped_column(String(36), nullable=False)
+
+
+class PreferencePairRow(Base):
+    """A generation that got both a negative rating and a correction: chosen = correction,
+    rejected = completion; kept for a preference-training stage."""
+
+    __tablename__ = "preference_pairs"
+
+    generation_id: Mapped[str] = mapped_column(ForeignKey("generations.id"), primary_key=True)
+    prompt: Mapped[str] = mapped_column(Text, nullable=False)
+    chosen: Mapped[str] = mapped_column(Text, nullable=False)
+    rejected: Mapped[str] = mapped_column(Text, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
+
+
+class AuditRow(Base):
+    """One admin action: who (a credential's fingerprint, never the secret), what, when, and how it ended."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
+    actor: Mapped[str] = mapped_column(String(64), nullable=False)
+    action: Mapped[str] = mapped_column(String(64), nullable=False)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False, default=dict)
+    outcome: Mapped[str] = mapped_column(String(16), nullable=False)
+    status_code: Mapped[int] = mapped_column(Integer, nullable=False)
+    detail: Mapped[str | None] = mapped_column(Text)

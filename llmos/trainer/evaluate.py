@@ -1,4 +1,12 @@
-"""Stage 3 — evaluate: the candidate's held-out loss against the active version's on the same data."""
+"""Stage 3 — evaluate: the candidate against the active version on the same data, and the gate.
+
+Two measures, each compared with the active version's on the same texts:
+- plasticity: loss on recent held-out data (is the model learning what arrives?);
+- retention: loss on the anchor set, a reservoir of all held-out data ever seen plus an optional
+  user eval file (does it still know what it knew?).
+Promote when both are finite, held-out loss is not worse by more than ``tolerance`` and anchor
+loss does not rise by more than ``forgetting_budget`` (both relative).
+"""
 
 from __future__ import annotations
 
@@ -12,17 +20,28 @@ from llmos.trainer.preprocess import Batch
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    tolerance: float
+    micro_batch: int
+    forgetting_budget: float = 0.05
+
+
+@dataclass(frozen=True)
 class EvalReport:
-    candidate_loss: float | None  # None when there is no held-out data yet
+    candidate_loss: float | None  # recent held-out; None when there is no held-out data yet
     active_loss: float | None
     eval_tokens: int
     promote: bool
     reason: str
+    anchor_loss: float | None = None
+    active_anchor_loss: float | None = None
 
     def metrics(self) -> dict[str, float | int | None]:
         return {
             "heldout_loss": self.candidate_loss,
             "active_heldout_loss": self.active_loss,
+            "anchor_loss": self.anchor_loss,
+            "active_anchor_loss": self.active_anchor_loss,
             "eval_tokens": self.eval_tokens,
         }
 
@@ -44,10 +63,13 @@ def heldout_loss(model: torch.nn.Module, batch: Batch, device: torch.device, mic
     return float(total) / max(count, 1)
 
 
-@dataclass(frozen=True)
-class EvalConfig:
-    tolerance: float
-    micro_batch: int
+def _check(name: str, cand: float, act: float, budget: float, knob: str) -> str | None:
+    """None when within budget, else the reason."""
+    if not math.isfinite(cand):
+        return f"{name} loss is {cand}"
+    if cand > act * (1 + budget):
+        return f"{name} loss {cand:.4f} > active {act:.4f} * (1 + {knob} {budget})"
+    return None
 
 
 def evaluate(
@@ -58,20 +80,38 @@ def evaluate(
     device: torch.device,
     train_loss: float | None,
     active_loss: float | None = None,
+    anchor_set: Batch | None = None,
+    active_anchor_loss: float | None = None,
 ) -> EvalReport:
-    """Promote when the candidate's held-out loss is finite and not worse than the active
-    version's by more than the tolerance. ``active_loss`` may be passed when already known for
-    this eval set. Without held-out data the gate can only ask that training stayed finite."""
-    if len(eval_set) == 0:
-        ok = train_loss is not None and math.isfinite(train_loss)
-        why = "no held-out data yet; training loss finite" if ok else f"training loss is {train_loss}"
-        return EvalReport(None, None, 0, ok, why)
-    cand = heldout_loss(candidate, eval_set, device, cfg.micro_batch)
-    act = active_loss if active_loss is not None else heldout_loss(active, eval_set, device, cfg.micro_batch)
-    if not math.isfinite(cand):
-        return EvalReport(cand, act, eval_set.n_tokens, False, f"held-out loss is {cand}")
-    limit = act * (1 + cfg.tolerance)
-    if cand > limit:
-        why = f"held-out loss {cand:.4f} > active {act:.4f} * (1 + eval.tolerance {cfg.tolerance})"
-        return EvalReport(cand, act, eval_set.n_tokens, False, why)
-    return EvalReport(cand, act, eval_set.n_tokens, True, f"held-out loss {cand:.4f} <= {limit:.4f}")
+    """Compute the measures and decide. Known active-version losses for the same sets may be
+    passed in (they do not change until the active version does)."""
+    mb = cfg.micro_batch
+    cand = act = None
+    if len(eval_set):
+        cand = heldout_loss(candidate, eval_set, device, mb)
+        act = active_loss if active_loss is not None else heldout_loss(active, eval_set, device, mb)
+    a_cand = a_act = None
+    if anchor_set is not None and len(anchor_set):
+        a_cand = heldout_loss(candidate, anchor_set, device, mb)
+        a_act = active_anchor_loss if active_anchor_loss is not None else heldout_loss(active, anchor_set, device, mb)
+
+    def report(promote: bool, reason: str) -> EvalReport:
+        return EvalReport(cand, act, eval_set.n_tokens, promote, reason, a_cand, a_act)
+
+    if cand is None or act is None:
+        if train_loss is None or not math.isfinite(train_loss):
+            return report(False, f"training loss is {train_loss}")
+    else:
+        why = _check("held-out", cand, act, cfg.tolerance, "eval.tolerance")
+        if why:
+            return report(False, why)
+    if a_cand is not None and a_act is not None:
+        why = _check("anchor", a_cand, a_act, cfg.forgetting_budget, "eval.forgetting_budget")
+        if why:
+            return report(False, why)
+    parts = []
+    if cand is not None:
+        parts.append(f"held-out {cand:.4f} (active {act:.4f})")
+    if a_cand is not None:
+        parts.append(f"anchor {a_cand:.4f} (active {a_act:.4f})")
+    return report(True, ", ".join(parts) if parts else "no held-out data yet; training loss finite")

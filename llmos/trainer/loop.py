@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -22,10 +23,12 @@ from llmos.model.loader import ModelFactory
 from llmos.registry.registry import Registry
 from llmos.serving.engine import ServingEngine
 from llmos.store.queue import Sample, SampleQueue
+from llmos.store.reservoir import Reservoir
 from llmos.trainer.checkpoint import checkpoint
-from llmos.trainer.evaluate import EvalConfig, EvalReport, evaluate
-from llmos.trainer.optimize import optimize
+from llmos.trainer.evaluate import EvalConfig, EvalReport, evaluate, heldout_loss
+from llmos.trainer.optimize import Penalty, optimize
 from llmos.trainer.preprocess import Batch, PreprocessConfig, eval_batch, preprocess
+from llmos.trainer.regularize import RegularizationConfig, make_penalty
 from llmos.trainer.state import OptimizerConfig, TrainingState, load_state
 from llmos.trainer.swap import swap
 
@@ -56,6 +59,12 @@ class TrainerConfig:
     error_backoff_s: float
     bf16: bool
     seed: int
+    grad_accum_steps: int = 1
+    replay_ratio: float = 0.0  # 0 = no replay
+    replay_min: int = 0  # at least this many replayed samples per batch (when replay is on)
+    regularization: RegularizationConfig = RegularizationConfig()
+    anchor_texts: tuple[str, ...] = ()  # the user's eval file, always in the anchor set
+    prequential_decay: float = 0.9  # running average: new = decay * old + (1 - decay) * batch
 
 
 @dataclass(frozen=True)
@@ -65,6 +74,11 @@ class TrainerStatus:
     last_loss: float | None
     device: str
     last_error: str | None
+    prequential_loss: float | None = None
+    tokens_trained: int = 0  # since this process started
+    promotions: int = 0
+    rejections: int = 0
+    last_eval: EvalReport | None = None
 
 
 class _Interrupted(Exception):
@@ -79,12 +93,16 @@ class Trainer:
         registry: Registry,
         serving: ServingEngine,
         factory: ModelFactory,
+        replay_pool: Reservoir,
+        anchor_pool: Reservoir,
     ) -> None:
         self.cfg = cfg
         self.queue = queue
         self.registry = registry
         self.serving = serving
         self.factory = factory
+        self.replay_pool = replay_pool  # trained samples, mixed into new batches
+        self.anchor_pool = anchor_pool  # held-out samples, the retention measure
         self.device = factory.device
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -95,16 +113,27 @@ class Trainer:
         self._phase = TrainerPhase.idle
         self._last_error: str | None = None
         self._state: TrainingState | None = None
+        self._penalty: Penalty | None = None
         self._pending: list[str] = []  # trained since the last checkpoint, still in `training`
         self._claimed: list[str] = []  # the batch in hand
+        self._pending_heldout: list[str] = []  # held out from pending batches, not yet anchors
         self._steps_since_eval = 0
         self._last_eval_t = time.monotonic()
-        self._eval_cache: tuple[tuple[str, ...], Batch] | None = None
-        self._active_loss_cache: tuple[int, tuple[str, ...], float] | None = None
+        self._sets: dict[str, tuple[tuple[str, ...], Batch]] = {}  # eval sets by name, keyed by member ids
+        self._active_losses: dict[tuple[str, int, tuple[str, ...]], float] = {}
+        self._tokens_trained = 0
+        self._promotions = 0
+        self._rejections = 0
+        self._last_eval: EvalReport | None = None
 
     # ---- control (any thread) ---------------------------------------------------------------
-    def start(self) -> None:
+    def load_active(self) -> None:
+        """Load the training state of the active version (start does this; so may a caller that
+        drives ``cycle()`` itself, as the benchmarks do)."""
         self._load(self.registry.active_version())
+
+    def start(self) -> None:
+        self.load_active()
         self._thread = threading.Thread(target=self._run, name="llmos-trainer", daemon=True)
         self._thread.start()
 
@@ -141,6 +170,11 @@ class Trainer:
             last_loss=st.last_loss if st else None,
             device=str(self.device),
             last_error=self._last_error,
+            prequential_loss=st.prequential_loss if st else None,
+            tokens_trained=self._tokens_trained,
+            promotions=self._promotions,
+            rejections=self._rejections,
+            last_eval=self._last_eval,
         )
 
     @property
@@ -151,7 +185,7 @@ class Trainer:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                self._checkpoint_boundary()
+                self._step_boundary()
                 worked = self.cycle()
                 self._phase = TrainerPhase.idle
                 self._last_error = None
@@ -178,12 +212,15 @@ class Trainer:
                 self._settle()
             return False
         self._phase = TrainerPhase.training
-        pre = preprocess(samples, self.factory.tokenizer, self.cfg.preprocess)  # 1. clean, hold out, pack
+        replay = self._draw_replay(len(samples))
+        pre = preprocess(samples, self.factory.tokenizer, self.cfg.preprocess, replay)  # 1. clean, hold out, pack
         self.queue.mark_heldout(pre.heldout)
+        self._pending_heldout += pre.heldout  # joins the anchor set once its batch is accepted
         self.queue.reject(pre.rejected)
         self._claimed = list(pre.batch.sample_ids)
-        if len(pre.batch) == 0:
+        if pre.batch.n_new_blocks == 0:
             return True
+        self._measure_prequential(pre.batch)  # test before train
         skipped = self._fit(pre.batch)  # 2. optimizer steps, passes over the batch
         if skipped is not None:
             self.queue.reject({sid: f"optimizer: {skipped}" for sid in self._claimed})
@@ -198,24 +235,37 @@ class Trainer:
 
     def _settle(self) -> None:
         state = self._require_state()
-        report = self._evaluate(state)  # 3. held-out loss against the active version
-        extra = {"samples": len(self._pending), "steps": self._steps_since_eval}
-        record = checkpoint(state, report, self.registry, extra)  # 4. durable, then registered
+        report = self._evaluate(state)  # 3. recent held-out and anchor loss against the active version
+        self._last_eval = report
+        extra = {
+            "samples": len(self._pending),
+            "steps": self._steps_since_eval,
+            "prequential_loss": state.prequential_loss,
+        }
+        record = checkpoint(state, report, self.registry, extra, self.factory.save_weights)  # 4. durable
         if not report.promote:
             log.info("version %d rejected: %s", record.version, report.reason)
-            self.queue.reject({sid: f"gate: {report.reason}" for sid in self._pending})
-            self._pending = []
+            self._rejections += 1
+            # The refused batch's held-out part goes too: it must not become part of what later
+            # versions are measured against.
+            refused = self._pending + self._pending_heldout
+            self.queue.reject({sid: f"gate: {report.reason}" for sid in refused})
+            self._pending, self._pending_heldout = [], []
             self._go_back()
         else:
             self.queue.ack(self._pending, record.version)
             if swap(record, self.registry, self.serving):  # 5. promote, serving follows
                 log.info("version %d promoted: %s", record.version, report.reason)
+                self._promotions += 1
                 state.base_version = record.version
-                self._pending = []
+                self.replay_pool.offer(self._pending)
+                self.anchor_pool.offer(self._pending_heldout)
+                self._pending, self._pending_heldout = [], []
             else:
                 log.info("version %d not promoted: the active version changed (rollback)", record.version)
                 self.queue.requeue(self._pending)
-                self._pending = []
+                self.anchor_pool.offer(self._pending_heldout)
+                self._pending, self._pending_heldout = [], []
                 self._go_back()
         self._steps_since_eval = 0
         self._last_eval_t = time.monotonic()
@@ -229,31 +279,72 @@ class Trainer:
         self._stop.wait(self.cfg.fill_wait_s)
         return self.queue.claim_batch(self.cfg.batch_max_samples, self.cfg.batch_tokens)
 
+    def _draw_replay(self, n_new: int) -> list[Sample]:
+        """Enough earlier samples that they make up ``replay_ratio`` of the batch (``replay_min`` at least)."""
+        r = self.cfg.replay_ratio
+        if r <= 0:
+            return []
+        return self.replay_pool.draw(max(round(n_new * r / (1 - r)), self.cfg.replay_min))
+
+    def _measure_prequential(self, batch: Batch) -> None:
+        """The loss on new data before any update on it: the canonical online-learning metric."""
+        state = self._require_state()
+        loss = heldout_loss(state.model, batch.new_only(), self.device, self.cfg.micro_batch)
+        if math.isfinite(loss):
+            d = self.cfg.prequential_decay
+            prev = state.prequential_loss
+            state.prequential_loss = loss if prev is None else d * prev + (1 - d) * loss
+
     def _fit(self, batch: Batch) -> str | None:
         state = self._require_state()
+        k = self.cfg.grad_accum_steps
         for _ in range(self.cfg.passes_per_batch):
             shuffle = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + state.step)
-            for ids, weights in batch.micro_batches(self.cfg.micro_batch, shuffle):
-                self._checkpoint_boundary()
-                report = optimize(state, ids, weights, self.cfg.optimizer, self.device, self.cfg.bf16)
+            micro = list(batch.micro_batches(self.cfg.micro_batch, shuffle))
+            for start in range(0, len(micro), k):
+                self._step_boundary()
+                report = optimize(
+                    state, micro[start : start + k], self.cfg.optimizer, self.device, self.cfg.bf16, self._penalty
+                )
                 if report.skipped is not None:
                     return report.skipped
                 self._steps_since_eval += 1
+                self._tokens_trained += report.tokens
         state.samples_seen += len(batch.sample_ids)
         return None
 
+    def _eval_set(
+        self, name: str, samples: list[Sample], extra_texts: tuple[str, ...] = ()
+    ) -> tuple[tuple[str, ...], Batch]:
+        key = tuple(s.id for s in samples)
+        cached = self._sets.get(name)
+        if cached is None or cached[0] != key:
+            texts = [s.text for s in samples] + list(extra_texts)
+            cached = (key, eval_batch(texts, self.factory.tokenizer, self.cfg.preprocess))
+            self._sets[name] = cached
+        return cached
+
     def _evaluate(self, state: TrainingState) -> EvalReport:
-        held = self.queue.heldout(self.cfg.eval_max_samples)
-        key = tuple(s.id for s in held)
-        if self._eval_cache is None or self._eval_cache[0] != key:
-            self._eval_cache = (key, eval_batch([s.text for s in held], self.factory.tokenizer, self.cfg.preprocess))
-        eval_set = self._eval_cache[1]
+        recent_key, recent = self._eval_set("recent", self.queue.heldout(self.cfg.eval_max_samples))
+        anchor_key, anchor = self._eval_set("anchor", self.anchor_pool.members(), self.cfg.anchor_texts)
         active = self.serving.current()
-        cached = self._active_loss_cache
-        active_loss = cached[2] if cached and cached[:2] == (active.version, key) else None
-        report = evaluate(state.model, active.model, eval_set, self.cfg.eval, self.device, state.last_loss, active_loss)
+        cache = self._active_losses
+        report = evaluate(
+            state.model,
+            active.model,
+            recent,
+            self.cfg.eval,
+            self.device,
+            state.last_loss,
+            active_loss=cache.get(("recent", active.version, recent_key)),
+            anchor_set=anchor,
+            active_anchor_loss=cache.get(("anchor", active.version, anchor_key)),
+        )
+        cache.clear()  # keep only what this active version measured on these sets
         if report.active_loss is not None:
-            self._active_loss_cache = (active.version, key, report.active_loss)
+            cache[("recent", active.version, recent_key)] = report.active_loss
+        if report.active_anchor_loss is not None:
+            cache[("anchor", active.version, anchor_key)] = report.active_anchor_loss
         return report
 
     def _due(self) -> bool:
@@ -264,11 +355,9 @@ class Trainer:
             return True
         return bool(every_s) and time.monotonic() - self._last_eval_t >= every_s
 
-    def _checkpoint_boundary(self) -> None:
+    def _step_boundary(self) -> None:
         """Between steps: honour stop, reset and pause."""
-        if self._stop.is_set():
-            raise _Interrupted
-        if self._reset.is_set():
+        if self._stop.is_set() or self._reset.is_set():
             raise _Interrupted
         if not self._resume.is_set():
             while not self._resume.wait(0.2):
@@ -297,6 +386,9 @@ class Trainer:
 
     def _load(self, version: int) -> None:
         model = self.factory.instance(self.registry.weights_path(version))
-        opt = self.cfg.optimizer
-        self._state = load_state(version, self.registry, model, opt)
+        self._state = load_state(version, self.registry, model, self.cfg.optimizer)
+        if self.cfg.regularization.method != "none":
+            # The anchor weights are the version we continue from: the model as deployed.
+            _key, anchor = self._eval_set("anchor", self.anchor_pool.members(), self.cfg.anchor_texts)
+            self._penalty = make_penalty(self.cfg.regularization, model, anchor, self.device)
         log.info("trainer continues from version %d (step %d)", version, self._state.step)

@@ -1,13 +1,16 @@
-"""Stage 2 — optimize: one forward, backward and optimizer step on a micro-batch.
+"""Stage 2 — optimize: forward, backward and one optimizer step (AdamW, SGD or momentum).
 
-Per-token weights (from each sample's weight) scale the loss. A non-finite loss or gradient
-norm skips the step and leaves the weights untouched; the caller rejects the batch.
+Per-token weights (from each sample's weight) scale the loss; gradients of several micro-batches
+may add up to one step; an optional penalty pulls the weights toward anchor weights (L2-SP, EWC).
+A non-finite loss or gradient norm skips the step and leaves the weights untouched; the caller
+rejects the batch.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -15,19 +18,24 @@ import torch.nn.functional as F
 
 from llmos.trainer.state import OptimizerConfig, TrainingState
 
+Penalty = Callable[[torch.nn.Module], torch.Tensor]
+
 
 @dataclass(frozen=True)
 class StepReport:
-    loss: float  # mean token loss before the update (unweighted)
+    loss: float  # mean token loss before the update (unweighted, without the penalty)
     grad_norm: float
     tokens: int
     skipped: str | None = None  # why the step was skipped, if it was
 
 
 def lr_at(step: int, cfg: OptimizerConfig) -> float:
-    if cfg.warmup_steps <= 0:
-        return cfg.lr
-    return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps)
+    warm = cfg.warmup_steps
+    if warm > 0 and step < warm:
+        return cfg.lr * (step + 1) / warm
+    if cfg.schedule == "inverse_sqrt" and warm > 0:
+        return cfg.lr * math.sqrt(warm / (step + 1))
+    return cfg.lr
 
 
 def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager[object]:
@@ -45,34 +53,40 @@ def token_losses(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 def optimize(
     state: TrainingState,
-    ids: torch.Tensor,
-    weights: torch.Tensor,
+    micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
     cfg: OptimizerConfig,
     device: torch.device,
     bf16: bool = False,
+    penalty: Penalty | None = None,
 ) -> StepReport:
-    ids = ids.to(device, non_blocking=True)  # (B, T+1)
-    w = weights.to(device, non_blocking=True)[:, 1:]  # (B, T): weight of each target token
+    """One optimizer step over ``micro_batches`` (each ids, weights: (B, T+1)), gradients accumulated."""
     model = state.model
-    with autocast(device, bf16):
-        losses = token_losses(model, ids)  # (B, T)
-    loss = (losses * w).sum() / w.numel()
-    loss.backward()
+    losses_sum = torch.zeros((), device=device)
+    n_tokens = 0
+    for ids, weights in micro_batches:
+        ids = ids.to(device, non_blocking=True)  # (B, T+1)
+        w = weights.to(device, non_blocking=True)[:, 1:]  # (B, T): weight of each target token
+        with autocast(device, bf16):
+            losses = token_losses(model, ids)  # (B, T)
+        loss = (losses * w).sum() / w.numel() / len(micro_batches)
+        loss.backward()
+        losses_sum = losses_sum + losses.detach().sum()
+        n_tokens += losses.numel()
+    if penalty is not None:
+        penalty(model).backward()
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     # One host sync per step: the loss for the log and the finiteness check.
-    mean_loss, grad_norm = (float(v) for v in torch.stack([losses.detach().mean(), norm.detach()]).tolist())
-    tokens = int(ids.shape[0] * (ids.shape[1] - 1))
+    mean_loss, grad_norm = (float(v) for v in torch.stack([losses_sum / n_tokens, norm.detach()]).tolist())
     if not (math.isfinite(mean_loss) and math.isfinite(grad_norm)):
         state.optimizer.zero_grad(set_to_none=True)
-        return StepReport(
-            mean_loss, grad_norm, tokens, skipped=f"non-finite loss ({mean_loss}) or gradient norm ({grad_norm})"
-        )
+        why = f"non-finite loss ({mean_loss}) or gradient norm ({grad_norm})"
+        return StepReport(mean_loss, grad_norm, n_tokens, skipped=why)
     for group in state.optimizer.param_groups:
         group["lr"] = lr_at(state.step, cfg)
     state.optimizer.step()
     state.optimizer.zero_grad(set_to_none=True)
     state.step += 1
     state.last_loss = mean_loss
-    return StepReport(mean_loss, grad_norm, tokens)
+    return StepReport(mean_loss, grad_norm, n_tokens)

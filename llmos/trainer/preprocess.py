@@ -37,6 +37,12 @@ class Batch:
     weights: list[torch.Tensor] = field(default_factory=list)
     sample_ids: list[str] = field(default_factory=list)
     n_tokens: int = 0
+    n_new_blocks: int = 0  # blocks[:n_new_blocks] hold new samples only; the rest are replay
+    replay_ids: list[str] = field(default_factory=list)
+
+    def new_only(self) -> Batch:
+        """The blocks of new samples (for the prequential loss: measured before training on them)."""
+        return Batch(self.blocks[: self.n_new_blocks], self.weights[: self.n_new_blocks], self.sample_ids)
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -109,7 +115,14 @@ def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
-def preprocess(samples: Sequence[Sample], tokenizer: PreTrainedTokenizerBase, cfg: PreprocessConfig) -> Preprocessed:
+def preprocess(
+    samples: Sequence[Sample],
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: PreprocessConfig,
+    replay: Sequence[Sample] = (),
+) -> Preprocessed:
+    """Clean, hold out and pack the claimed samples; ``replay`` samples (already trained, drawn
+    from the replay pool) are packed after them into their own blocks."""
     out = Preprocessed(batch=Batch())
     token_lists: list[list[int]] = []
     weights: list[float] = []
@@ -129,11 +142,22 @@ def preprocess(samples: Sequence[Sample], tokenizer: PreTrainedTokenizerBase, cf
         token_lists.append(ids)
         weights.append(s.weight)
         out.batch.sample_ids.append(s.id)
-    if token_lists:
-        eos = tokenizer.eos_token_id
-        assert eos is not None
-        out.batch.blocks, out.batch.weights = pack(token_lists, weights, eos, cfg.block_size)
-        out.batch.n_tokens = sum(len(t) + 1 for t in token_lists)
+    if not token_lists:
+        return out
+    eos = tokenizer.eos_token_id
+    assert eos is not None
+    batch = out.batch
+    batch.blocks, batch.weights = pack(token_lists, weights, eos, cfg.block_size)
+    batch.n_new_blocks = len(batch.blocks)
+    batch.n_tokens = sum(len(t) + 1 for t in token_lists)
+    old_lists = [encode(tokenizer, normalise(r.text))[: cfg.max_sample_tokens] for r in replay]
+    kept = [(r, t) for r, t in zip(replay, old_lists, strict=True) if t]
+    if kept:
+        blocks, block_weights = pack([t for _, t in kept], [r.weight for r, _ in kept], eos, cfg.block_size)
+        batch.blocks += blocks
+        batch.weights += block_weights
+        batch.replay_ids = [r.id for r, _ in kept]
+        batch.n_tokens += sum(len(t) + 1 for _, t in kept)
     return out
 
 

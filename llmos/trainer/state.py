@@ -6,30 +6,36 @@ Only the optimize stage mutates it; the loop replaces it whole when it goes back
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
-from transformers import PreTrainedModel
 
 from llmos.registry.registry import Registry, TrainerSnapshot
 
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    lr: float
-    betas: tuple[float, float]
-    weight_decay: float
-    warmup_steps: int
-    grad_clip: float
+    name: Literal["adamw", "sgd", "momentum"] = "adamw"
+    lr: float = 3e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    nesterov: bool = False
+    warmup_steps: int = 10
+    schedule: Literal["constant", "inverse_sqrt"] = "constant"
+    grad_clip: float = 1.0
 
 
 @dataclass
 class TrainingState:
-    model: PreTrainedModel
+    model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     base_version: int  # the version these weights descend from: the parent of the next checkpoint
     step: int = 0
     samples_seen: int = 0
     last_loss: float | None = None
+    prequential_loss: float | None = None  # running average of losses measured before training on the data
 
     def snapshot(self) -> TrainerSnapshot:
         return TrainerSnapshot(
@@ -37,27 +43,43 @@ class TrainingState:
             samples_seen=self.samples_seen,
             optimizer=self.optimizer.state_dict(),
             rng=torch.get_rng_state(),
+            prequential_loss=self.prequential_loss,
+            last_loss=self.last_loss,
         )
 
 
 def make_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=cfg.lr,
-        betas=cfg.betas,
-        weight_decay=cfg.weight_decay,
-    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.name == "momentum":
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
+        )
+    raise ValueError(f"unknown optimizer '{cfg.name}'")
 
 
-def load_state(version: int, registry: Registry, model: PreTrainedModel, cfg: OptimizerConfig) -> TrainingState:
+def load_state(version: int, registry: Registry, model: torch.nn.Module, cfg: OptimizerConfig) -> TrainingState:
     """Training state as it was saved with ``version`` (fresh optimizer for version 0)."""
     snap = registry.trainer_snapshot(version)
     model.train()
     optimizer = make_optimizer(model, cfg)
     if snap.optimizer is not None:
-        optimizer.load_state_dict(snap.optimizer)
+        saved_kind = {"momentum" in g for g in snap.optimizer["param_groups"]}
+        live_kind = {"momentum" in g for g in optimizer.state_dict()["param_groups"]}
+        if saved_kind == live_kind:
+            optimizer.load_state_dict(snap.optimizer)
+        # else: the optimizer was changed in the config since this version was saved; start it fresh.
     if snap.rng is not None:
         torch.set_rng_state(snap.rng)
     return TrainingState(
-        model=model, optimizer=optimizer, base_version=version, step=snap.step, samples_seen=snap.samples_seen
+        model=model,
+        optimizer=optimizer,
+        base_version=version,
+        step=snap.step,
+        samples_seen=snap.samples_seen,
+        prequential_loss=snap.prequential_loss,
+        last_loss=snap.last_loss,
     )

@@ -1,0 +1,473 @@
+"""The OpenAI-compatible API: POST /v1/completions, POST /v1/chat/completions, GET /v1/models.
+
+``model`` names a version: ``llmos`` (serving.model_name) is the active one, ``llmos@<v>`` pins
+stored promoted version v. The response ``id`` is the generation id that POST /v1/feedback
+takes; ``usage`` counts real tokens (the prompt as the model saw it, and every generated token).
+Errors carry OpenAI's ``{"error": {...}}`` and this API's ``{"detail": ...}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from llmos.api.deps import ApiKey, DaemonDep
+from llmos.api.schemas import Text
+from llmos.daemon import Daemon, GenerationResult
+from llmos.registry.registry import CorruptCheckpoint, UnknownVersion
+from llmos.serving.chat import ChatTemplateError, render_chat
+from llmos.serving.engine import NotPinnable
+from llmos.serving.types import Completion, PromptTooLong, SamplingParams
+
+
+class _OpenAIRoute(APIRoute):
+    """Validation errors in both shapes: OpenAI clients show ``error.message``, others read
+    ``detail`` (one item per problem, as everywhere in this API)."""
+
+    def get_route_handler(self) -> Callable[[Request], Any]:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except RequestValidationError as exc:
+                items = [
+                    {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+                    for e in exc.errors()
+                ]
+                message = "; ".join(f"{'.'.join(str(p) for p in i['loc'][1:]) or 'body'}: {i['msg']}" for i in items)
+                error = {"type": "invalid_request_error", "message": message, "param": None, "code": None}
+                return JSONResponse({"error": error, "detail": items}, status_code=422)
+
+        return handle
+
+
+router = APIRouter(tags=["openai"], dependencies=[ApiKey], route_class=_OpenAIRoute)
+log = logging.getLogger(__name__)
+
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+# ---- request bodies ----------------------------------------------------------------------------
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class _OpenAIRequest(BaseModel):
+    # Known OpenAI fields are accepted (and refused with a reason when llmos cannot honour their
+    # value); an unknown field is an error, as everywhere in this API.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    model: Annotated[str, Field(min_length=1, max_length=100)]
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int | None = Field(None, ge=1)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    stop: Annotated[Text, Field(max_length=200)] | list[Annotated[Text, Field(max_length=200)]] | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    user: Annotated[str, Field(max_length=200)] | None = None
+
+    @model_validator(mode="after")
+    def _supported(self) -> _OpenAIRequest:
+        if self.n not in (None, 1):
+            raise ValueError("n must be 1: llmos returns one choice per request")
+        if self.presence_penalty or self.frequency_penalty:
+            raise ValueError("presence_penalty and frequency_penalty are not supported (leave them 0)")
+        if self.logit_bias:
+            raise ValueError("logit_bias is not supported")
+        if isinstance(self.stop, list) and len(self.stop) > 4:
+            raise ValueError("stop takes at most 4 strings")
+        return self
+
+    def stops(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    def sampling(self, max_tokens: int) -> SamplingParams:
+        t = 1.0 if self.temperature is None else self.temperature  # OpenAI's default
+        return SamplingParams(max_tokens, t, 1.0 if self.top_p is None else self.top_p, self.seed)
+
+
+class CompletionIn(_OpenAIRequest):
+    prompt: Text | list[Text]
+    echo: bool | None = False
+    logprobs: int | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+
+    @model_validator(mode="after")
+    def _completion_supported(self) -> CompletionIn:
+        if isinstance(self.prompt, list) and len(self.prompt) != 1:
+            raise ValueError("prompt: give one string (llmos completes one prompt per request)")
+        if self.echo:
+            raise ValueError("echo is not supported")
+        if self.logprobs:
+            raise ValueError("logprobs is not supported")
+        if self.suffix:
+            raise ValueError("suffix is not supported")
+        if self.best_of not in (None, 1):
+            raise ValueError("best_of must be 1")
+        return self
+
+    def text(self) -> str:
+        return self.prompt[0] if isinstance(self.prompt, list) else self.prompt
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: Text
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Text | list[TextPart] | None = None
+    name: Annotated[str, Field(max_length=100)] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class ChatIn(_OpenAIRequest):
+    messages: list[Message] = Field(min_length=1, max_length=1000)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = False
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _chat_supported(self) -> ChatIn:
+        if self.logprobs:
+            raise ValueError("logprobs is not supported")
+        if self.response_format and self.response_format.get("type") != "text":
+            raise ValueError("response_format: only {'type': 'text'} is supported")
+        if self.tools or self.tool_choice not in (None, "none"):
+            raise ValueError("tools are not supported")
+        return self
+
+
+# ---- responses -----------------------------------------------------------------------------------
+class OpenAIError(Exception):
+    def __init__(self, status: int, message: str, type_: str, code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
+
+    def response(self) -> JSONResponse:
+        body = {"type": self.type, "message": self.message, "param": self.param, "code": self.code}
+        return JSONResponse({"error": body, "detail": self.message}, status_code=self.status)
+
+
+def _usage(c: Completion) -> dict[str, int]:
+    return {
+        "prompt_tokens": c.prompt_tokens,
+        "completion_tokens": c.completion_tokens,
+        "total_tokens": c.prompt_tokens + c.completion_tokens,
+    }
+
+
+def _model_id(daemon: Daemon, version: int) -> str:
+    return f"{daemon.settings.serving.model_name}@{version}"
+
+
+# ---- the service call, with errors in OpenAI's words -----------------------------------------
+def _resolve(daemon: Daemon, model: str) -> int | None:
+    """'<name>' -> None (the active version); '<name>@<v>' -> v."""
+    name = daemon.settings.serving.model_name
+    if model == name:
+        return None
+    base, sep, version = model.partition("@")
+    if base == name and sep and version.isascii() and version.isdigit() and len(version) < 10:
+        return int(version)
+    raise OpenAIError(
+        404,
+        f"model '{model[:100]}' does not exist; use '{name}' (the active version) or '{name}@<version>'",
+        "invalid_request_error",
+        "model_not_found",
+        "model",
+    )
+
+
+def _translate(exc: Exception, model: str) -> OpenAIError:
+    if isinstance(exc, UnknownVersion):
+        return OpenAIError(
+            404,
+            f"model '{model}': no stored version {exc.args[0]}",
+            "invalid_request_error",
+            "model_not_found",
+            "model",
+        )
+    if isinstance(exc, NotPinnable):
+        return OpenAIError(409, f"model '{model}': {exc}", "invalid_request_error", "model_not_servable", "model")
+    if isinstance(exc, CorruptCheckpoint):
+        return OpenAIError(409, f"model '{model}': {exc}", "invalid_request_error", "model_not_servable", "model")
+    if isinstance(exc, PromptTooLong):
+        return OpenAIError(400, str(exc), "invalid_request_error", "context_length_exceeded", "messages")
+    raise exc
+
+
+def _prepare(daemon: Daemon, req: _OpenAIRequest, prompt: str, default_max: int) -> tuple[SamplingParams, int | None]:
+    limit = daemon.settings.server.max_prompt_chars
+    if len(prompt) > limit:
+        raise OpenAIError(
+            400,
+            f"prompt is {len(prompt)} characters; the limit is {limit} (server.max_prompt_chars)",
+            "invalid_request_error",
+            "context_length_exceeded",
+        )
+    max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens or default_max
+    cap = daemon.settings.serving.max_new_tokens_cap
+    if max_tokens > cap:
+        raise OpenAIError(
+            400,
+            f"max_tokens is {max_tokens}; the limit is {cap} (serving.max_new_tokens_cap)",
+            "invalid_request_error",
+            None,
+            "max_tokens",
+        )
+    return req.sampling(max_tokens), _resolve(daemon, req.model)
+
+
+def _run(
+    daemon: Daemon, model: str, prompt: str, params: SamplingParams, version: int | None, stop: tuple[str, ...]
+) -> GenerationResult:
+    try:
+        for event in daemon.generate_stream(prompt, params, version, stop):
+            if isinstance(event, GenerationResult):
+                return event
+    except (UnknownVersion, NotPinnable, CorruptCheckpoint, PromptTooLong) as exc:
+        raise _translate(exc, model) from exc
+    raise RuntimeError("generation ended without a result")
+
+
+_END = object()
+
+
+async def _stream(
+    daemon: Daemon,
+    model: str,
+    prompt: str,
+    params: SamplingParams,
+    version: int | None,
+    stop: tuple[str, ...],
+    chunks: Callable[[str, str | GenerationResult], Iterator[dict[str, Any]]],
+) -> StreamingResponse | JSONResponse:
+    """Server-sent events. One thread runs the whole generation (torch's inference mode and the
+    engine's slot belong to it) and hands events to the event loop; the response starts only
+    once the first event is in, so a bad version or prompt still gets a plain error response."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[object] = asyncio.Queue()
+    cancelled = threading.Event()
+    gid = str(uuid.uuid4())
+
+    def put(item: object) -> None:
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, item)
+        except RuntimeError:  # the event loop is gone (server shutting down)
+            cancelled.set()
+
+    def work() -> None:
+        gen = daemon.generate_stream(prompt, params, version, stop, generation_id=gid)
+        try:
+            for event in gen:
+                if cancelled.is_set():
+                    break
+                put(event)
+        except Exception as exc:
+            put(exc)
+        finally:
+            gen.close()  # on this thread: frees the generation slot
+            put(_END)
+
+    threading.Thread(target=work, name="llmos-stream", daemon=True).start()
+    first = await events.get()
+    if isinstance(first, Exception):
+        return _translate(first, model).response()  # re-raises what it does not know (a 500)
+
+    async def body() -> AsyncIterator[str]:
+        item: object = first
+        try:
+            for chunk in chunks(gid, ""):  # the opening chunk (chat: the role)
+                yield _sse(chunk)
+            while item is not _END:
+                if isinstance(item, Exception):
+                    log.error("streamed generation failed", exc_info=item)
+                    err = {"message": f"generation failed: {type(item).__name__}", "type": "server_error"}
+                    yield _sse({"error": err})
+                    break
+                assert isinstance(item, str | GenerationResult)
+                for chunk in chunks(gid, item):
+                    yield _sse(chunk)
+                item = await events.get()
+            yield "data: [DONE]\n\n"
+        finally:
+            cancelled.set()  # the client went away, or we are done: stop generating
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+
+
+def _sse(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+# ---- routes ----------------------------------------------------------------------------------
+@router.post("/v1/completions", response_model=None)
+async def completions(req: CompletionIn, daemon: DaemonDep) -> Any:
+    """OpenAI's text completion: continue ``prompt``."""
+    created = int(time.time())
+    prompt = req.text()
+    try:
+        params, version = _prepare(daemon, req, prompt, COMPLETION_DEFAULT_MAX_TOKENS)
+        if not req.stream:
+            r = await asyncio.to_thread(_run, daemon, req.model, prompt, params, version, req.stops())
+            return JSONResponse(
+                {
+                    "id": r.generation_id,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": _model_id(daemon, r.completion.version),
+                    "choices": [
+                        {
+                            "index": 0,
+                            "text": r.completion.text,
+                            "logprobs": None,
+                            "finish_reason": r.completion.finish_reason,
+                        }
+                    ],
+                    "usage": _usage(r.completion),
+                    "system_fingerprint": None,
+                }
+            )
+    except OpenAIError as err:
+        return err.response()
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    if version is None:
+        version = daemon.engine.current().version  # every chunk names the version that answers
+    model_at = _model_id(daemon, version)
+
+    def chunks(gid: str, event: str | GenerationResult) -> Iterator[dict[str, Any]]:
+        base = {"id": gid, "object": "text_completion", "created": created, "model": model_at}
+        if isinstance(event, str):
+            if event:
+                yield {**base, "choices": [{"index": 0, "text": event, "logprobs": None, "finish_reason": None}]}
+            return
+        c = event.completion
+        yield {**base, "choices": [{"index": 0, "text": "", "logprobs": None, "finish_reason": c.finish_reason}]}
+        if include_usage:
+            yield {**base, "choices": [], "usage": _usage(c)}
+
+    return await _stream(daemon, req.model, prompt, params, version, req.stops(), chunks)
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def chat_completions(req: ChatIn, daemon: DaemonDep) -> Any:
+    """OpenAI's chat completion: the messages are rendered with the model's chat template, or the
+    plain template ('<role>: <content>' lines, then 'assistant:') when it has none."""
+    created = int(time.time())
+    try:
+        try:
+            chat = render_chat(daemon.engine.tokenizer, [(m.role, m.text()) for m in req.messages])
+        except ChatTemplateError as exc:
+            raise OpenAIError(400, str(exc), "invalid_request_error", None, "messages") from exc
+        params, version = _prepare(daemon, req, chat.text, daemon.settings.serving.max_new_tokens_cap)
+        stop = (*req.stops(), *chat.stop)
+        if not req.stream:
+            r = await asyncio.to_thread(_run, daemon, req.model, chat.text, params, version, stop)
+            c = r.completion
+            return JSONResponse(
+                {
+                    "id": r.generation_id,
+                    "object": "chat.completion",
+                    "created": created,
+                    "model": _model_id(daemon, c.version),
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": c.text},
+                            "logprobs": None,
+                            "finish_reason": c.finish_reason,
+                        }
+                    ],
+                    "usage": _usage(c),
+                    "system_fingerprint": None,
+                }
+            )
+    except OpenAIError as err:
+        return err.response()
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    if version is None:
+        version = daemon.engine.current().version  # every chunk names the version that answers
+    model_at = _model_id(daemon, version)
+
+    def chunks(gid: str, event: str | GenerationResult) -> Iterator[dict[str, Any]]:
+        base = {"id": gid, "object": "chat.completion.chunk", "created": created, "model": model_at}
+
+        def choice(delta: dict[str, str], finish: str | None) -> dict[str, Any]:
+            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+        if isinstance(event, str):
+            if event:
+                yield {**base, "choices": [choice({"content": event}, None)]}
+            else:
+                yield {**base, "choices": [choice({"role": "assistant", "content": ""}, None)]}
+            return
+        c = event.completion
+        yield {**base, "choices": [choice({}, c.finish_reason)]}
+        if include_usage:
+            yield {**base, "choices": [], "usage": _usage(c)}
+
+    return await _stream(daemon, req.model, chat.text, params, version, stop, chunks)
+
+
+def _models(daemon: Daemon) -> list[dict[str, Any]]:
+    active, records = daemon.checkpoints()
+    name = daemon.settings.serving.model_name
+    created = {r.version: int(r.created_at.timestamp()) if r.created_at else 0 for r in records}
+    out = [{"id": name, "object": "model", "created": created.get(active, 0), "owned_by": "llmos"}]
+    for r in records:
+        if r.status.value == "promoted":
+            out.append(
+                {"id": f"{name}@{r.version}", "object": "model", "created": created[r.version], "owned_by": "llmos"}
+            )
+    return out
+
+
+@router.get("/v1/models")
+def list_models(daemon: DaemonDep) -> dict[str, Any]:
+    """'<name>' (the active version) and '<name>@<v>' for every stored promoted version."""
+    return {"object": "list", "data": _models(daemon)}
+
+
+@router.get("/v1/models/{model_id}", response_model=None)
+def get_model(model_id: str, daemon: DaemonDep) -> Any:
+    for m in _models(daemon):
+        if m["id"] == model_id:
+            return m
+    return OpenAIError(
+        404, f"model '{model_id[:100]}' does not exist", "invalid_request_error", "model_not_found", "model"
+    ).response()

@@ -1,0 +1,83 @@
+"""Reservoir samples kept in the store, so they survive restarts: the replay pool (trained
+samples mixed into new batches) and the anchor set (held-out samples the model must keep
+knowing). Each holds at most ``capacity`` sample ids, a uniform sample of all ever offered
+(Vitter's algorithm R); the count of offers lives in the meta table."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+from sqlalchemy import func, select
+
+from llmos.store.db import Database
+from llmos.store.queue import Sample, as_sample
+from llmos.store.tables import MetaRow, ReservoirRow, SampleRow, SampleStatus
+
+
+class Reservoir:
+    def __init__(self, db: Database, name: str, capacity: int, status: SampleStatus, seed: int = 0) -> None:
+        self._db = db
+        # Only members still in this status count (a sample requeued by a rollback drops out).
+        self.status = status
+        self.name = name
+        self.capacity = capacity
+        self._rng = random.Random(f"{name}:{seed}")
+        self._seen_key = f"reservoir:{name}:seen"
+
+    def offer(self, sample_ids: Sequence[str]) -> None:
+        if not sample_ids or self.capacity <= 0:
+            return
+        with self._db.write() as s:
+            meta = s.get(MetaRow, self._seen_key, with_for_update=True)
+            seen = int(meta.value) if meta else 0
+            size = s.scalar(select(func.count()).where(ReservoirRow.name == self.name)) or 0
+            for sid in sample_ids:
+                seen += 1
+                if size < self.capacity:
+                    s.add(ReservoirRow(name=self.name, slot=size, sample_id=sid))
+                    size += 1
+                    continue
+                j = self._rng.randrange(seen)
+                if j < self.capacity:
+                    row = s.get(ReservoirRow, (self.name, j))
+                    if row is not None:
+                        row.sample_id = sid
+            if meta is None:
+                s.add(MetaRow(key=self._seen_key, value=str(seen)))
+            else:
+                meta.value = str(seen)
+
+    def size(self) -> int:
+        with self._db.read() as s:
+            return s.scalar(select(func.count()).where(ReservoirRow.name == self.name)) or 0
+
+    def members(self) -> list[Sample]:
+        with self._db.read() as s:
+            rows = s.scalars(
+                select(SampleRow)
+                .join(ReservoirRow, ReservoirRow.sample_id == SampleRow.id)
+                .where(ReservoirRow.name == self.name, SampleRow.status == self.status.value)
+                .order_by(SampleRow.seq)
+            ).all()
+            return [as_sample(r) for r in rows]
+
+    def draw(self, n: int) -> list[Sample]:
+        """Up to n members, uniformly without replacement."""
+        if n <= 0:
+            return []
+        with self._db.read() as s:
+            slots = s.scalars(
+                select(ReservoirRow.slot)
+                .join(SampleRow, ReservoirRow.sample_id == SampleRow.id)
+                .where(ReservoirRow.name == self.name, SampleRow.status == self.status.value)
+            ).all()
+            chosen = self._rng.sample(list(slots), min(n, len(slots)))
+            if not chosen:
+                return []
+            rows = s.scalars(
+                select(SampleRow)
+                .join(ReservoirRow, ReservoirRow.sample_id == SampleRow.id)
+                .where(ReservoirRow.name == self.name, ReservoirRow.slot.in_(chosen))
+            ).all()
+            return [as_sample(r) for r in rows]

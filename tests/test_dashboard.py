@@ -1,0 +1,92 @@
+"""GET /dashboard in headless Chromium (Debian's chromium, driven by playwright's Python client;
+playwright's own browser download is never used): the page loads without console errors, the
+loss chart has points, a rollback through the button changes the active version, and a prompt
+runs against a pinned version. The screenshot lands in docs/dashboard.png for the README."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from conftest import ADMIN, LiveServer, admin_headers, make_settings, wait_for
+from playwright.sync_api import ConsoleMessage, expect, sync_playwright
+
+CHROMIUM = "/usr/bin/chromium"
+SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "dashboard.png"
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
+
+
+def test_dashboard_in_a_real_browser(tmp_path: Path) -> None:
+    assert shutil.which(CHROMIUM), f"{CHROMIUM} is missing: `make install` installs Debian's chromium (apt-get)"
+    settings = make_settings(tmp_path / "data", **{"train.passes_per_batch": 8})
+    with LiveServer(settings) as srv, srv.client() as http:
+        # A few versions, each from its own batch, so the loss curves have several points.
+        for batch in range(3):
+            texts = [{"text": f"The capital of Zorbia is Quellton, number {batch * 10 + i}."} for i in range(10)]
+            assert http.post("/v1/texts", json={"items": texts}).status_code == 202
+            wait_for(lambda b=batch: len(http.get("/v1/checkpoints").json()["checkpoints"]) >= b + 2, timeout=60)
+        assert http.post("/v1/admin/trainer/pause", headers=admin_headers()).status_code == 200
+        cps = http.get("/v1/checkpoints").json()
+        active = cps["active_version"]
+        target = next(c["version"] for c in cps["checkpoints"] if c["version"] != active and c["status"] == "promoted")
+
+        problems: list[str] = []
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+
+            def on_console(msg: ConsoleMessage) -> None:
+                if msg.type == "error":
+                    problems.append(f"console: {msg.text}")
+
+            page.on("console", on_console)
+            page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+            page.goto(srv.url + "/dashboard")
+            page.wait_for_selector("body[data-loaded=true]", timeout=20_000)
+
+            expect(page.locator("#active-version")).to_have_text(f"v{active}")
+            expect(page.locator("#trainer-state")).to_have_text("paused")
+            rows = page.locator("#checkpoints tbody tr")
+            expect(rows).to_have_count(len(cps["checkpoints"]))
+            # The chart: one x per checkpoint at least, and real loss values on its series.
+            xs, ys = page.evaluate(
+                """() => {
+                    const d = window.llmosChart.data;
+                    const ys = d.slice(1).flat().filter((v) => typeof v === "number");
+                    return [d[0].length, ys.length];
+                }"""
+            )
+            assert xs >= 3 and ys >= 3, (xs, ys)
+
+            # Try a prompt against a pinned (older) version; the answer is that version's.
+            page.select_option("#try-model", f"llmos@{target}")
+            page.fill("#try-prompt", "The capital of Zorbia")
+            page.fill("#try-max-tokens", "24")
+            page.click("#try-submit")
+            expect(page.locator("#try-meta")).to_contain_text(f"llmos@{target}", timeout=20_000)
+            body = {"model": f"llmos@{target}", "prompt": "The capital of Zorbia", "max_tokens": 24, "temperature": 0}
+            expected = http.post("/v1/completions", json=body).json()["choices"][0]["text"]
+            expect(page.locator("#try-output")).to_have_text(expected)
+
+            # Roll back through the button: it asks for the admin token, then confirms.
+            page.locator(f"#checkpoints tr[data-version='{target}'] button.rollback").click()
+            expect(page.locator("#rollback-dialog")).to_be_visible()
+            expect(page.locator("#rollback-version")).to_have_text(str(target))
+            page.fill("#admin-token", ADMIN)
+            page.click("#rollback-confirm")
+            expect(page.locator("#rollback-dialog")).to_be_hidden()
+            expect(page.locator("#active-version")).to_have_text(f"v{target}", timeout=10_000)
+            assert http.get("/v1/trainer").json()["active_version"] == target
+            expect(page.locator(f"#checkpoints tr[data-version='{target}']")).to_have_class("active")
+
+            SCREENSHOT.parent.mkdir(exist_ok=True)
+            page.screenshot(path=str(SCREENSHOT), full_page=True)
+            browser.close()
+        assert problems == []

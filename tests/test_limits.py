@@ -1,0 +1,147 @@
+"""Bounds and backpressure: per-key and per-source rate limits and a maximum queue depth answer
+429 with Retry-After; max_new_tokens is capped from config. Token buckets on a fake clock, then
+the real server over HTTP."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import pytest
+from conftest import ADMIN, LiveServer, make_settings, wait_for
+
+from llmos.api.limits import RateLimiter, retry_after
+
+# ---- token buckets ----------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_bucket_allows_a_burst_then_the_rate() -> None:
+    clock = Clock()
+    lim = RateLimiter(rate_per_s=2, burst=3, clock=clock)
+    assert [lim.take({"k": 1}) for _ in range(3)] == [0, 0, 0]
+    wait = lim.take({"k": 1})
+    assert wait == pytest.approx(0.5)  # one token at 2 per second
+    clock.t += 0.5
+    assert lim.take({"k": 1}) == 0
+    clock.t += 100  # refills to the burst, not beyond
+    assert [lim.take({"k": 1}) for _ in range(4)][-1] > 0
+
+
+def test_keys_are_independent_and_multi_key_takes_are_all_or_nothing() -> None:
+    lim = RateLimiter(rate_per_s=1, burst=5, clock=Clock())
+    assert lim.take({"a": 5}) == 0
+    assert lim.take({"a": 1}) > 0
+    assert lim.take({"b": 5}) == 0
+    assert lim.take({"c": 2, "a": 1}) > 0  # a is empty: nothing is taken from c either
+    assert lim.take({"c": 5}) == 0
+
+
+def test_a_cost_beyond_the_burst_can_never_pass() -> None:
+    lim = RateLimiter(rate_per_s=1, burst=5, clock=Clock())
+    assert lim.take({"a": 6}) == math.inf
+
+
+def test_zero_rate_means_no_limit() -> None:
+    lim = RateLimiter(rate_per_s=0, burst=1, clock=Clock())
+    assert all(lim.take({"a": 1000}) == 0 for _ in range(100))
+    assert len(lim) == 0
+
+
+def test_many_keys_do_not_grow_memory_without_bound() -> None:
+    lim = RateLimiter(rate_per_s=1, burst=2, max_tracked=100, clock=Clock())
+    for i in range(10_000):
+        lim.take({f"source-{i}": 1})
+    assert len(lim) == 100
+
+
+def test_retry_after_is_whole_seconds_at_least_one() -> None:
+    assert retry_after(0.01) == "1"
+    assert retry_after(1.2) == "2"
+    assert retry_after(7) == "7"
+
+
+# ---- over HTTP --------------------------------------------------------------------------------
+
+KEYS = [f"limits-key-{i}-0123456789" for i in range(5)]
+
+
+def bearer(secret: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {secret}"}
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    settings = make_settings(
+        tmp_path_factory.mktemp("limits") / "data",
+        **{
+            "auth.api_keys": KEYS,
+            "limits.key_rate_per_s": 0.2,  # one request per 5 s after the burst
+            "limits.key_burst": 6,
+            "limits.source_rate_per_s": 0.5,
+            "limits.source_burst": 4,
+            "limits.max_queue_depth": 5,
+            "limits.queue_full_retry_after_s": 7,
+            "serving.max_new_tokens_cap": 8,
+        },
+    )
+    with LiveServer(settings) as s:
+        yield s
+
+
+def test_a_key_past_its_rate_gets_429_with_retry_after(srv: LiveServer) -> None:
+    with srv.client(headers=bearer(KEYS[0])) as c:
+        codes = [c.get("/v1/trainer").status_code for _ in range(6)]
+        assert codes == [200] * 6
+        r = c.get("/v1/trainer")
+        assert r.status_code == 429, r.text
+        assert int(r.headers["retry-after"]) >= 1
+        assert "limits.key_rate_per_s" in r.json()["detail"]
+    with srv.client(headers=bearer(KEYS[1])) as other:
+        assert other.get("/v1/trainer").status_code == 200  # another key has its own bucket
+
+
+def test_a_source_past_its_rate_gets_429_and_other_sources_pass(srv: LiveServer) -> None:
+    with srv.client(headers=bearer(KEYS[2])) as c:
+        admin = {"Authorization": f"Bearer {ADMIN}"}
+        assert c.post("/v1/admin/trainer/pause", headers=admin).status_code == 200
+        try:
+            r = c.post("/v1/texts", json={"items": [{"text": f"flood {i}", "source": "flood"} for i in range(4)]})
+            assert r.status_code == 202, r.text
+            r = c.post("/v1/texts", json={"text": "one more", "source": "flood"})
+            assert r.status_code == 429, r.text
+            assert int(r.headers["retry-after"]) >= 1
+            assert "limits.source_rate_per_s" in r.json()["detail"]
+            r = c.post("/v1/texts", json={"items": [{"text": f"big {i}", "source": "big"} for i in range(5)]})
+            assert r.status_code == 422 and "limits.source_burst" in r.json()["detail"]
+            # The queue is not full yet (4 of 5): a text with its own source still gets in.
+            assert c.post("/v1/texts", json={"text": "calm", "source": "calm"}).status_code == 202
+            # Now it is: anything more waits, whatever its source, until the trainer drains it.
+            r = c.post("/v1/texts", json={"text": "late", "source": "late"})
+            assert r.status_code == 429, r.text
+            assert r.headers["retry-after"] == "7"
+            assert "limits.max_queue_depth" in r.json()["detail"]
+            assert c.get("/v1/trainer", headers=admin).json()["queue_depth"] == 5  # the refused were not stored
+        finally:
+            c.post("/v1/admin/trainer/resume", headers=admin)
+        wait_for(lambda: c.get("/v1/trainer", headers=admin).json()["queue_depth"] == 0, timeout=60, interval=1)
+    with srv.client(headers=bearer(KEYS[4])) as c:
+        assert c.post("/v1/texts", json={"text": "after the drain", "source": "late"}).status_code == 202
+
+
+def test_max_new_tokens_is_capped_from_config(srv: LiveServer) -> None:
+    with srv.client(headers=bearer(KEYS[3])) as c:
+        r = c.get("/generate", params={"prompt": "hi", "max_new_tokens": 9})
+        assert r.status_code == 422, r.text
+        assert r.json()["detail"] == "max_new_tokens is 9; the limit is 8 (serving.max_new_tokens_cap)"
+        r = c.post("/generate", json={"prompt": "hi", "max_new_tokens": 9})
+        assert r.status_code == 422 and "serving.max_new_tokens_cap" in r.json()["detail"]
+        r = c.get("/generate", params={"prompt": "hi", "max_new_tokens": 8})
+        assert r.status_code == 200 and r.json()["completion_tokens"] <= 8

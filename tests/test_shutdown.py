@@ -1,0 +1,61 @@
+"""Graceful shutdown: SIGTERM to the real `python -m llmos serve` while generations are in flight
+and the trainer holds a batch. The requests finish, the trainer gives its claims back, the process
+exits 0 within 10 s (a service manager's usual stop timeout)."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+from conftest import free_port, wait_for
+from helpers import start_server
+
+
+def test_sigterm_finishes_requests_in_flight_releases_claims_and_exits_0(tmp_path: Path) -> None:
+    data, log, port = tmp_path / "data", tmp_path / "server.log", free_port()
+    url = f"http://127.0.0.1:{port}"
+    # Long training cycles, so that the trainer is sure to hold claimed texts when the signal comes.
+    proc = start_server(data, port, log, extra_env={"LLMOS_TRAIN__PASSES_PER_BATCH": "200"})
+    try:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            items = [{"text": f"shutdown sample {i}: the lighthouse keeper counts {i} gulls."} for i in range(200)]
+            assert c.post("/v1/texts", json={"items": items}).status_code == 202
+            wait_for(lambda: c.get("/v1/trainer").json()["state"] == "training", timeout=60)
+
+        signalled = threading.Event()
+        finished_after_signal: list[bool] = []
+
+        def generate(i: int) -> int:
+            with httpx.Client(base_url=url, timeout=60) as hc:
+                r = hc.get("/generate", params={"prompt": f"request {i} says", "max_new_tokens": 200})
+                finished_after_signal.append(signalled.is_set())
+                return r.status_code
+
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            futures = [pool.submit(generate, i) for i in range(6)]  # one at a time on the model: a queue
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)
+            signalled.set()
+            t0 = time.monotonic()
+            codes = [f.result() for f in futures]
+        rc = proc.wait(timeout=10)
+        stopped_in = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    assert codes == [200] * 6, codes
+    assert any(finished_after_signal), "no request was still in flight at the signal"
+    assert rc == 0, log.read_text()[-3000:]
+    print(f"stopped {stopped_in:.1f}s after SIGTERM")
+    with sqlite3.connect(data / "llmos.db") as db:
+        counts = dict(db.execute("SELECT status, count(*) FROM samples GROUP BY status").fetchall())
+    assert counts.get("training", 0) == 0, counts  # claims released, none left for a restart to find
+    assert sum(counts.values()) == 200
+
