@@ -148,6 +148,8 @@ def trainer_config(settings: Settings, device: torch.device) -> TrainerConfig:
         grad_accum_steps=t.grad_accum_steps,
         replay_ratio=settings.replay.ratio if settings.replay.enabled else 0.0,
         replay_min=settings.replay.min_samples,
+        max_per_source=max(1, int(t.batch_max_samples * t.max_source_fraction)),
+        lease_s=t.lease_s,
         regularization=RegularizationConfig(r.method, r.strength, r.fisher_batches),
         anchor_texts=read_anchor_file(settings.eval.anchor_file),
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -48,13 +49,31 @@ class TextFormatter(logging.Formatter):
         return super().format(record).replace("\r\n", " | ").replace("\n", " | ")
 
 
+class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever sys.stderr is when the event happens, not when the handler was made
+    (a test runner swaps it; a stream captured at start would be closed later)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> object:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: object) -> None:
+        pass
+
+
 def configure(level: str, fmt: LogFormat) -> None:
     """Route every logger (llmos, uvicorn, libraries) through one handler on stderr."""
-    handler = logging.StreamHandler()
+    handler = StderrHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     for h in list(root.handlers):
-        root.removeHandler(h)
+        # Ours from an earlier call, or basicConfig's; a host's own handlers (a test runner's) stay.
+        if isinstance(h, StderrHandler) or type(h) is logging.StreamHandler:
+            root.removeHandler(h)
     root.addHandler(handler)
     root.setLevel(level.upper())
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
@@ -62,6 +81,7 @@ def configure(level: str, fmt: LogFormat) -> None:
         lg.handlers.clear()
         lg.setLevel(logging.NOTSET)  # the root's level, until uvicorn applies --log-level
         lg.propagate = True
+    logging.captureWarnings(False)  # (re)start capturing: a test runner may have swapped showwarning
     logging.captureWarnings(True)  # Python warnings become log lines too
     from transformers.utils import logging as hf_logging
 

@@ -117,6 +117,12 @@ class TrainSettings(_Section):
     lora: LoraSettings = LoraSettings()
     grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this (0 = off).")
     grad_accum_steps: int = Field(1, ge=1, description="Micro-batches whose gradients add up to one optimizer step.")
+    max_source_fraction: float = Field(
+        0.5, gt=0, le=1, description="Most of one batch (in samples) that a single source may fill."
+    )
+    lease_s: float = Field(
+        300.0, gt=0, description="A claimed sample whose lease is not renewed for this long returns to the queue."
+    )
     block_size: int = Field(128, ge=8, description="Tokens per packed training block.")
     micro_batch: int = Field(8, ge=1, description="Blocks per optimizer step.")
     batch_tokens: int = Field(8192, ge=64, description="Most tokens (approximated by UTF-8 bytes) claimed per batch.")

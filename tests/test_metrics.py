@@ -69,8 +69,13 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
 
 
 def test_training_queue_and_serving_state(run: Run) -> None:
-    m, _ = scrape(run.http)
-    trainer = run.http.get("/v1/trainer").json()
+    def settled() -> tuple[Samples, dict] | None:
+        # The rollbacks made the trainer reload the active version's state; wait until it has.
+        m, _ = scrape(run.http)
+        trainer = run.http.get("/v1/trainer").json()
+        return (m, trainer) if trainer["step"] > 0 and value(m, "llmos_trainer_step") == trainer["step"] else None
+
+    m, trainer = wait_for(settled, timeout=30)
     assert value(m, "llmos_texts_ingested_total") == 21
     assert value(m, "llmos_texts_rejected_total", reason="too_long") == 1
     assert value(m, "llmos_texts_rejected_total", reason="gate") == 0

@@ -7,9 +7,10 @@ Samples move queued -> training -> trained (or heldout / rejected). The trainer 
 from __future__ import annotations
 
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
@@ -116,32 +117,68 @@ class SampleQueue:
         with self._db.read() as s:
             return s.scalar(select(func.count()).where(SampleRow.status == SampleStatus.queued.value)) or 0
 
-    def claim_batch(self, max_samples: int, max_bytes: int) -> list[Sample]:
-        """Move the oldest queued samples to ``training``: at most max_samples, and no more than
-        max_bytes of UTF-8 text in all (the first sample is always taken, so nothing starves)."""
+    def claim_batch(self, max_samples: int, max_bytes: int, max_per_source: int | None = None) -> list[Sample]:
+        """Move the oldest queued samples to ``training`` under a lease: at most max_samples, no
+        more than max_bytes of UTF-8 text in all (the first sample is always taken, so nothing
+        starves), and at most max_per_source from any one source (a flood from one sender cannot
+        fill a batch; its surplus waits in the queue)."""
         with self._db.write() as s:
+            scan = max_samples if max_per_source is None else max_samples * 4
             q = (
                 select(SampleRow)
                 .where(SampleRow.status == SampleStatus.queued.value)
                 .order_by(SampleRow.seq)
-                .limit(max_samples)
+                .limit(scan)
             )
             if not self._db.is_sqlite:
                 q = q.with_for_update(skip_locked=True)
             rows = s.scalars(q).all()
             taken: list[SampleRow] = []
+            per_source: Counter[str] = Counter()
             total = 0
             for row in rows:
+                if len(taken) >= max_samples:
+                    break
+                key = row.source or ""
+                if max_per_source is not None and per_source[key] >= max_per_source:
+                    continue
                 size = len(row.text.encode("utf-8"))
                 if taken and total + size > max_bytes:
                     break
                 taken.append(row)
+                per_source[key] += 1
                 total += size
             now = utcnow()
             for row in taken:
                 row.status = SampleStatus.training.value
                 row.claimed_at = now
             return [as_sample(r) for r in taken]
+
+    def renew(self, ids: Iterable[str]) -> None:
+        """Extend the lease on samples this trainer still holds."""
+        id_list = list(ids)
+        if not id_list:
+            return
+        with self._db.write() as s:
+            for start in range(0, len(id_list), 500):
+                s.execute(
+                    update(SampleRow)
+                    .where(SampleRow.id.in_(id_list[start : start + 500]))
+                    .where(SampleRow.status == SampleStatus.training.value)
+                    .values(claimed_at=utcnow())
+                )
+
+    def requeue_expired(self, lease_s: float) -> int:
+        """Return samples whose lease ran out (their trainer died or hung) to the queue."""
+        cutoff = utcnow() - timedelta(seconds=lease_s)
+        with self._db.write() as s:
+            res = s.execute(
+                update(SampleRow)
+                .where(SampleRow.status == SampleStatus.training.value)
+                .where(SampleRow.claimed_at < cutoff)
+                .values(status=SampleStatus.queued.value, claimed_at=None)
+            )
+            return int(getattr(res, "rowcount", 0) or 0)
 
     def ack(self, ids: Iterable[str], version: int) -> None:
         """The samples are in ``version``: trained."""

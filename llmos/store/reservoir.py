@@ -22,6 +22,7 @@ class Reservoir:
         self.status = status
         self.name = name
         self.capacity = capacity
+        self._seed = seed
         self._rng = random.Random(f"{name}:{seed}")
         self._seen_key = f"reservoir:{name}:seen"
 
@@ -31,6 +32,8 @@ class Reservoir:
         with self._db.write() as s:
             meta = s.get(MetaRow, self._seen_key, with_for_update=True)
             seen = int(meta.value) if meta else 0
+            # Seeded by the count so far: the same offers give the same reservoir, across restarts.
+            rng = random.Random(f"{self.name}:{self._seed}:{seen}")
             size = s.scalar(select(func.count()).where(ReservoirRow.name == self.name)) or 0
             for sid in sample_ids:
                 seen += 1
@@ -38,7 +41,7 @@ class Reservoir:
                     s.add(ReservoirRow(name=self.name, slot=size, sample_id=sid))
                     size += 1
                     continue
-                j = self._rng.randrange(seen)
+                j = rng.randrange(seen)
                 if j < self.capacity:
                     row = s.get(ReservoirRow, (self.name, j))
                     if row is not None:
@@ -62,8 +65,8 @@ class Reservoir:
             ).all()
             return [as_sample(r) for r in rows]
 
-    def draw(self, n: int) -> list[Sample]:
-        """Up to n members, uniformly without replacement."""
+    def draw(self, n: int, rng: random.Random | None = None) -> list[Sample]:
+        """Up to n members, uniformly without replacement (from ``rng`` when given)."""
         if n <= 0:
             return []
         with self._db.read() as s:
@@ -72,7 +75,7 @@ class Reservoir:
                 .join(SampleRow, ReservoirRow.sample_id == SampleRow.id)
                 .where(ReservoirRow.name == self.name, SampleRow.status == self.status.value)
             ).all()
-            chosen = self._rng.sample(list(slots), min(n, len(slots)))
+            chosen = (rng or self._rng).sample(sorted(slots), min(n, len(slots)))
             if not chosen:
                 return []
             rows = s.scalars(

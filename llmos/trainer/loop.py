@@ -13,6 +13,7 @@ from __future__ import annotations
 import enum
 import logging
 import math
+import random
 import threading
 import time
 from dataclasses import dataclass
@@ -62,6 +63,8 @@ class TrainerConfig:
     grad_accum_steps: int = 1
     replay_ratio: float = 0.0  # 0 = no replay
     replay_min: int = 0  # at least this many replayed samples per batch (when replay is on)
+    max_per_source: int | None = None  # most samples one source may fill in a batch
+    lease_s: float = 300.0  # claims not renewed for this long go back to the queue
     regularization: RegularizationConfig = RegularizationConfig()
     anchor_texts: tuple[str, ...] = ()  # the user's eval file, always in the anchor set
     prequential_decay: float = 0.9  # running average: new = decay * old + (1 - decay) * batch
@@ -122,6 +125,7 @@ class Trainer:
         self._sets: dict[str, tuple[tuple[str, ...], Batch]] = {}  # eval sets by name, keyed by member ids
         self._active_losses: dict[tuple[str, int, tuple[str, ...]], float] = {}
         self._tokens_trained = 0
+        self._last_renew = time.monotonic()
         self._promotions = 0
         self._rejections = 0
         self._last_eval: EvalReport | None = None
@@ -277,14 +281,18 @@ class Trainer:
             return []
         # Give a burst of posts a moment to arrive, so one batch carries them all.
         self._stop.wait(self.cfg.fill_wait_s)
-        return self.queue.claim_batch(self.cfg.batch_max_samples, self.cfg.batch_tokens)
+        self.queue.requeue_expired(self.cfg.lease_s)  # claims of a trainer that died or hung
+        self._last_renew = time.monotonic()
+        return self.queue.claim_batch(self.cfg.batch_max_samples, self.cfg.batch_tokens, self.cfg.max_per_source)
 
     def _draw_replay(self, n_new: int) -> list[Sample]:
         """Enough earlier samples that they make up ``replay_ratio`` of the batch (``replay_min`` at least)."""
         r = self.cfg.replay_ratio
         if r <= 0:
             return []
-        return self.replay_pool.draw(max(round(n_new * r / (1 - r)), self.cfg.replay_min))
+        # Seeded by the step, so a resumed trainer draws what an uninterrupted one would have.
+        rng = random.Random(self.cfg.seed * 1_000_003 + self._require_state().step)
+        return self.replay_pool.draw(max(round(n_new * r / (1 - r)), self.cfg.replay_min), rng)
 
     def _measure_prequential(self, batch: Batch) -> None:
         """The loss on new data before any update on it: the canonical online-learning metric."""
@@ -310,8 +318,14 @@ class Trainer:
                     return report.skipped
                 self._steps_since_eval += 1
                 self._tokens_trained += report.tokens
+            self._renew_lease()
         state.samples_seen += len(batch.sample_ids)
         return None
+
+    def _renew_lease(self) -> None:
+        if time.monotonic() - self._last_renew > self.cfg.lease_s / 3:
+            self.queue.renew(self._claimed + self._pending)
+            self._last_renew = time.monotonic()
 
     def _eval_set(
         self, name: str, samples: list[Sample], extra_texts: tuple[str, ...] = ()
