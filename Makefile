@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-all lint run clean bench-forgetting
+.PHONY: install test test-slow test-all lint run clean bench-forgetting
 
 # One command sets everything up: a virtual environment with torch (CPU wheel unless you have
 # installed another build) and llmos with its test tools (among them the openai client and
@@ -23,11 +23,14 @@ install:
 
 # Fast tier: unit and end-to-end tests (a few minutes on 2 cores).
 test:
-	$(BIN)/python -m pytest -m "not slow and not postgres" -q
+	$(BIN)/python -m pytest -m "not slow" -q
 
-# Everything, including the slow tier (crash loops) and PostgreSQL when LLMOS_TEST_POSTGRES_URL is set.
-test-all:
-	$(BIN)/python -m pytest -q
+# The slow tier: crash loops, fuzzing, load (CI runs it after `make test`).
+test-slow:
+	$(BIN)/python -m pytest -m "slow" -q
+
+# Both tiers. The store tests also run on PostgreSQL when LLMOS_TEST_POSTGRES_URL is set.
+test-all: test test-slow
 
 lint:
 	$(BIN)/ruff check llmos tests

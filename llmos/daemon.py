@@ -241,7 +241,7 @@ class Daemon:
 
     # ---- service functions (one per route) ---------------------------------------------------
     def ingest(self, items: list[NewSample]) -> list[str]:
-        depth, limit = self.queue.depth(), self.settings.limits.max_queue_depth
+        depth, limit = self.queue.depth_estimate(max_age_s=0.25), self.settings.limits.max_queue_depth
         if depth + len(items) > limit:  # backpressure: the sender waits, memory and disk do not grow
             raise QueueFull(depth, limit)
         ids = self.queue.enqueue(items)  # committed (durably) when this returns

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
+import threading
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -52,3 +56,105 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+# ---- load ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadReport:
+    clients: int
+    duration_s: float
+    warmup_s: float
+    requests: dict[str, int] = field(default_factory=dict)  # op -> completed with a 2xx
+    errors: list[str] = field(default_factory=list)  # anything else: status code or exception, with the op
+    latencies_s: dict[str, list[float]] = field(default_factory=dict)
+    rss_kib: list[tuple[float, int]] = field(default_factory=list)  # (seconds since start, VmRSS)
+    texts_acknowledged: int = 0
+
+    def rss_at(self, t: float) -> int:
+        """The first RSS sample taken at or after ``t`` seconds."""
+        return next(kib for s, kib in self.rss_kib if s >= t)
+
+    @property
+    def rss_after_warmup(self) -> int:
+        return self.rss_at(self.warmup_s)
+
+    @property
+    def rss_end(self) -> int:
+        return self.rss_kib[-1][1]
+
+    def percentile(self, op: str, q: float) -> float:
+        xs = sorted(self.latencies_s.get(op, []))
+        return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+
+def run_load(
+    url: str,
+    pid: int,
+    keys: list[str],
+    duration_s: float = 60.0,
+    warmup_s: float = 15.0,
+    ingest_share: float = 0.7,
+    seed: int = 0,
+) -> LoadReport:
+    """One client per key, each in its own thread with its own connection, for ``duration_s``:
+    ingest (1-4 texts, its own source) or greedy generation (16 tokens), mixed at random. The
+    server's RSS is sampled every second from /proc."""
+    report = LoadReport(clients=len(keys), duration_s=duration_s, warmup_s=warmup_s)
+    lock = threading.Lock()
+    t0 = time.monotonic()
+    deadline = t0 + duration_s
+
+    def record(op: str, ok: bool, what: str, latency: float) -> None:
+        with lock:
+            if ok:
+                report.requests[op] = report.requests.get(op, 0) + 1
+                report.latencies_s.setdefault(op, []).append(latency)
+            else:
+                report.errors.append(f"{op}: {what}")
+
+    def client(n: int, key: str) -> None:
+        rng = random.Random(seed * 1000 + n)
+        i = 0
+        with httpx.Client(base_url=url, timeout=120, headers={"Authorization": f"Bearer {key}"}) as c:
+            while time.monotonic() < deadline:
+                i += 1
+                start = time.monotonic()
+                try:
+                    if rng.random() < ingest_share:
+                        op = "ingest"
+                        k = rng.randint(1, 4)
+                        items = [
+                            {"text": f"client {n} line {i}.{j}: the tide at Korvel turns at {rng.randint(0, 23)}h.",
+                             "source": f"client-{n}"}
+                            for j in range(k)
+                        ]
+                        r = c.post("/v1/texts", json={"items": items})
+                        if r.status_code == 202:
+                            with lock:
+                                report.texts_acknowledged += k
+                    else:
+                        op = "generate"
+                        r = c.get("/generate", params={"prompt": f"the tide at Korvel {i}", "max_new_tokens": 16})
+                    record(op, r.is_success, f"{r.status_code} {r.text[:200]}", time.monotonic() - start)
+                except httpx.HTTPError as exc:
+                    record(op, False, f"{type(exc).__name__}: {exc}", time.monotonic() - start)
+
+    def sample_rss(stop: threading.Event) -> None:
+        while not stop.is_set():
+            report.rss_kib.append((time.monotonic() - t0, rss_kib(pid)))
+            stop.wait(1.0)
+
+    stop = threading.Event()
+    sampler = threading.Thread(target=sample_rss, args=(stop,), daemon=True)
+    sampler.start()
+    threads = [threading.Thread(target=client, args=(n, k)) for n, k in enumerate(keys)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stop.set()
+    sampler.join()
+    report.rss_kib.append((time.monotonic() - t0, rss_kib(pid)))
+    return report

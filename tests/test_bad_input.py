@@ -126,6 +126,21 @@ CASES = [
     ("rollback path as version", "POST", "/v1/admin/rollback", body({"version": "../../etc"}), ADMIN_H, 422, "integer"),
     ("wrong method", "DELETE", "/v1/texts", None, {}, 405, "not allowed"),
     ("unknown route", "GET", "/v2/nothing", None, {}, 404, "not found"),
+    # Path tricks toward the admin routes: decoding a path never skips its credential check.
+    ("percent-encoded admin path", "POST", "/v1/admin/%72ollback", body({"version": 0}), J, 401, "token"),
+    ("dot segments to admin", "POST", "/v1/texts/%2e%2e/admin/rollback", body({"version": 0}), J, 404, "not found"),
+    ("double slash to admin", "POST", "//v1/admin/rollback", body({"version": 0}), J, 404, "not found"),
+    ("NUL in a path id", "GET", "/v1/texts/a%00b", None, {}, 404, "no text"),
+    # Headers: odd credentials are refused like any wrong one.
+    ("non-ASCII bearer", "POST", "/v1/admin/trainer/pause", None, {"Authorization": b"Bearer \xe9\xff"}, 401, "wrong"),
+    ("huge bearer", "POST", "/v1/admin/trainer/pause", None, {"Authorization": "Bearer " + "a" * 8000}, 401, "wrong"),
+    ("bearer without a token", "POST", "/v1/admin/trainer/pause", None, {"Authorization": "Bearer"}, 401, "token"),
+    ("NUL in prompt", "GET", "/generate?prompt=a%00b", None, {}, 422, "NUL"),
+    # Types exactly as the schema says.
+    ("null instead of leaving out", "POST", "/v1/texts", body({"text": "a", "source": None}), J, 422, "null"),
+    ("string for a bool", "POST", "/v1/admin/rollback", body({"version": 0, "requeue": "yes"}), ADMIN_H, 422, "bool"),
+    ("true for a version", "POST", "/v1/admin/rollback", body({"version": True}), ADMIN_H, 422, "integer"),
+    ("string for a number", "POST", "/v1/texts", body({"text": "a", "weight": "2"}), J, 422, "number"),
 ]
 
 
@@ -189,3 +204,18 @@ def test_rejected_version_cannot_be_rolled_back_to(srv: LiveServer) -> None:
         assert "rejected" in r.json()["detail"]
         listed = {cp["version"]: cp["status"] for cp in c.get("/v1/checkpoints").json()["checkpoints"]}
         assert listed[rec.version] == "rejected"
+
+
+def test_crlf_in_a_path_is_not_reflected_into_response_headers(srv: LiveServer) -> None:
+    with srv.client() as c:
+        r = c.get("/v1/texts/x%0d%0aSet-Cookie:%20evil=1%0d%0aX-Evil:%201")
+        assert r.status_code == 404
+        assert "set-cookie" not in r.headers and "x-evil" not in r.headers
+        assert r.headers["content-type"] == "application/json"
+
+
+def test_405_names_every_method_of_the_path(srv: LiveServer) -> None:
+    with srv.client() as c:
+        r = c.delete("/generate")
+        assert r.status_code == 405
+        assert {m.strip() for m in r.headers["allow"].split(",")} >= {"GET", "POST"}

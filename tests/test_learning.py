@@ -255,3 +255,40 @@ def test_replay_pool_survives_a_restart_and_feeds_batches(tmp_path: Path) -> Non
         assert {s.id for s in srv.daemon.replay_pool.members()} == pooled
         drawn = srv.daemon.replay_pool.draw(5)
         assert len(drawn) == 5 and {s.id for s in drawn} <= pooled
+
+
+def test_gradient_accumulation_matches_one_big_step(factory: ModelFactory) -> None:
+    micro = _stream_batches()[:2]  # two micro-batches of 4 blocks each, same length
+    assert micro[0][0].shape == micro[1][0].shape
+    opt = OptimizerConfig(name="sgd", lr=0.5, warmup_steps=0)
+    torch.manual_seed(0)
+    accumulated = TrainingState(model=factory.instance().train(), optimizer=None, base_version=0)  # type: ignore[arg-type]
+    accumulated.optimizer = make_optimizer(accumulated.model, opt)
+    optimize(accumulated, micro, opt, CPU)  # grad_accum_steps = 2
+    whole = TrainingState(model=factory.instance().train(), optimizer=None, base_version=0)  # type: ignore[arg-type]
+    whole.optimizer = make_optimizer(whole.model, opt)
+    ids = torch.cat([micro[0][0], micro[1][0]])
+    w = torch.cat([micro[0][1], micro[1][1]])
+    optimize(whole, [(ids, w)], opt, CPU)
+    assert accumulated.step == whole.step == 1
+    for a, b in zip(accumulated.model.parameters(), whole.model.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_user_eval_file_joins_the_anchor_set(tmp_path: Path) -> None:
+    anchor_file = tmp_path / "eval.jsonl"
+    anchor_file.write_text('{"text": "Support hours are nine to five."}\n\n{"text": "Refunds take ten days."}\n')
+    settings = make_settings(tmp_path / "data", **{"eval.anchor_file": anchor_file, "train.passes_per_batch": 2})
+    with LiveServer(settings) as srv, srv.client() as c:
+        ids = post_fact(c, 10)
+        wait_for(lambda: settled(c, ids), timeout=60)
+        newest = c.get("/v1/checkpoints").json()["checkpoints"][0]
+        # No held-out sample has been accepted into the anchor set yet: the file alone is measured.
+        assert isinstance(newest["metrics"]["anchor_loss"], float), newest
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"txt": "typo"}\n')
+    from llmos.daemon import Daemon
+
+    with pytest.raises(ValueError, match="line 2"):
+        Daemon(make_settings(tmp_path / "data2", **{"eval.anchor_file": bad}))

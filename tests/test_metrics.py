@@ -54,10 +54,10 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         r = http.post("/v1/texts", json={"items": items})
         assert r.status_code == 202
         ids = r.json()["ids"]
-        wait_for(lambda: http.get(f"/v1/texts/{ids[-1]}").json()["status"] == "rejected", timeout=60)
-        wait_for(lambda: http.get("/v1/trainer").json()["active_version"] >= 1, timeout=60)
-        assert http.post("/v1/admin/trainer/pause", headers=admin_headers()).status_code == 200
+        done = ("trained", "heldout", "rejected")
+        wait_for(lambda: all(http.get(f"/v1/texts/{i}").json()["status"] in done for i in ids), timeout=60)
         active = http.get("/v1/trainer").json()["active_version"]  # the version the engine serves
+        assert active >= 1
         g = http.post("/generate", json={"prompt": "The capital", "max_new_tokens": 5}).json()
         c = http.post("/v1/completions", json={"model": "zorbia", "prompt": "The capital", "max_tokens": 7}).json()
         assert g["model_version"] == active and c["model"] == f"zorbia@{active}"
@@ -65,17 +65,17 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         for version in (0, active):
             r = http.post("/v1/admin/rollback", json={"version": version}, headers=admin_headers())
             assert r.status_code == 200, r.text
+        # The trainer continues from the active version again (it reloads after each rollback);
+        # then pause it, so nothing moves while the tests look.
+        step = next(c["step"] for c in http.get("/v1/checkpoints").json()["checkpoints"] if c["version"] == active)
+        wait_for(lambda: http.get("/v1/trainer").json()["step"] == step, timeout=30)
+        assert http.post("/v1/admin/trainer/pause", headers=admin_headers()).status_code == 200
         yield Run(srv, http, ids, generated, active)
 
 
 def test_training_queue_and_serving_state(run: Run) -> None:
-    def settled() -> tuple[Samples, dict] | None:
-        # The rollbacks made the trainer reload the active version's state; wait until it has.
-        m, _ = scrape(run.http)
-        trainer = run.http.get("/v1/trainer").json()
-        return (m, trainer) if trainer["step"] > 0 and value(m, "llmos_trainer_step") == trainer["step"] else None
-
-    m, trainer = wait_for(settled, timeout=30)
+    m, _ = scrape(run.http)
+    trainer = run.http.get("/v1/trainer").json()
     assert value(m, "llmos_texts_ingested_total") == 21
     assert value(m, "llmos_texts_rejected_total", reason="too_long") == 1
     assert value(m, "llmos_texts_rejected_total", reason="gate") == 0

@@ -57,6 +57,9 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
+_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
 def _clean_errors(errors: Any) -> list[dict[str, Any]]:
     """Validation errors without the echoed input (which may be huge or binary)."""
     out = []
@@ -107,8 +110,12 @@ def create_app(daemon: Daemon, manage_lifecycle: bool = True) -> FastAPI:
         if exc.status_code == 405:
             # Starlette names only the first route on the path; a path served by several (GET and
             # POST /generate) must list every method it allows.
-            partial = [r for r in _req.app.routes if r.matches(_req.scope)[0] is Match.PARTIAL]
-            allowed = {m for r in partial for m in getattr(r, "methods", None) or ()}
+            allowed = {
+                m
+                for m in _METHODS
+                for r in _req.app.routes
+                if r.matches({**_req.scope, "method": m})[0] is Match.FULL
+            }
             headers = {**(headers or {}), "Allow": ", ".join(sorted(allowed))}
         return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=headers)
 

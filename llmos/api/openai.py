@@ -24,7 +24,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from llmos.api.deps import ApiKey, DaemonDep
-from llmos.api.schemas import Text
+from llmos.api.schemas import Text, error_responses
 from llmos.daemon import Daemon, GenerationResult
 from llmos.registry.registry import CorruptCheckpoint, UnknownVersion
 from llmos.serving.chat import ChatTemplateError, render_chat
@@ -55,6 +55,14 @@ class _OpenAIRoute(APIRoute):
 
 
 router = APIRouter(tags=["openai"], dependencies=[ApiKey], route_class=_OpenAIRoute)
+# The bodies follow OpenAI's API reference; errors add OpenAI's "error" object to "detail".
+_GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "A completion (JSON), or with stream: true, server-sent events ending with data: [DONE]",
+        "content": {"application/json": {}, "text/event-stream": {}},
+    },
+    **error_responses(400, 401, 404, 409, 413, 422, 429),
+}
 log = logging.getLogger(__name__)
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -336,7 +344,7 @@ def _sse(obj: dict[str, Any]) -> str:
 
 
 # ---- routes ----------------------------------------------------------------------------------
-@router.post("/v1/completions", response_model=None)
+@router.post("/v1/completions", response_model=None, responses=_GENERATION_RESPONSES)
 async def completions(req: CompletionIn, daemon: DaemonDep) -> Any:
     """OpenAI's text completion: continue ``prompt``."""
     created = int(time.time())
@@ -384,7 +392,7 @@ async def completions(req: CompletionIn, daemon: DaemonDep) -> Any:
     return await _stream(daemon, req.model, prompt, params, version, req.stops(), chunks)
 
 
-@router.post("/v1/chat/completions", response_model=None)
+@router.post("/v1/chat/completions", response_model=None, responses=_GENERATION_RESPONSES)
 async def chat_completions(req: ChatIn, daemon: DaemonDep) -> Any:
     """OpenAI's chat completion: the messages are rendered with the model's chat template, or the
     plain template ('<role>: <content>' lines, then 'assistant:') when it has none."""
@@ -457,13 +465,13 @@ def _models(daemon: Daemon) -> list[dict[str, Any]]:
     return out
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses=error_responses(401, 429))
 def list_models(daemon: DaemonDep) -> dict[str, Any]:
     """'<name>' (the active version) and '<name>@<v>' for every stored promoted version."""
     return {"object": "list", "data": _models(daemon)}
 
 
-@router.get("/v1/models/{model_id}", response_model=None)
+@router.get("/v1/models/{model_id}", response_model=None, responses=error_responses(401, 404, 429))
 def get_model(model_id: str, daemon: DaemonDep) -> Any:
     for m in _models(daemon):
         if m["id"] == model_id:

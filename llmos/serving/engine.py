@@ -68,10 +68,23 @@ class ServingEngine:
         self._pinned: OrderedDict[int, Loaded] = OrderedDict()
         self._pinned_lock = threading.Lock()
         self._pinned_max = pinned_versions
+        # Generation requests started and not finished (waiting for a slot included): the trainer
+        # yields the CPU to them between its steps (see wait_idle).
+        self._in_flight = 0
+        self._idle = threading.Condition()
 
     @property
     def ready(self) -> bool:
         return self._current is not None
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Block until no generation is in flight, or ``timeout_s`` passed; True when idle."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._in_flight == 0, timeout_s)
 
     def current(self) -> Loaded:
         cur = self._current
@@ -129,8 +142,23 @@ class ServingEngine:
         self, prompt: str, params: SamplingParams, version: int | None = None
     ) -> Generator[tuple[int, Completion | None]]:
         """Yield (token id, None) per new token, then (-1, Completion) at the end. ``version``
-        pins the request to a stored promoted version (see pinned()); None means the active one."""
+        pins the request to a stored promoted version (see pinned()); None means the active one.
+        The generator holds no thread state between tokens: it may be resumed from any thread
+        (one at a time), as a streaming response's worker threads do."""
         ids = self.encode_prompt(prompt, params.max_new_tokens)
+        with self._idle:
+            self._in_flight += 1
+        try:
+            yield from self._decode(ids, params, version)
+        finally:
+            with self._idle:
+                self._in_flight -= 1
+                if self._in_flight == 0:
+                    self._idle.notify_all()
+
+    def _decode(
+        self, ids: list[int], params: SamplingParams, version: int | None
+    ) -> Generator[tuple[int, Completion | None]]:
         pinned = self.pinned(version) if version is not None else None  # loads outside the slot
         with self._slots:
             # This request finishes on this version, whatever swaps meanwhile.
@@ -144,23 +172,26 @@ class ServingEngine:
                 gen = torch.Generator(device="cpu").manual_seed(params.seed)
             new: list[int] = []
             finish: Literal["stop", "length"] = "length"
+            # Inference mode per step, not across a yield: it is thread-local state.
             with torch.inference_mode():
                 # The stream starts with EOS, as every training sample does.
                 x = torch.tensor([[eos, *ids]], device=self.device)  # (1, T)
                 out = model(input_ids=x, use_cache=True, logits_to_keep=1)
-                for _ in range(budget):
+                # transformers 5 names the KV cache ``cache``; older code ``past_key_values``.
+                cache_arg = "cache" if "cache" in out else "past_key_values"
+            for _ in range(budget):
+                with torch.inference_mode():
                     logits = out.logits[0, -1].to("cpu", torch.float32)  # (V,)
                     tok = pick_token(logits, params, gen)
-                    if tok == eos:
-                        finish = "stop"
-                        break
-                    new.append(tok)
-                    yield tok, None
-                    if len(new) == budget:
-                        break
-                    x = torch.tensor([[tok]], device=self.device)
-                    # transformers 5 names the KV cache ``cache``; older code ``past_key_values``.
-                    cache_arg = "cache" if "cache" in out else "past_key_values"
+                if tok == eos:
+                    finish = "stop"
+                    break
+                new.append(tok)
+                yield tok, None
+                if len(new) == budget:
+                    break
+                with torch.inference_mode():
+                    x = torch.tensor([[tok]], device=self.device)  # (1, 1)
                     out = model(input_ids=x, use_cache=True, **{cache_arg: out[cache_arg]})
             text = str(self.tokenizer.decode(new))
             yield -1, Completion(text, loaded.version, len(ids), len(new), finish)

@@ -6,13 +6,15 @@ Samples move queued -> training -> trained (or heldout / rejected). The trainer 
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -65,7 +67,7 @@ def insert_samples(session: Session, items: Sequence[NewSample]) -> list[str]:
         )
         known = {k: i for k, i in rows if k is not None}
     ids: list[str] = []
-    new_rows: list[SampleRow] = []
+    new_rows: list[dict[str, object]] = []
     now = utcnow()
     for it in items:
         if it.idempotency_key is not None and it.idempotency_key in known:
@@ -75,28 +77,109 @@ def insert_samples(session: Session, items: Sequence[NewSample]) -> list[str]:
         if it.idempotency_key is not None:
             known[it.idempotency_key] = sid  # a key repeated inside one request maps to one row
         new_rows.append(
-            SampleRow(
-                id=sid,
-                text=it.text,
-                source=it.source,
-                weight=it.weight,
-                idempotency_key=it.idempotency_key,
-                status=SampleStatus.queued.value,
-                created_at=now,
-            )
+            {
+                "id": sid,
+                "text": it.text,
+                "source": it.source,
+                "weight": it.weight,
+                "idempotency_key": it.idempotency_key,
+                "status": SampleStatus.queued.value,
+                "created_at": now,
+            }
         )
         ids.append(sid)
-    session.add_all(new_rows)
-    session.flush()
+    if new_rows:
+        # A Core executemany: the ORM's unit of work costs ~40 us per row, several times the insert.
+        session.execute(insert(SampleRow), new_rows)
     return ids
 
 
+@dataclass
+class _Write:
+    """One enqueue() call waiting for a group commit."""
+
+    items: Sequence[NewSample]
+    ids: list[str] | None = None
+    error: BaseException | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.ids is not None or self.error is not None
+
+
 class SampleQueue:
+    # Most texts one group commit writes: bounds the latency a waiting writer can add.
+    GROUP_MAX_ITEMS = 5000
+
     def __init__(self, db: Database) -> None:
         self._db = db
+        self._writes: list[_Write] = []  # enqueue() calls waiting for the next group commit
+        self._writing = False  # a caller is committing a group now
+        self._group = threading.Condition()
+        self._recent_depth: tuple[float, int] | None = None  # (when, depth) for depth_estimate()
 
     def enqueue(self, items: Sequence[NewSample]) -> list[str]:
-        """Store the samples durably and return their ids (committed when this returns)."""
+        """Store the samples durably and return their ids (committed when this returns).
+
+        Group commit: concurrent calls share one transaction, so one fsync acknowledges them
+        all. Whoever finds no commit running writes every call waiting (its own among them); the
+        others wait for it. A call returns only after the transaction holding its rows committed."""
+        me = _Write(items)
+        with self._group:
+            self._writes.append(me)
+        while True:
+            with self._group:
+                while self._writing and not me.done:
+                    self._group.wait()
+                if me.done:
+                    break
+                self._writing = True
+                group, n = [], 0
+                while self._writes and (not group or n + len(self._writes[0].items) <= self.GROUP_MAX_ITEMS):
+                    group.append(self._writes.pop(0))
+                    n += len(group[-1].items)
+            try:
+                self._commit_group(group)
+            finally:
+                for w in group:
+                    if not w.done:  # only if _commit_group itself failed
+                        w.error = RuntimeError("the group commit failed")
+                with self._group:
+                    self._writing = False
+                    self._group.notify_all()
+        if me.error is not None:
+            raise me.error
+        assert me.ids is not None
+        return me.ids
+
+    def _commit_group(self, group: list[_Write]) -> None:
+        """One transaction for the group; if it fails, each call is retried alone, so that one bad
+        call (say, an idempotency race) cannot fail the others."""
+        if len(group) > 1:
+            try:
+                ids = self._insert([it for w in group for it in w.items])
+            except Exception:  # noqa: BLE001 - each call is retried alone below and gets its own error
+                pass
+            else:
+                start = 0
+                for w in group:
+                    w.ids = ids[start : start + len(w.items)]
+                    start += len(w.items)
+                self._count_enqueued(len(ids))
+                return
+        for w in group:
+            try:
+                w.ids = self._insert(w.items)
+                self._count_enqueued(len(w.ids))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller that owns it
+                w.error = exc
+
+    def _count_enqueued(self, n: int) -> None:
+        recent = self._recent_depth
+        if recent is not None:
+            self._recent_depth = (recent[0], recent[1] + n)  # a repeated idempotency key counts too: errs high
+
+    def _insert(self, items: Sequence[NewSample]) -> list[str]:
         for attempt in range(3):
             try:
                 with self._db.write() as s:
@@ -116,6 +199,17 @@ class SampleQueue:
     def depth(self) -> int:
         with self._db.read() as s:
             return s.scalar(select(func.count()).where(SampleRow.status == SampleStatus.queued.value)) or 0
+
+    def depth_estimate(self, max_age_s: float) -> int:
+        """depth() as read at most ``max_age_s`` ago, plus what this process enqueued since: for
+        backpressure on every ingest, where counting a deep queue (6 ms at 100k rows on SQLite)
+        would cost more than the insert. It errs high while the trainer drains the queue."""
+        recent = self._recent_depth
+        now = time.monotonic()
+        if recent is None or now - recent[0] > max_age_s:
+            recent = (now, self.depth())
+            self._recent_depth = recent
+        return recent[1]
 
     def claim_batch(self, max_samples: int, max_bytes: int, max_per_source: int | None = None) -> list[Sample]:
         """Move the oldest queued samples to ``training`` under a lease: at most max_samples, no
