@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import secrets
+import sys
 import threading
 import uuid
 from collections.abc import Generator, Sequence
@@ -29,7 +30,7 @@ from llmos.store.db import Database
 from llmos.store.generations import Feedback, GenerationLog
 from llmos.store.queue import NewSample, Sample, SampleQueue
 from llmos.store.reservoir import Reservoir
-from llmos.store.tables import GenerationRow, SampleStatus, utcnow
+from llmos.store.tables import SampleStatus
 from llmos.trainer.evaluate import EvalConfig
 from llmos.trainer.loop import Trainer, TrainerConfig, TrainerStatus
 from llmos.trainer.preprocess import FEEDBACK_SOURCE_PREFIX, PreprocessConfig
@@ -39,6 +40,7 @@ from llmos.trainer.state import OptimizerConfig
 log = logging.getLogger(__name__)
 
 ADMIN_TOKEN_FILE = "admin_token"
+GIL_SWITCH_INTERVAL_S = 0.001
 
 
 class QueueFull(RuntimeError):
@@ -114,9 +116,21 @@ def read_anchor_file(path: Path | None) -> tuple[str, ...]:
     return tuple(texts)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 autocast pays on ``device``: CUDA, or a CPU with bf16 instructions (AVX512-BF16
+    or AMX). Measured on such a CPU (bench/results/RESULTS.md, figure 3): training 1.5x the fp32
+    speed, loss curve within 2% of fp32's. Without them bf16 is emulated and slower than fp32."""
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    caps = torch.cpu.get_capabilities()
+    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+
+
 def trainer_config(settings: Settings, device: torch.device) -> TrainerConfig:
     t, o = settings.train, settings.optimizer
-    bf16 = settings.model.precision == "bf16" or (settings.model.precision == "auto" and device.type == "cuda")
+    bf16 = settings.model.precision == "bf16" or (settings.model.precision == "auto" and native_bf16(device))
     r = settings.regularization
     return TrainerConfig(
         preprocess=PreprocessConfig(t.block_size, t.max_sample_tokens, t.heldout_fraction),
@@ -150,6 +164,8 @@ def trainer_config(settings: Settings, device: torch.device) -> TrainerConfig:
         replay_min=settings.replay.min_samples,
         max_per_source=max(1, int(t.batch_max_samples * t.max_source_fraction)),
         lease_s=t.lease_s,
+        yield_to_requests_s=t.yield_to_requests_s,
+        nice=settings.runtime.trainer_nice,
         regularization=RegularizationConfig(r.method, r.strength, r.fisher_batches),
         anchor_texts=read_anchor_file(settings.eval.anchor_file),
     )
@@ -170,6 +186,11 @@ class Daemon:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         threads = settings.runtime.torch_threads or max(1, (os.cpu_count() or 2) // 2)
         torch.set_num_threads(threads)
+        # A thread that wants the interpreter lock waits up to this long for its holder to let go
+        # (Python's default is 5 ms): generation, training and swaps share one process, and the
+        # shorter interval cuts the stalls a swap or a training step causes in a token stream
+        # (bench/results/RESULTS.md, figure 6).
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self.admin_token, self.admin_token_path = admin_token(settings)
         self.db = Database(settings.store_url, settings.store.busy_timeout_s)
         self.db.check_durable()  # raises StoreNotDurable: never acknowledge what a crash could lose
@@ -253,19 +274,7 @@ class Daemon:
 
     def generate(self, prompt: str, params: SamplingParams) -> GenerationResult:
         c = self.engine.generate(prompt, params)
-        gid = self.generations.record(
-            prompt=prompt,
-            completion=c.text,
-            model_version=c.version,
-            params={
-                "max_new_tokens": params.max_new_tokens,
-                "temperature": params.temperature,
-                "top_p": params.top_p,
-                "seed": params.seed,
-            },
-            prompt_tokens=c.prompt_tokens,
-            completion_tokens=c.completion_tokens,
-        )
+        gid = self._record(None, prompt, params, c, ())
         self.counters.generation(c)
         return GenerationResult(gid, c)
 
@@ -280,7 +289,8 @@ class Daemon:
         """Complete a prompt with the active version, or the stored promoted ``version``, yielding
         text as it is made (whole characters) and finally the recorded result. Generation ends at
         the first of ``stop`` (which is not part of the text). The id is chosen up front so that a
-        stream can name it before the completion exists. Run the whole iteration on one thread."""
+        stream can name it before the completion exists. The iteration may move between threads
+        (one at a time): nothing thread-local is held between chunks."""
         gid = generation_id or str(uuid.uuid4())
         if version is None:
             version = self.engine.current().version  # fixed now: a stop string ends the stream early
@@ -310,28 +320,21 @@ class Daemon:
         self.counters.generation(c)
         yield GenerationResult(gid, c)
 
-    def _record(self, gid: str, prompt: str, params: SamplingParams, c: Completion, stop: Sequence[str]) -> None:
-        # GenerationLog.record() makes its own id, but a stream must send the id in its first chunk.
-        # TODO(store): let GenerationLog.record take the id, and call it here.
-        with self.db.write() as s:
-            s.add(
-                GenerationRow(
-                    id=gid,
-                    prompt=prompt,
-                    completion=c.text,
-                    model_version=c.version,
-                    params={
-                        "max_new_tokens": params.max_new_tokens,
-                        "temperature": params.temperature,
-                        "top_p": params.top_p,
-                        "seed": params.seed,
-                        "stop": list(stop),
-                    },
-                    prompt_tokens=c.prompt_tokens,
-                    completion_tokens=c.completion_tokens,
-                    created_at=utcnow(),
-                )
-            )
+    def _record(
+        self, gid: str | None, prompt: str, params: SamplingParams, c: Completion, stop: Sequence[str]
+    ) -> str:
+        """Every generation is kept (prompt, completion, version, parameters) so feedback can refer to it."""
+        recorded: dict[str, Any] = {
+            "max_new_tokens": params.max_new_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "seed": params.seed,
+        }
+        if stop:
+            recorded["stop"] = list(stop)
+        return self.generations.record(
+            prompt, c.text, c.version, recorded, c.prompt_tokens, c.completion_tokens, generation_id=gid
+        )
 
     def feedback(self, generation_id: str, rating: float | None, correction: str | None) -> Feedback:
         """A correction teaches (prompt + correction); a positive rating teaches (prompt + completion)

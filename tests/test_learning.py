@@ -162,7 +162,7 @@ def test_lora_end_to_end_checkpoints_hold_the_adapter_only(tmp_path: Path, pretr
     with LiveServer(settings) as srv, srv.client() as c:
         assert FACT not in greedy(c)["text"]
         post_fact(c)
-        learned = wait_for(lambda: (g := greedy(c)) and FACT in g["text"] and g, timeout=90, interval=0.5)
+        learned = wait_for(lambda: (g := greedy(c)) and FACT in g["text"] and g, timeout=240, interval=0.5)
         version = learned["model_version"]
         assert version > 0
         ckpt = tmp_path / "data" / "checkpoints" / f"v{version:06d}" / "model.safetensors"

@@ -17,8 +17,6 @@ from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from llmos.store.tables import Base
-
 
 def normalise_url(url: str) -> str:
     """Pick the psycopg 3 driver for a bare postgresql:// URL."""
@@ -70,8 +68,24 @@ class Database:
         self._writer = sessionmaker(self._write_engine, expire_on_commit=False)
         self._reader = sessionmaker(self._read_engine, expire_on_commit=False)
 
-    def create_schema(self) -> None:
-        Base.metadata.create_all(self._write_engine)
+    def create_schema(self, revision: str = "head") -> None:
+        """Bring the schema to ``revision`` with the alembic migrations in llmos/store/migrations,
+        so a data directory made by an older llmos opens in a newer one."""
+        from alembic import command
+        from alembic.config import Config
+
+        cfg = Config()
+        cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+        with self._migration_engine().begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, revision)
+
+    def _migration_engine(self) -> Engine:
+        # Alembic manages its own transaction: on SQLite it needs the stock pysqlite behaviour,
+        # without our BEGIN IMMEDIATE hook, and a plain connection is enough for a one-off.
+        if self.is_sqlite:
+            return create_engine(self.url)
+        return self._write_engine
 
     @contextmanager
     def write(self) -> Iterator[Session]:

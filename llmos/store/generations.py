@@ -64,8 +64,10 @@ class GenerationLog:
         params: dict[str, Any],
         prompt_tokens: int,
         completion_tokens: int,
+        generation_id: str | None = None,
     ) -> str:
-        gid = str(uuid.uuid4())
+        """Store one generation; ``generation_id`` lets a stream name its id before it ends."""
+        gid = generation_id or str(uuid.uuid4())
         with self._db.write() as s:
             s.add(
                 GenerationRow(

@@ -134,7 +134,8 @@ class SampleQueue:
                 if me.done:
                     break
                 self._writing = True
-                group, n = [], 0
+                group: list[_Write] = []
+                n = 0
                 while self._writes and (not group or n + len(self._writes[0].items) <= self.GROUP_MAX_ITEMS):
                     group.append(self._writes.pop(0))
                     n += len(group[-1].items)

@@ -13,7 +13,9 @@ from __future__ import annotations
 import enum
 import logging
 import math
+import os
 import random
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -65,6 +67,8 @@ class TrainerConfig:
     replay_min: int = 0  # at least this many replayed samples per batch (when replay is on)
     max_per_source: int | None = None  # most samples one source may fill in a batch
     lease_s: float = 300.0  # claims not renewed for this long go back to the queue
+    yield_to_requests_s: float = 0.0  # longest wait between steps while generations run (0 = none)
+    nice: int = 0  # CPU priority of the trainer thread below serving's (Linux; 0 = equal)
     regularization: RegularizationConfig = RegularizationConfig()
     anchor_texts: tuple[str, ...] = ()  # the user's eval file, always in the anchor set
     prequential_decay: float = 0.9  # running average: new = decay * old + (1 - decay) * batch
@@ -187,6 +191,13 @@ class Trainer:
 
     # ---- the loop ---------------------------------------------------------------------------
     def _run(self) -> None:
+        if self.cfg.nice > 0 and sys.platform == "linux":
+            # Linux nices threads one by one: this lowers the trainer alone, so that a generation
+            # competing with it for a core (or with a neighbour's process) gets the larger share.
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.cfg.nice)
+            except OSError as exc:
+                log.warning("could not lower the trainer's CPU priority: %s", exc)
         while not self._stop.is_set():
             try:
                 self._step_boundary()
@@ -311,6 +322,7 @@ class Trainer:
             micro = list(batch.micro_batches(self.cfg.micro_batch, shuffle))
             for start in range(0, len(micro), k):
                 self._step_boundary()
+                self._yield_to_requests()
                 report = optimize(
                     state, micro[start : start + k], self.cfg.optimizer, self.device, self.cfg.bf16, self._penalty
                 )
@@ -321,6 +333,13 @@ class Trainer:
             self._renew_lease()
         state.samples_seen += len(batch.sample_ids)
         return None
+
+    def _yield_to_requests(self) -> None:
+        """Serving first: while generations are in flight, hold the next step back, for
+        ``yield_to_requests_s`` at most so that a steady stream of requests cannot starve training."""
+        wait = self.cfg.yield_to_requests_s
+        if wait > 0 and self.serving.in_flight:
+            self.serving.wait_idle(wait)
 
     def _renew_lease(self) -> None:
         if time.monotonic() - self._last_renew > self.cfg.lease_s / 3:
@@ -373,11 +392,11 @@ class Trainer:
         """Between steps: honour stop, reset and pause."""
         if self._stop.is_set() or self._reset.is_set():
             raise _Interrupted
-        if not self._resume.is_set():
-            while not self._resume.wait(0.2):
-                pass
-            if self._stop.is_set() or self._reset.is_set():
+        while not self._resume.wait(0.2):
+            if self._reset.is_set():  # a rollback while paused: reload now, stay paused
                 raise _Interrupted
+        if self._stop.is_set() or self._reset.is_set():
+            raise _Interrupted
 
     # ---- state management -------------------------------------------------------------------
     def _require_state(self) -> TrainingState:
