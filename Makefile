@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-slow test-all lint run clean bench-forgetting
+.PHONY: install test test-slow test-all lint run clean bench-forgetting bench bench-speed bench-scaling
 
 # One command sets everything up: a virtual environment with torch (CPU wheel unless you have
 # installed another build) and llmos with its test tools (among them the openai client and
@@ -45,3 +45,18 @@ clean:
 # Forgetting of an earlier domain while a new one streams in, per mitigation strategy (< 5 min, CPU).
 bench-forgetting:
 	$(BIN)/python bench/forgetting.py --out bench/results
+
+# Speed (issue 4): trainer, generation, serving while training, hot-swap, freshness, ingest, and
+# their growth with model size, each as a ratio against a reference measured side by side in the
+# same run; writes bench/results/RESULTS.md (about 12 minutes on 2 cores).
+bench: bench-speed bench-scaling
+	$(BIN)/python bench/report.py --results bench/results --command "make bench"
+
+# The commit before issue 4's speed work: figures 7 and 8 measure its server too, for before/after.
+BENCH_BASELINE ?= 233d075
+
+bench-speed:
+	$(BIN)/python bench/speed.py --out bench/results --baseline $(BENCH_BASELINE)
+
+bench-scaling:
+	$(BIN)/python bench/scaling.py --out bench/results

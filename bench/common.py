@@ -105,8 +105,11 @@ class Server:
     """`python -m llmos serve` in its own process (so that the load generator does not share its
     interpreter lock), configured through LLMOS_* variables."""
 
-    def __init__(self, data_dir: Path, env: dict[str, str] | None = None, log: Path | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, env: dict[str, str] | None = None, log: Path | None = None, tree: Path | None = None
+    ) -> None:
         self.data_dir = data_dir
+        self.tree = tree  # another checkout of llmos to run instead of this one (a baseline)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log or data_dir.parent / f"{data_dir.name}.log"
@@ -117,13 +120,17 @@ class Server:
             "LLMOS_ADMIN_TOKEN": ADMIN,
             **(env or {}),
         }
+        if tree is not None:
+            self.env["PYTHONPATH"] = str(tree)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Server:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "llmos", "serve", "--data-dir", str(self.data_dir), "--port", str(self.port)]
         cmd += ["--log-level", "warning"]  # no access log line per request
-        self.proc = subprocess.Popen(cmd, env=self.env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            cmd, env=self.env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT, cwd=self.tree or ROOT
+        )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import secrets
-import sys
 import threading
 import uuid
 from collections.abc import Generator, Sequence
@@ -40,7 +39,6 @@ from llmos.trainer.state import OptimizerConfig
 log = logging.getLogger(__name__)
 
 ADMIN_TOKEN_FILE = "admin_token"
-GIL_SWITCH_INTERVAL_S = 0.001
 
 
 class QueueFull(RuntimeError):
@@ -186,11 +184,6 @@ class Daemon:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         threads = settings.runtime.torch_threads or max(1, (os.cpu_count() or 2) // 2)
         torch.set_num_threads(threads)
-        # A thread that wants the interpreter lock waits up to this long for its holder to let go
-        # (Python's default is 5 ms): generation, training and swaps share one process, and the
-        # shorter interval cuts the stalls a swap or a training step causes in a token stream
-        # (bench/results/RESULTS.md, figure 6).
-        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self.admin_token, self.admin_token_path = admin_token(settings)
         self.db = Database(settings.store_url, settings.store.busy_timeout_s)
         self.db.check_durable()  # raises StoreNotDurable: never acknowledge what a crash could lose

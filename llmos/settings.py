@@ -49,7 +49,7 @@ class AuthSettings(_Section):
 
 class LimitsSettings(_Section):
     key_rate_per_s: float = Field(
-        50.0, ge=0, description="Requests per second per API key (or client address when open); 0 = no limit."
+        50.0, ge=0, description="Requests per second per API key or admin token; 0 = no limit (open API: none)."
     )
     key_burst: int = Field(1000, ge=1, description="Requests a key may make at once before its rate applies.")
     source_rate_per_s: float = Field(
@@ -80,7 +80,9 @@ class ModelSettings(_Section):
     )
     device: str = Field("auto", description="'auto' (cuda when present, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="Training arithmetic: bf16 autocast or fp32; auto = bf16 on CUDA, fp32 on CPU."
+        "auto",
+        description="Training arithmetic: bf16 autocast or fp32; auto = bf16 on CUDA and on CPUs with bf16 "
+        "instructions (AVX512-BF16, AMX), else fp32.",
     )
     seed: int = Field(0, description="Seed for the built-in model's initialisation and the trainer's shuffling.")
 
@@ -137,6 +139,9 @@ class TrainSettings(_Section):
     )
     evaluate_every_s: float = Field(0, ge=0, description="...or once this many seconds have passed (0 = off).")
     error_backoff_s: float = Field(5.0, ge=0, description="Pause after an unexpected trainer error before retrying.")
+    yield_to_requests_s: float = Field(
+        0.2, ge=0, description="Between steps, wait up to this long while generations are in flight (0 = never)."
+    )
 
 
 class EvalSettings(_Section):
@@ -199,6 +204,9 @@ class ServingSettings(_Section):
 class RuntimeSettings(_Section):
     torch_threads: int = Field(
         0, ge=0, description="torch intra-op threads for the process (0 = half the cores, at least 1)."
+    )
+    trainer_nice: int = Field(
+        10, ge=0, le=19, description="Linux: the trainer thread's nice value, so generations get the CPU first."
     )
 
 

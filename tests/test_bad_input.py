@@ -219,3 +219,17 @@ def test_405_names_every_method_of_the_path(srv: LiveServer) -> None:
         r = c.delete("/generate")
         assert r.status_code == 405
         assert {m.strip() for m in r.headers["allow"].split(",")} >= {"GET", "POST"}
+
+
+def test_clients_that_drop_a_stream_do_not_stall_generation(srv: LiveServer) -> None:
+    # One generation at a time holds the model: a stream its client abandons must still let go.
+    for _ in range(3):  # gone before the first byte of the answer
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+            sock.sendall(b"GET /generate?prompt=x&max_new_tokens=1000&stream=true HTTP/1.1\r\nHost: x\r\n\r\n")
+    with srv.client() as c:  # gone after the first chunk
+        with c.stream("GET", "/generate", params={"prompt": "x", "max_new_tokens": 1000, "stream": True}) as r:
+            assert r.status_code == 200
+            next(r.iter_bytes())
+    with srv.client() as c:
+        r = c.get("/generate", params={"prompt": "still there?", "max_new_tokens": 4}, timeout=30)
+        assert r.status_code == 200, r.text

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from conftest import ADMIN, LiveServer, make_settings, wait_for
@@ -145,3 +146,13 @@ def test_max_new_tokens_is_capped_from_config(srv: LiveServer) -> None:
         assert r.status_code == 422 and "serving.max_new_tokens_cap" in r.json()["detail"]
         r = c.get("/generate", params={"prompt": "hi", "max_new_tokens": 8})
         assert r.status_code == 200 and r.json()["completion_tokens"] <= 8
+
+
+def test_the_open_api_has_no_per_caller_limit(tmp_path: Path) -> None:
+    # Without API keys every local client shares one address: there is no caller to tell apart.
+    settings = make_settings(tmp_path / "data", **{"limits.key_rate_per_s": 0.1, "limits.key_burst": 1})
+    with LiveServer(settings) as srv, srv.client() as c:
+        assert [c.get("/v1/trainer").status_code for _ in range(10)] == [200] * 10
+        limited = c.get("/v1/trainer", headers={"Authorization": f"Bearer {ADMIN}"})  # a credential is limited
+        assert limited.status_code == 200
+        assert c.get("/v1/trainer", headers={"Authorization": f"Bearer {ADMIN}"}).status_code == 429

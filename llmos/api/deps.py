@@ -106,15 +106,17 @@ def require_api_key(
     limiter: Annotated[RateLimiter, Depends(get_key_limiter)],
 ) -> Caller:
     """An API key (or the admin token); none needed when no keys are configured. Then the
-    caller's rate limit."""
+    key's rate limit."""
     caller = keyring.identify(creds.credentials) if creds is not None else None
     if caller is None:
         if not keyring.open:
             if creds is None:
                 raise HTTPException(401, "API key required: send 'Authorization: Bearer <key>'", headers=_BEARER_HINT)
             raise HTTPException(401, "unknown API key", headers=_BEARER_HINT)
-        # Open API: clients that always send some key (OpenAI SDKs do) are welcome; keyed by address.
-        caller = Caller("anonymous", "addr:" + (request.client.host if request.client else "unknown"))
+        # Open API (loopback only): clients that always send some key (OpenAI SDKs do) are welcome.
+        # Every local client has the same address, so there is no caller to limit: the per-source
+        # limits and the queue depth still hold.
+        return Caller("anonymous", "addr:" + (request.client.host if request.client else "unknown"))
     wait = limiter.take({caller.id: 1})
     if wait:
         raise too_many(

@@ -21,7 +21,7 @@ from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from llmos.api.deps import ApiKey, DaemonDep
 from llmos.api.schemas import Text, error_responses
@@ -74,36 +74,30 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+Stop = Annotated[Text, Field(max_length=200)]
+_ONE = "llmos returns one choice per request"
+_UNSUPPORTED = "not supported by llmos; leave it out"
+
+
 class _OpenAIRequest(BaseModel):
-    # Known OpenAI fields are accepted (and refused with a reason when llmos cannot honour their
-    # value); an unknown field is an error, as everywhere in this API.
+    # The fields of OpenAI's API reference that llmos can honour, and those it can honour only at
+    # their neutral value (the schema says which values; anything else is a 422 naming the field).
+    # An unknown field is an error, as everywhere in this API.
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    model: Annotated[str, Field(min_length=1, max_length=100)]
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
+    model: Annotated[str, Field(min_length=1, max_length=100, description="'llmos' or 'llmos@<version>'")]
+    max_tokens: int | None = Field(None, ge=1, description="Lowered to serving.max_new_tokens_cap if larger.")
+    temperature: float | None = Field(None, ge=0, le=2, description="Default 1; 0 is greedy.")
     top_p: float | None = Field(None, gt=0, le=1)
-    n: int | None = Field(None, ge=1)
+    n: Literal[1] | None = Field(None, description=_ONE)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    stop: Annotated[Text, Field(max_length=200)] | list[Annotated[Text, Field(max_length=200)]] | None = None
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None
+    stop: Stop | Annotated[list[Stop], Field(max_length=4)] | None = None
+    seed: int | None = Field(None, ge=0, le=2**53 - 1)  # exact as a JSON number anywhere
+    presence_penalty: float | None = Field(None, ge=0, le=0, description=_UNSUPPORTED)
+    frequency_penalty: float | None = Field(None, ge=0, le=0, description=_UNSUPPORTED)
+    logit_bias: dict[str, float] | None = Field(None, max_length=0, description=_UNSUPPORTED)
     user: Annotated[str, Field(max_length=200)] | None = None
-
-    @model_validator(mode="after")
-    def _supported(self) -> _OpenAIRequest:
-        if self.n not in (None, 1):
-            raise ValueError("n must be 1: llmos returns one choice per request")
-        if self.presence_penalty or self.frequency_penalty:
-            raise ValueError("presence_penalty and frequency_penalty are not supported (leave them 0)")
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported")
-        if isinstance(self.stop, list) and len(self.stop) > 4:
-            raise ValueError("stop takes at most 4 strings")
-        return self
 
     def stops(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -116,25 +110,11 @@ class _OpenAIRequest(BaseModel):
 
 
 class CompletionIn(_OpenAIRequest):
-    prompt: Text | list[Text]
-    echo: bool | None = False
-    logprobs: int | None = None
-    suffix: str | None = None
-    best_of: int | None = None
-
-    @model_validator(mode="after")
-    def _completion_supported(self) -> CompletionIn:
-        if isinstance(self.prompt, list) and len(self.prompt) != 1:
-            raise ValueError("prompt: give one string (llmos completes one prompt per request)")
-        if self.echo:
-            raise ValueError("echo is not supported")
-        if self.logprobs:
-            raise ValueError("logprobs is not supported")
-        if self.suffix:
-            raise ValueError("suffix is not supported")
-        if self.best_of not in (None, 1):
-            raise ValueError("best_of must be 1")
-        return self
+    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=1, description="One prompt.")]
+    echo: Literal[False] | None = Field(None, description=_UNSUPPORTED)
+    logprobs: Literal[0] | None = Field(None, description=_UNSUPPORTED)
+    suffix: Annotated[str, Field(max_length=0)] | None = Field(None, description=_UNSUPPORTED)
+    best_of: Literal[1] | None = Field(None, description=_ONE)
 
     def text(self) -> str:
         return self.prompt[0] if isinstance(self.prompt, list) else self.prompt
@@ -160,23 +140,18 @@ class Message(BaseModel):
         return "".join(p.text for p in self.content)
 
 
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+
+
 class ChatIn(_OpenAIRequest):
     messages: list[Message] = Field(min_length=1, max_length=1000)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool | None = False
-    response_format: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-
-    @model_validator(mode="after")
-    def _chat_supported(self) -> ChatIn:
-        if self.logprobs:
-            raise ValueError("logprobs is not supported")
-        if self.response_format and self.response_format.get("type") != "text":
-            raise ValueError("response_format: only {'type': 'text'} is supported")
-        if self.tools or self.tool_choice not in (None, "none"):
-            raise ValueError("tools are not supported")
-        return self
+    logprobs: Literal[False] | None = Field(None, description=_UNSUPPORTED)
+    response_format: ResponseFormat | None = None
+    tools: Annotated[list[dict[str, Any]], Field(max_length=0)] | None = Field(None, description=_UNSUPPORTED)
+    tool_choice: Literal["none"] | None = Field(None, description=_UNSUPPORTED)
 
 
 # ---- responses -----------------------------------------------------------------------------------
@@ -247,16 +222,10 @@ def _prepare(daemon: Daemon, req: _OpenAIRequest, prompt: str, default_max: int)
             "invalid_request_error",
             "context_length_exceeded",
         )
-    max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens or default_max
-    cap = daemon.settings.serving.max_new_tokens_cap
-    if max_tokens > cap:
-        raise OpenAIError(
-            400,
-            f"max_tokens is {max_tokens}; the limit is {cap} (serving.max_new_tokens_cap)",
-            "invalid_request_error",
-            None,
-            "max_tokens",
-        )
+    # Clients often ask for more than they need (4096 is a common default): lowered, not refused;
+    # finish_reason "length" tells when the cap cut a completion short.
+    asked = getattr(req, "max_completion_tokens", None) or req.max_tokens or default_max
+    max_tokens = min(asked, daemon.settings.serving.max_new_tokens_cap)
     return req.sampling(max_tokens), _resolve(daemon, req.model)
 
 

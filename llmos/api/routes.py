@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
+import json
+import logging
 import math
-from typing import Annotated
+import queue
+import threading
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
 
+import anyio
 from fastapi import APIRouter, HTTPException, Query
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from llmos.api.deps import AdminDep, ApiKey, AuditDep, DaemonDep, SourceLimiterDep, too_many
 from llmos.api.schemas import (
@@ -31,12 +38,13 @@ from llmos.api.schemas import (
     TrainerOut,
     error_responses,
 )
-from llmos.daemon import QueueFull
+from llmos.daemon import Daemon, GenerationResult, QueueFull
 from llmos.registry.registry import CorruptCheckpoint, RejectedVersion, UnknownVersion
 from llmos.serving.types import PromptTooLong, SamplingParams
 from llmos.store.generations import UnknownGeneration
 from llmos.store.queue import NewSample
 
+log = logging.getLogger(__name__)
 router = APIRouter()
 GREEDY_BELOW = 1e-5  # a temperature under this is served greedily (as vLLM does)
 TOP_P_FLOOR = 1e-6  # under the top probability of any vocabulary below a million tokens
@@ -109,7 +117,7 @@ def get_text(sample_id: str, daemon: DaemonDep) -> TextOut:
     )
 
 
-def _generate(req: GenerateIn, daemon: DaemonDep) -> GenerateOut:
+def _generate(req: GenerateIn, daemon: DaemonDep) -> GenerateOut | StreamingResponse:
     limit = daemon.settings.server.max_prompt_chars
     if len(req.prompt) > limit:
         raise HTTPException(
@@ -126,6 +134,8 @@ def _generate(req: GenerateIn, daemon: DaemonDep) -> GenerateOut:
     # it would round to 0 in float32 and keep nothing.
     top_p = max(req.top_p, TOP_P_FLOOR)
     params = SamplingParams(req.max_new_tokens, temperature, top_p, req.seed)
+    if req.stream:
+        return _generate_events(daemon, req.prompt, params)
     try:
         r = daemon.generate(req.prompt, params)
     except PromptTooLong as exc:
@@ -141,14 +151,93 @@ def _generate(req: GenerateIn, daemon: DaemonDep) -> GenerateOut:
     )  # type: ignore[arg-type]
 
 
+def _sse(data: dict[str, object], event: str | None = None) -> str:
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def _generate_events(daemon: Daemon, prompt: str, params: SamplingParams) -> StreamingResponse:
+    """Server-Sent Events: {"text": delta} per chunk, then event "done" with the result. The first
+    chunk is made before the response starts, so a prompt too long still gets a plain 422.
+
+    From then on the generation holds a slot of the model, so it runs to its end on a thread of its
+    own, whatever the client does: a client that goes away before or during the stream (whose
+    response is then never read to the end, or never started) cannot keep the slot and stall every
+    later generation. The stream only reads what that thread produces."""
+    events = daemon.generate_stream(prompt, params)
+    try:
+        first = next(events)
+    except PromptTooLong as exc:
+        raise HTTPException(422, str(exc)) from exc
+    chunks: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+    gone = threading.Event()  # the client left: stop early
+
+    def produce() -> None:
+        try:
+            for event in itertools.chain([first], events):
+                if gone.is_set():
+                    break
+                if isinstance(event, GenerationResult):
+                    c = event.completion
+                    done = {
+                        "generation_id": event.generation_id,
+                        "model_version": c.version,
+                        "prompt_tokens": c.prompt_tokens,
+                        "completion_tokens": c.completion_tokens,
+                        "finish_reason": c.finish_reason,
+                    }
+                    chunks.put(_sse(done, "done"))
+                else:
+                    chunks.put(_sse({"text": event}))
+        except Exception as exc:  # the status line is gone: say so in the stream
+            log.exception("streamed generation failed")
+            chunks.put(_sse({"detail": f"generation failed: {type(exc).__name__}"}, "error"))
+        finally:
+            events.close()  # frees the generation slot
+            chunks.put(None)
+
+    threading.Thread(target=produce, name="llmos-sse", daemon=True).start()
+
+    async def body() -> AsyncIterator[str]:
+        try:
+            while (chunk := await anyio.to_thread.run_sync(chunks.get)) is not None:
+                yield chunk
+        finally:
+            gone.set()
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+
+
+# The JSON answer, or with stream=true an event stream (documented beside GenerateOut).
+_GENERATE_200: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The completion; with stream=true, Server-Sent Events (text chunks, then 'done')",
+        # Open API 3.1 reads an event stream's schema as the schema of one event.
+        "content": {
+            "text/event-stream": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "event": {"type": "string", "enum": ["message", "done", "error"]},  # message: text
+                        "data": {"type": "string", "contentMediaType": "application/json"},
+                    },
+                    "required": ["data"],
+                }
+            }
+        },
+    }
+}
+
+
 @router.get(
     "/generate",
     response_model=GenerateOut,
     dependencies=[ApiKey],
     tags=["generation"],
-    responses=error_responses(401, 422, 429),
+    responses={**_GENERATE_200, **error_responses(401, 422, 429)},
 )
-def get_generate(req: Annotated[GenerateQuery, Query()], daemon: DaemonDep) -> GenerateOut:
+def get_generate(req: Annotated[GenerateQuery, Query()], daemon: DaemonDep) -> GenerateOut | StreamingResponse:
     """Complete a prompt with the active model version (greedy at temperature 0)."""
     return _generate(req, daemon)
 
@@ -158,9 +247,9 @@ def get_generate(req: Annotated[GenerateQuery, Query()], daemon: DaemonDep) -> G
     response_model=GenerateOut,
     dependencies=[ApiKey],
     tags=["generation"],
-    responses=error_responses(*_BODY_ERRORS),
+    responses={**_GENERATE_200, **error_responses(*_BODY_ERRORS)},
 )
-def post_generate(req: GenerateIn, daemon: DaemonDep) -> GenerateOut:
+def post_generate(req: GenerateIn, daemon: DaemonDep) -> GenerateOut | StreamingResponse:
     return _generate(req, daemon)
 
 

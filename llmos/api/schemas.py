@@ -99,6 +99,11 @@ class GenerateIn(_Request):
     seed: Annotated[
         Annotated[int, Field(ge=0, le=2**53 - 1), BeforeValidator(_json_int)] | SkipJsonSchema[None], NoNull
     ] = None
+    stream: bool = Field(
+        False,
+        description="Answer with Server-Sent Events: one event per text chunk ({'text': ...}), then an event "
+        "'done' carrying generation_id, model_version, token counts and finish_reason.",
+    )
 
 
 class GenerateQuery(GenerateIn):

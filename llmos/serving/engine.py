@@ -44,10 +44,14 @@ def pick_token(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | N
     """logits (V,) -> next token id: greedy at temperature 0, else nucleus sampling."""
     if p.temperature == 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / p.temperature, dim=-1)
+    # float64: a temperature near 0 would overflow float32 logits / t.
+    probs = torch.softmax(logits.double() / p.temperature, dim=-1)
+    if not bool(torch.isfinite(probs).all()):
+        return int(logits.argmax())  # the limit of sampling as the temperature goes to 0
     if p.top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(0) - sorted_p < p.top_p  # always keeps the most likely token
+        keep = sorted_p.cumsum(0) - sorted_p < p.top_p
+        keep[0] = True  # always keep the most likely token, however small top_p is
         probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
     return int(torch.multinomial(probs, 1, generator=gen))
 

@@ -11,7 +11,8 @@ loss does not rise by more than ``forgetting_budget`` (both relative).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 
@@ -33,8 +34,9 @@ class EvalReport:
     eval_tokens: int
     promote: bool
     reason: str
-    anchor_loss: float | None = None
+    anchor_loss: float | None = None  # over the whole anchor set (token-weighted across sources)
     active_anchor_loss: float | None = None
+    active_anchor_by_source: dict[str, float] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, float | int | None]:
         return {
@@ -80,23 +82,37 @@ def evaluate(
     device: torch.device,
     train_loss: float | None,
     active_loss: float | None = None,
-    anchor_set: Batch | None = None,
-    active_anchor_loss: float | None = None,
+    anchor_sets: Mapping[str, Batch] | None = None,
+    active_anchor_losses: Mapping[str, float] | None = None,
 ) -> EvalReport:
     """Compute the measures and decide. Known active-version losses for the same sets may be
-    passed in (they do not change until the active version does)."""
+    passed in (they do not change until the active version does).
+
+    The anchor set comes in groups, one per source: each group must stay within the forgetting
+    budget on its own, so a flood from one sender cannot hide what it erases of a small source
+    inside an average dominated by its own held-out data."""
     mb = cfg.micro_batch
     cand = act = None
     if len(eval_set):
         cand = heldout_loss(candidate, eval_set, device, mb)
         act = active_loss if active_loss is not None else heldout_loss(active, eval_set, device, mb)
-    a_cand = a_act = None
-    if anchor_set is not None and len(anchor_set):
-        a_cand = heldout_loss(candidate, anchor_set, device, mb)
-        a_act = active_anchor_loss if active_anchor_loss is not None else heldout_loss(active, anchor_set, device, mb)
+    known = active_anchor_losses or {}
+    groups = {name: b for name, b in (anchor_sets or {}).items() if len(b)}
+    per_group: dict[str, tuple[float, float]] = {}
+    for name, batch in groups.items():
+        a_act = known[name] if name in known else heldout_loss(active, batch, device, mb)
+        per_group[name] = (heldout_loss(candidate, batch, device, mb), a_act)
+    a_cand = a_act_all = None
+    if per_group:
+        weights = {name: groups[name].n_tokens for name in per_group}
+        total = sum(weights.values()) or 1
+        a_cand = sum(per_group[n][0] * w for n, w in weights.items()) / total
+        a_act_all = sum(per_group[n][1] * w for n, w in weights.items()) / total
 
     def report(promote: bool, reason: str) -> EvalReport:
-        return EvalReport(cand, act, eval_set.n_tokens, promote, reason, a_cand, a_act)
+        return EvalReport(
+            cand, act, eval_set.n_tokens, promote, reason, a_cand, a_act_all, {n: v[1] for n, v in per_group.items()}
+        )
 
     if cand is None or act is None:
         if train_loss is None or not math.isfinite(train_loss):
@@ -105,13 +121,14 @@ def evaluate(
         why = _check("held-out", cand, act, cfg.tolerance, "eval.tolerance")
         if why:
             return report(False, why)
-    if a_cand is not None and a_act is not None:
-        why = _check("anchor", a_cand, a_act, cfg.forgetting_budget, "eval.forgetting_budget")
+    for name, (g_cand, g_act) in per_group.items():
+        label = "anchor" if len(per_group) == 1 else f"anchor ({name})"
+        why = _check(label, g_cand, g_act, cfg.forgetting_budget, "eval.forgetting_budget")
         if why:
             return report(False, why)
     parts = []
     if cand is not None:
         parts.append(f"held-out {cand:.4f} (active {act:.4f})")
     if a_cand is not None:
-        parts.append(f"anchor {a_cand:.4f} (active {a_act:.4f})")
+        parts.append(f"anchor {a_cand:.4f} (active {a_act_all:.4f}) over {len(per_group)} source(s)")
     return report(True, ", ".join(parts) if parts else "no held-out data yet; training loss finite")

@@ -357,11 +357,26 @@ class Trainer:
             self._sets[name] = cached
         return cached
 
+    def _anchor_sets(self) -> dict[str, tuple[tuple[str, ...], Batch]]:
+        """The anchor set grouped by source (the user's eval file is a group of its own)."""
+        by_source: dict[str, list[Sample]] = {}
+        for sample in self.anchor_pool.members():
+            by_source.setdefault(sample.source or "(no source)", []).append(sample)
+        groups = {name: self._eval_set(f"anchor:{name}", members) for name, members in by_source.items()}
+        if self.cfg.anchor_texts:
+            groups["(eval file)"] = self._eval_set("anchor:(eval file)", [], self.cfg.anchor_texts)
+        return groups
+
     def _evaluate(self, state: TrainingState) -> EvalReport:
         recent_key, recent = self._eval_set("recent", self.queue.heldout(self.cfg.eval_max_samples))
-        anchor_key, anchor = self._eval_set("anchor", self.anchor_pool.members(), self.cfg.anchor_texts)
+        anchors = self._anchor_sets()
         active = self.serving.current()
         cache = self._active_losses
+        known = {
+            name: cache[(f"anchor:{name}", active.version, key)]
+            for name, (key, _b) in anchors.items()
+            if (f"anchor:{name}", active.version, key) in cache
+        }
         report = evaluate(
             state.model,
             active.model,
@@ -370,14 +385,14 @@ class Trainer:
             self.device,
             state.last_loss,
             active_loss=cache.get(("recent", active.version, recent_key)),
-            anchor_set=anchor,
-            active_anchor_loss=cache.get(("anchor", active.version, anchor_key)),
+            anchor_sets={name: b for name, (_key, b) in anchors.items()},
+            active_anchor_losses=known,
         )
         cache.clear()  # keep only what this active version measured on these sets
         if report.active_loss is not None:
             cache[("recent", active.version, recent_key)] = report.active_loss
-        if report.active_anchor_loss is not None:
-            cache[("anchor", active.version, anchor_key)] = report.active_anchor_loss
+        for name, loss in report.active_anchor_by_source.items():
+            cache[(f"anchor:{name}", active.version, anchors[name][0])] = loss
         return report
 
     def _due(self) -> bool:
@@ -422,6 +437,6 @@ class Trainer:
         self._state = load_state(version, self.registry, model, self.cfg.optimizer)
         if self.cfg.regularization.method != "none":
             # The anchor weights are the version we continue from: the model as deployed.
-            _key, anchor = self._eval_set("anchor", self.anchor_pool.members(), self.cfg.anchor_texts)
+            _key, anchor = self._eval_set("anchor:all", self.anchor_pool.members(), self.cfg.anchor_texts)
             self._penalty = make_penalty(self.cfg.regularization, model, anchor, self.device)
         log.info("trainer continues from version %d (step %d)", version, self._state.step)
