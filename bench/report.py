@@ -187,7 +187,7 @@ def before_after(s: dict[str, Any]) -> list[str]:
         if len(names) == 2:
             b, a = s["fig5"][names[0]], s["fig5"][names[1]]
             rows.append(
-                f"| trainer yields between steps while generations run; trainer thread niced (trainer/loop.py, "
+                f"| the trainer waits between steps while generations are in flight (trainer/loop.py, "
                 f"serving/engine.py, settings) | 5: p99 busy / paused (p50) | {fmt(b['p99_ratio'])} "
                 f"({fmt(b['p50_ratio'])}) | {fmt(a['p99_ratio'])} ({fmt(a['p50_ratio'])}) |"
             )

@@ -459,13 +459,10 @@ def fig5(work: Path, env: dict[str, str], phases: int, per_phase: int, tag: str)
     }
 
 
-# Before issue 4's changes: the trainer neither yields to requests nor runs at a lower priority.
+# Before issue 4's changes the trainer did not yield to requests in flight.
 FIG5_VARIANTS = {
-    "before (no yield, trainer not niced)": {
-        "LLMOS_TRAIN__YIELD_TO_REQUESTS_S": "0",
-        "LLMOS_RUNTIME__TRAINER_NICE": "0",
-    },
-    "defaults (yield 0.2 s, trainer nice 10)": {},
+    "before (the trainer does not yield)": {"LLMOS_TRAIN__YIELD_TO_REQUESTS_S": "0"},
+    "defaults (train.yield_to_requests_s 0.2)": {},
 }
 
 

@@ -206,7 +206,8 @@ class RuntimeSettings(_Section):
         0, ge=0, description="torch intra-op threads for the process (0 = half the cores, at least 1)."
     )
     trainer_nice: int = Field(
-        10, ge=0, le=19, description="Linux: the trainer thread's nice value, so generations get the CPU first."
+        0, ge=0, le=19, description="Linux: nice value of the trainer thread (higher = generations, and the "
+        "machine's other work, get the CPU first; training slows when the machine is busy)."
     )
 
 

@@ -48,7 +48,7 @@ def leaves(model: type[BaseModel] = Settings, prefix: str = "") -> Iterator[tupl
         if isinstance(f.default, BaseModel):
             yield from leaves(type(f.default), f"{prefix}{name}.")
         else:
-            yield prefix + name, f, f.default
+            yield prefix + name, f, f.get_default(call_default_factory=True)
 
 
 def _scalar(value: Any, f: FieldInfo) -> str:

@@ -24,7 +24,7 @@ from llmos.trainer.preprocess import Batch
 class EvalConfig:
     tolerance: float
     micro_batch: int
-    forgetting_budget: float = 0.05
+    forgetting_budget: float = 1.0
 
 
 @dataclass(frozen=True)
