@@ -158,11 +158,19 @@ def pretrained_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_lora_end_to_end_checkpoints_hold_the_adapter_only(tmp_path: Path, pretrained_base: Path) -> None:
-    settings = make_settings(tmp_path / "data", **{"train.mode": "lora", "model.name_or_path": str(pretrained_base)})
+    settings = make_settings(
+        tmp_path / "data",
+        **{"train.mode": "lora", "model.name_or_path": str(pretrained_base), "train.passes_per_batch": 80},
+    )
     with LiveServer(settings) as srv, srv.client() as c:
         assert FACT not in greedy(c)["text"]
         post_fact(c)
-        learned = wait_for(lambda: (g := greedy(c)) and FACT in g["text"] and g, timeout=240, interval=0.5)
+        try:
+            learned = wait_for(lambda: (g := greedy(c)) and FACT in g["text"] and g, timeout=240, interval=0.5)
+        except AssertionError:
+            print([(cp["version"], cp["status"], cp["metrics"].get("gate")) for cp in c.get("/v1/checkpoints").json()["checkpoints"]])
+            print(greedy(c), c.get("/v1/trainer").json())
+            raise
         version = learned["model_version"]
         assert version > 0
         ckpt = tmp_path / "data" / "checkpoints" / f"v{version:06d}" / "model.safetensors"

@@ -67,7 +67,10 @@ class ModelFactory:
         model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
         self.config = model.config
         if lora is not None:
-            with warnings.catch_warnings():
+            # A fixed seed for the adapter's initialisation (without touching the caller's RNG):
+            # the same config gives the same version 0 and the same training, run after run.
+            with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
                 warnings.simplefilter("ignore")  # peft notes that GPT-2's Conv1D needs fan_in_fan_out
                 model = get_peft_model(
                     model,  # type: ignore[arg-type]
