@@ -81,8 +81,8 @@ class ModelSettings(_Section):
     device: str = Field("auto", description="'auto' (cuda when present, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",
-        description="Training arithmetic: bf16 autocast or fp32; auto = bf16 on CUDA and on CPUs with bf16 "
-        "instructions (AVX512-BF16, AMX), else fp32.",
+        description="Training arithmetic: bf16 autocast or fp32; auto = bf16 on CUDA, and on CPUs with bf16 "
+        "instructions (AVX512-BF16, AMX) when all weights train (not LoRA); else fp32.",
     )
     seed: int = Field(0, description="Seed for the built-in model's initialisation and the trainer's shuffling.")
 
@@ -206,8 +206,11 @@ class RuntimeSettings(_Section):
         0, ge=0, description="torch intra-op threads for the process (0 = half the cores, at least 1)."
     )
     trainer_nice: int = Field(
-        0, ge=0, le=19, description="Linux: nice value of the trainer thread (higher = generations, and the "
-        "machine's other work, get the CPU first; training slows when the machine is busy)."
+        0,
+        ge=0,
+        le=19,
+        description="Linux: nice value of the trainer thread (higher = generations, and the "
+        "machine's other work, get the CPU first; training slows when the machine is busy).",
     )
 
 

@@ -126,8 +126,10 @@ def run_load(
                         op = "ingest"
                         k = rng.randint(1, 4)
                         items = [
-                            {"text": f"client {n} line {i}.{j}: the tide at Korvel turns at {rng.randint(0, 23)}h.",
-                             "source": f"client-{n}"}
+                            {
+                                "text": f"client {n} line {i}.{j}: the tide at Korvel turns at {rng.randint(0, 23)}h.",
+                                "source": f"client-{n}",
+                            }
                             for j in range(k)
                         ]
                         r = c.post("/v1/texts", json={"items": items})

@@ -239,9 +239,7 @@ def test_loopback_addresses() -> None:
     assert not any(is_loopback(h) for h in ["0.0.0.0", "::", "10.0.0.1", "example.com", ""])
 
 
-def test_serve_with_api_keys_may_listen_on_a_public_address(
-    clean_env: None, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_serve_with_api_keys_may_listen_on_a_public_address(clean_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
     import llmos.daemon
 
     class Reached(ValueError):

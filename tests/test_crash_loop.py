@@ -16,7 +16,7 @@ import pytest
 from conftest import ADMIN, free_port
 from helpers import start_server
 
-from llmos.registry.registry import Registry
+from llmos.registry.registry import CorruptCheckpoint, Registry
 from llmos.store.checkpoints import CheckpointIndex
 from llmos.store.db import Database
 
@@ -63,7 +63,13 @@ def check_after_restart(url: str, data: Path, acked: list[str], stale_tmp: list[
             db2 = Database(f"sqlite:///{data / 'llmos.db'}")
             registry = Registry(data / "checkpoints", CheckpointIndex(db2))
             for cp in cps["checkpoints"]:
-                registry.verify(cp["version"])
+                # A cycle that was already settling when the pause arrived may prune old versions
+                # after the listing: a version pruned since is no longer registered, not corrupt.
+                try:
+                    registry.verify(cp["version"])
+                except CorruptCheckpoint:
+                    if registry.index.get(cp["version"]) is not None:
+                        raise
             db2.dispose()
             assert not [n for n in stale_tmp if (data / "checkpoints" / n).exists()], "leftovers not cleaned"
 
@@ -104,8 +110,10 @@ def test_kill_9_ten_times_during_ingest_and_training(tmp_path: Path) -> None:
                     t.join(15)
         ckpt = data / "checkpoints"
         stale_tmp = [p.name for p in ckpt.iterdir() if p.name.startswith(".tmp-")] if ckpt.exists() else []
-        print(f"kill {round_ + 1}: {len(acked)} acknowledged; versions so far {sorted(versions_seen)[-3:]}; "
-              f"temporary dirs left at the kill: {stale_tmp}")
+        print(
+            f"kill {round_ + 1}: {len(acked)} acknowledged; versions so far {sorted(versions_seen)[-3:]}; "
+            f"temporary dirs left at the kill: {stale_tmp}"
+        )
     proc = start_server(data, port, log, SERVER_ENV)
     try:
         check_after_restart(url, data, acked, stale_tmp)

@@ -258,9 +258,7 @@ def test_a_checkpoint_that_cannot_be_written_changes_nothing_and_heals(
         wait_for(lambda: readyz(c)["status"] == "ready", timeout=60)
         for v in new:
             srv.daemon.registry.verify(v)
-        wait_for(
-            lambda: {c.get(f"/v1/texts/{i}").json()["status"] for i in ids} <= {"trained", "heldout"}, timeout=60
-        )
+        wait_for(lambda: {c.get(f"/v1/texts/{i}").json()["status"] for i in ids} <= {"trained", "heldout"}, timeout=60)
 
 
 # ---- a NaN in a training step ------------------------------------------------------------------

@@ -168,7 +168,12 @@ def test_lora_end_to_end_checkpoints_hold_the_adapter_only(tmp_path: Path, pretr
         try:
             learned = wait_for(lambda: (g := greedy(c)) and FACT in g["text"] and g, timeout=240, interval=0.5)
         except AssertionError:
-            print([(cp["version"], cp["status"], cp["metrics"].get("gate")) for cp in c.get("/v1/checkpoints").json()["checkpoints"]])
+            print(
+                [
+                    (cp["version"], cp["status"], cp["metrics"].get("gate"))
+                    for cp in c.get("/v1/checkpoints").json()["checkpoints"]
+                ]
+            )
             print(greedy(c), c.get("/v1/trainer").json())
             raise
         version = learned["model_version"]

@@ -58,4 +58,3 @@ def test_sigterm_finishes_requests_in_flight_releases_claims_and_exits_0(tmp_pat
         counts = dict(db.execute("SELECT status, count(*) FROM samples GROUP BY status").fetchall())
     assert counts.get("training", 0) == 0, counts  # claims released, none left for a restart to find
     assert sum(counts.values()) == 200
-

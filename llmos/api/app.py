@@ -111,10 +111,7 @@ def create_app(daemon: Daemon, manage_lifecycle: bool = True) -> FastAPI:
             # Starlette names only the first route on the path; a path served by several (GET and
             # POST /generate) must list every method it allows.
             allowed = {
-                m
-                for m in _METHODS
-                for r in _req.app.routes
-                if r.matches({**_req.scope, "method": m})[0] is Match.FULL
+                m for m in _METHODS for r in _req.app.routes if r.matches({**_req.scope, "method": m})[0] is Match.FULL
             }
             headers = {**(headers or {}), "Allow": ", ".join(sorted(allowed))}
         return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=headers)

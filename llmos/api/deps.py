@@ -135,9 +135,7 @@ ApiKey = Depends(require_api_key)  # for dependencies=[...] where the route does
 
 def require_admin(creds: BearerDep, keyring: KeyringDep) -> Caller:
     if creds is None:
-        raise HTTPException(
-            401, "admin token required: send 'Authorization: Bearer <token>'", headers=_BEARER_HINT
-        )
+        raise HTTPException(401, "admin token required: send 'Authorization: Bearer <token>'", headers=_BEARER_HINT)
     caller = keyring.identify(creds.credentials)
     if caller is None:
         raise HTTPException(401, "wrong admin token", headers=_BEARER_HINT)

@@ -313,9 +313,7 @@ def post_rollback(body: RollbackIn, daemon: DaemonDep, audit: AuditDep) -> Rollb
         except UnknownVersion as exc:
             raise HTTPException(404, f"no checkpoint with version {body.version}") from exc
         except RejectedVersion as exc:
-            raise HTTPException(
-                409, f"version {body.version} was rejected by evaluation and cannot be served"
-            ) from exc
+            raise HTTPException(409, f"version {body.version} was rejected by evaluation and cannot be served") from exc
         except CorruptCheckpoint as exc:
             raise HTTPException(409, f"version {body.version} cannot be served: {exc}") from exc
     return RollbackOut(active_version=r.active_version, requeued=r.requeued)
@@ -383,9 +381,7 @@ def post_pause(daemon: DaemonDep, audit: AuditDep) -> TrainerOut:
     return get_trainer(daemon)
 
 
-@router.post(
-    "/v1/admin/trainer/resume", response_model=TrainerOut, tags=["admin"], responses=error_responses(401, 403)
-)
+@router.post("/v1/admin/trainer/resume", response_model=TrainerOut, tags=["admin"], responses=error_responses(401, 403))
 def post_resume(daemon: DaemonDep, audit: AuditDep) -> TrainerOut:
     with audit("trainer.resume"):
         daemon.trainer.resume()

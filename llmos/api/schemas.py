@@ -68,9 +68,9 @@ class TextIn(_Request):
     text: NonBlankText
     source: Annotated[Annotated[Text, Field(max_length=200)] | SkipJsonSchema[None], NoNull] = None
     weight: float = Field(1.0, gt=0, le=1e6)
-    idempotency_key: Annotated[
-        Annotated[Text, Field(min_length=1, max_length=200)] | SkipJsonSchema[None], NoNull
-    ] = None
+    idempotency_key: Annotated[Annotated[Text, Field(min_length=1, max_length=200)] | SkipJsonSchema[None], NoNull] = (
+        None
+    )
 
 
 class TextsIn(_Request):
