@@ -9,6 +9,7 @@ import random
 import signal
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -48,6 +49,19 @@ def feed(url: str, acked: list[str], lock: threading.Lock, stop: threading.Event
 def check_after_restart(url: str, data: Path, acked: list[str], stale_tmp: list[str]) -> None:
     with httpx.Client(base_url=url, timeout=30) as c:
         assert c.post("/v1/admin/trainer/pause", headers=ADMIN_H).status_code == 200  # hold versions still
+        # A pause takes effect between optimizer steps: a cycle already evaluating or checkpointing
+        # finishes first. Wait until the active version stops moving before comparing views of it.
+        def active_now() -> int:
+            return int(c.get("/v1/trainer").json()["active_version"])
+
+        deadline = time.monotonic() + 30
+        seen = active_now()
+        while time.monotonic() < deadline:
+            time.sleep(1.5)
+            now = active_now()
+            if now == seen:
+                break
+            seen = now
         try:
             with sqlite3.connect(data / "llmos.db") as db:
                 assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
