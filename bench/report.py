@@ -44,10 +44,7 @@ def fmt(x: float | None, digits: int = 2) -> str:
 
 def machine_line(m: dict[str, Any]) -> str:
     gpu = m.get("gpu") or "none"
-    return (
-        f"{m['cpu']}, {m['cores']} cores ({m['cpu_features']}), GPU: {gpu}; "
-        f"torch {m['torch']}, Python {m['python']}"
-    )
+    return f"{m['cpu']}, {m['cores']} cores ({m['cpu_features']}), GPU: {gpu}; torch {m['torch']}, Python {m['python']}"
 
 
 def speed_table(s: dict[str, Any]) -> list[str]:

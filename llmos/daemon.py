@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from llmos.model.loader import LoraSpec, ModelFactory, resolve_base, resolve_device
+from llmos.model.loader import BUILTIN_TINY, LoraSpec, ModelFactory, resolve_base, resolve_device
 from llmos.registry.registry import CorruptCheckpoint, Registry
 from llmos.serving.engine import ServingEngine
 from llmos.serving.text import TextStream
@@ -129,6 +129,17 @@ def auto_bf16(device: torch.device, lora: bool) -> bool:
     return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
 
 
+def attention_kernels(settings: Settings, device: torch.device) -> str | None:
+    """What model.attention "auto" picks: eager attention for the built-in model on a CPU, where
+    PyTorch's SDPA kernels (flash attention's backward above all) made a training step of its
+    8 x 128-token micro-batches 1.6x slower in bf16 (bench/results/RESULTS.md, figure 1 notes);
+    otherwise None, the model's default."""
+    choice = settings.model.attention
+    if choice != "auto":
+        return choice
+    return "eager" if settings.model.name_or_path == BUILTIN_TINY and device.type == "cpu" else None
+
+
 def trainer_config(settings: Settings, device: torch.device) -> TrainerConfig:
     t, o = settings.train, settings.optimizer
     lora = settings.train.mode == "lora"
@@ -201,7 +212,7 @@ class Daemon:
         self.registry.open()
         device = resolve_device(settings.model.device)
         base = resolve_base(settings.model.name_or_path, settings.data_dir, settings.model.seed)
-        self.factory = ModelFactory(base, device, lora_spec(settings))
+        self.factory = ModelFactory(base, device, lora_spec(settings), attention_kernels(settings, device))
         self.engine = ServingEngine(
             self.factory, self.registry, settings.serving.max_concurrency, settings.serving.pinned_versions
         )

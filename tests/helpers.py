@@ -98,13 +98,14 @@ def run_load(
     ingest_share: float = 0.7,
     seed: int = 0,
 ) -> LoadReport:
-    """One client per key, each in its own thread with its own connection, for ``duration_s``:
-    ingest (1-4 texts, its own source) or greedy generation (16 tokens), mixed at random. The
-    server's RSS is sampled every second from /proc."""
+    """One client per key, each in its own thread with its own connection, for ``warmup_s`` and
+    then ``duration_s`` more: ingest (1-4 texts, its own source) or greedy generation (16 tokens),
+    mixed at random. The server's RSS is sampled every second from /proc. The warm-up is the
+    time the server's bounded caches take to fill (SQLite pages, kernels for each batch shape)."""
     report = LoadReport(clients=len(keys), duration_s=duration_s, warmup_s=warmup_s)
     lock = threading.Lock()
     t0 = time.monotonic()
-    deadline = t0 + duration_s
+    deadline = t0 + warmup_s + duration_s
 
     def record(op: str, ok: bool, what: str, latency: float) -> None:
         with lock:

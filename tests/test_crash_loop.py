@@ -49,6 +49,7 @@ def feed(url: str, acked: list[str], lock: threading.Lock, stop: threading.Event
 def check_after_restart(url: str, data: Path, acked: list[str], stale_tmp: list[str]) -> None:
     with httpx.Client(base_url=url, timeout=30) as c:
         assert c.post("/v1/admin/trainer/pause", headers=ADMIN_H).status_code == 200  # hold versions still
+
         # A pause takes effect between optimizer steps: a cycle already evaluating or checkpointing
         # finishes first. Wait until the active version stops moving before comparing views of it.
         def active_now() -> int:

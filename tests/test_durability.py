@@ -72,8 +72,8 @@ def weak_sqlite(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every SQLite connection ends up with synchronous=NORMAL (survives a crash, not a power cut)."""
     real = db_mod._sqlite_engine
 
-    def weak(url: str, begin: str, busy_timeout_s: float) -> Any:
-        engine = real(url, begin, busy_timeout_s)
+    def weak(url: str, begin: str, busy_timeout_s: float, connections: int) -> Any:
+        engine = real(url, begin, busy_timeout_s, connections)
 
         @event.listens_for(engine, "connect")
         def _weaken(dbapi_conn: Any, _record: Any) -> None:

@@ -177,6 +177,28 @@ def test_feedback_samples_are_never_held_out() -> None:
     assert pre.batch.sample_ids == [s.id for s in fb]
 
 
+def rss_mib() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / 2**20
+
+
+def test_builtin_tokenizer_is_bytes_and_keeps_no_memory_per_text() -> None:
+    """Every text is its UTF-8 bytes (+ EOS), and tokenizing many distinct texts leaves memory
+    flat: with the whole text as one pre-token, the BPE word cache kept up to 10,000 texts (those
+    under 256 characters; 60 MiB of 150-character texts, growing for minutes in a server under load)."""
+    for text in ["hello world", "  two  spaces\n\ttab", "wörld, 世界! 👩‍👩‍👧", "it's 12,345.67"]:
+        ids = encode(text)
+        assert ids == [TOK.convert_tokens_to_ids(TOK.convert_ids_to_tokens(i)) for i in ids]
+        assert len(ids) == len(text.encode("utf-8")) and TOK.decode(ids) == text
+    tok = byte_tokenizer()
+    line = "the tide at Korvel turns at noon, and the ferry leaves an hour later. " * 2
+    for i in range(500):
+        tok.encode(f"{i} {line}", add_special_tokens=False)
+    before = rss_mib()
+    for i in range(12_000):
+        tok.encode(f"{i} {line}", add_special_tokens=False)
+    assert rss_mib() - before < 20
+
+
 def test_packing_covers_every_token_once_with_its_samples_weight() -> None:
     texts, ws = ["hello", "wörld, 世界!", "x" * 13, "a"], [1.0, 0.5, 2.0, 3.0]
     cfg = PreprocessConfig(block_size=8, max_sample_tokens=100, heldout_fraction=0)
@@ -201,8 +223,46 @@ def test_packing_covers_every_token_once_with_its_samples_weight() -> None:
     seen = []
     for mb_ids, mb_w in b.micro_batches(3, torch.Generator().manual_seed(0)):
         assert mb_ids.shape == mb_w.shape and mb_ids.dim() == 2 and mb_ids.shape[0] <= 3
-        seen += [tuple(row.tolist()) for row in mb_ids]
+        assert mb_ids.shape[1] == 9  # the short block is padded up to the block size, no further
+        for row, w in zip(mb_ids, mb_w, strict=True):
+            real = int(torch.nonzero(w).max()) + 1  # padding (weight 0) only at the end
+            assert w[real:].eq(0).all()
+            seen.append(tuple(row[:real].tolist()))
     assert sorted(seen) == sorted(tuple(x.tolist()) for x in b.blocks)
+
+
+def test_micro_batches_take_few_shapes_and_padding_changes_no_loss(factory: ModelFactory) -> None:
+    """Blocks of any length land in micro-batches of a few padded lengths (each new shape costs a
+    CPU's bf16 kernels memory that stays), and the padding changes neither the loss nor a step."""
+    torch.manual_seed(0)
+    cfg = PreprocessConfig(block_size=128, max_sample_tokens=1000, heldout_fraction=0)
+    lengths = set()
+    for n in range(1, 300, 7):
+        b = preprocess([sample("z" * n)], TOK, cfg).batch
+        lengths |= {ids.shape[1] - 1 for ids, _w in b.micro_batches(8)}
+    assert lengths == {32, 64, 96, 128}
+
+    cfg = PreprocessConfig(block_size=CONTEXT, max_sample_tokens=1000, heldout_fraction=0)
+    b = preprocess([sample("the tide at Korvel turns at noon.")], TOK, cfg).batch
+    [(ids, w)] = list(b.micro_batches(8))
+    [block] = b.blocks
+    assert ids.shape[1] > block.numel()  # padded
+    state = new_state(factory)
+    padded = heldout_loss(state.model, b, CPU, 8)
+    unpadded = heldout_loss(state.model, Batch([block], [b.weights[0]]), CPU, 8)
+    assert padded == pytest.approx(unpadded, rel=1e-6)
+    sgd = OptimizerConfig(name="sgd", lr=0.1, warmup_steps=0, grad_clip=0.0)  # a step linear in the gradient
+    state, twin = new_state(factory, sgd), new_state(factory, sgd)
+    r1 = optimize(state, [(ids, w)], sgd, CPU)
+    r2 = optimize(twin, [(block[None], b.weights[0][None])], sgd, CPU)
+    assert r1.loss == pytest.approx(r2.loss, rel=1e-6) and r1.tokens == r2.tokens == block.numel() - 1
+    moved = False
+    for p0, p1, p2 in zip(
+        factory.instance().parameters(), state.model.parameters(), twin.model.parameters(), strict=True
+    ):
+        torch.testing.assert_close(p1, p2, rtol=1e-5, atol=1e-7)
+        moved |= not torch.equal(p0, p1)
+    assert moved
 
 
 def test_pack_single_short_sample() -> None:
@@ -220,7 +280,7 @@ def test_loss_goes_down_on_a_repeated_sentence(factory: ModelFactory) -> None:
     losses = []
     for _ in range(30):
         report = optimize(state, [(ids, w)], OPT, CPU)
-        assert report.skipped is None and report.tokens == ids.shape[1] - 1
+        assert report.skipped is None and report.tokens == len(encode(FACT)) + 1  # targets, not padding
         losses.append(report.loss)
     assert losses[-1] < 0.2 * losses[0]
     assert state.step == 30 and state.last_loss == losses[-1]

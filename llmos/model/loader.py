@@ -56,7 +56,9 @@ class ModelFactory:
     holds the adapter alone.
     """
 
-    def __init__(self, base: str, device: torch.device, lora: LoraSpec | None = None) -> None:
+    def __init__(
+        self, base: str, device: torch.device, lora: LoraSpec | None = None, attention: str | None = None
+    ) -> None:
         hf_logging.disable_progress_bar()
         self.base = base
         self.device = device
@@ -64,7 +66,8 @@ class ModelFactory:
         self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(base)
         if self.tokenizer.eos_token_id is None:
             raise ValueError(f"the tokenizer of {base} has no EOS token; llmos packs samples with EOS between them")
-        model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        kernels = {"attn_implementation": attention} if attention else {}  # None: the model's default
+        model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, **kernels)
         self.config = model.config
         if lora is not None:
             # A fixed seed for the adapter's initialisation (without touching the caller's RNG):

@@ -56,10 +56,11 @@ def heldout_loss(model: torch.nn.Module, batch: Batch, device: torch.device, mic
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
     try:
-        for ids, _w in batch.micro_batches(micro_batch):
+        for ids, w in batch.micro_batches(micro_batch):
+            targets = w[:, 1:] > 0  # weight 0 is padding
             losses = token_losses(model, ids.to(device))  # (B, T)
-            total += losses.double().sum()
-            count += losses.numel()
+            total += (losses.double() * targets.to(device)).sum()
+            count += int(targets.sum())
     finally:
         model.train(was_training)
     return float(total) / max(count, 1)

@@ -64,14 +64,16 @@ def optimize(
     losses_sum = torch.zeros((), device=device)
     n_tokens = 0
     for ids, weights in micro_batches:
+        targets = weights[:, 1:] > 0  # (B, T): real targets; weight 0 is padding
+        n = int(targets.sum())  # on the host tensor: no device sync
         ids = ids.to(device, non_blocking=True)  # (B, T+1)
         w = weights.to(device, non_blocking=True)[:, 1:]  # (B, T): weight of each target token
         with autocast(device, bf16):
             losses = token_losses(model, ids)  # (B, T)
-        loss = (losses * w).sum() / w.numel() / len(micro_batches)
+        loss = (losses * w).sum() / max(n, 1) / len(micro_batches)
         loss.backward()
-        losses_sum = losses_sum + losses.detach().sum()
-        n_tokens += losses.numel()
+        losses_sum = losses_sum + (losses.detach() * targets.to(device, non_blocking=True)).sum()
+        n_tokens += n
     if penalty is not None:
         penalty(model).backward()
     params = [p for p in model.parameters() if p.requires_grad]

@@ -3,7 +3,13 @@
 Packing: every kept sample is followed by EOS and the stream starts with EOS, so each sample is
 read as the start of a document (as generation sees a prompt). The stream is cut into blocks of
 ``block_size + 1`` tokens overlapping by one (inputs ``[:-1]``, targets ``[1:]``); only the
-last block is shorter. No token is padding, so no compute goes to it.
+last block is shorter. Every target carries its sample's weight, which is > 0.
+
+Micro-batches stack blocks of one length; a short block is padded (weight 0) up to a multiple of
+``PAD_MULTIPLE`` targets, so the model sees a few dozen shapes instead of one per block length.
+On a CPU every new shape costs oneDNN kernels and cache entries that stay: with every length
+possible, the bf16 trainer's resident memory grew by hundreds of MiB an hour of training
+(bench/results/load.md). The padding is at most one block's tail per pack.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from llmos.store.queue import Sample
 
 # Samples made from feedback are never held out: a user who corrects the model expects it to learn.
 FEEDBACK_SOURCE_PREFIX = "feedback:"
+PAD_MULTIPLE = 32  # micro-batch lengths (targets) are multiples of this, up to the block size
 
 
 @dataclass(frozen=True)
@@ -31,7 +38,8 @@ class PreprocessConfig:
 
 @dataclass
 class Batch:
-    """Packed training data: blocks of token ids and per-token loss weights, each (T+1,)."""
+    """Packed training data: blocks of token ids and per-token loss weights, each (T+1,).
+    In micro-batches, weight 0 marks padding: it is never a target."""
 
     blocks: list[torch.Tensor] = field(default_factory=list)
     weights: list[torch.Tensor] = field(default_factory=list)
@@ -39,10 +47,18 @@ class Batch:
     n_tokens: int = 0
     n_new_blocks: int = 0  # blocks[:n_new_blocks] hold new samples only; the rest are replay
     replay_ids: list[str] = field(default_factory=list)
+    block_size: int = 0  # targets in a full block: padding never goes past it (0: no padding)
 
     def new_only(self) -> Batch:
         """The blocks of new samples (for the prequential loss: measured before training on them)."""
-        return Batch(self.blocks[: self.n_new_blocks], self.weights[: self.n_new_blocks], self.sample_ids)
+        n = self.n_new_blocks
+        return Batch(self.blocks[:n], self.weights[:n], self.sample_ids, block_size=self.block_size)
+
+    def _padded_length(self, n: int) -> int:
+        """The micro-batch length (T+1) of a block of ``n`` tokens."""
+        targets = n - 1
+        bucket = -(-targets // PAD_MULTIPLE) * PAD_MULTIPLE
+        return min(bucket, max(self.block_size, targets)) + 1
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -50,21 +66,24 @@ class Batch:
     def micro_batches(
         self, size: int, generator: torch.Generator | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield (ids, weights), each (B, T+1), grouping blocks of equal length; shuffled when a
-        generator is given."""
+        """Yield (ids, weights), each (B, T+1), grouping blocks of one padded length; shuffled
+        when a generator is given. Padding has weight 0 (its token id is arbitrary)."""
         order = list(range(len(self.blocks)))
         if generator is not None:
             order = torch.randperm(len(order), generator=generator).tolist()
         by_len: dict[int, list[int]] = {}
         for i in order:
-            by_len.setdefault(int(self.blocks[i].numel()), []).append(i)
-        for idxs in by_len.values():
+            by_len.setdefault(self._padded_length(int(self.blocks[i].numel())), []).append(i)
+        for length, idxs in by_len.items():
             for start in range(0, len(idxs), size):
                 chunk = idxs[start : start + size]
-                yield (
-                    torch.stack([self.blocks[i] for i in chunk]),
-                    torch.stack([self.weights[i] for i in chunk]),
-                )
+                ids = torch.zeros((len(chunk), length), dtype=torch.long)
+                weights = torch.zeros((len(chunk), length), dtype=torch.float32)
+                for row, i in enumerate(chunk):
+                    n = self.blocks[i].numel()
+                    ids[row, :n] = self.blocks[i]
+                    weights[row, :n] = self.weights[i]
+                yield ids, weights
 
 
 @dataclass
@@ -95,6 +114,8 @@ def is_heldout(text: str, fraction: float) -> bool:
 def pack(
     token_lists: Sequence[list[int]], sample_weights: Sequence[float], eos_id: int, block_size: int
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    if any(w <= 0 for w in sample_weights):
+        raise ValueError("sample weights must be > 0 (weight 0 marks padding)")
     stream: list[int] = [eos_id]
     weights: list[float] = [0.0]  # the leading EOS is never a target
     for ids, w in zip(token_lists, sample_weights, strict=True):
@@ -147,6 +168,7 @@ def preprocess(
     eos = tokenizer.eos_token_id
     assert eos is not None
     batch = out.batch
+    batch.block_size = cfg.block_size
     batch.blocks, batch.weights = pack(token_lists, weights, eos, cfg.block_size)
     batch.n_new_blocks = len(batch.blocks)
     batch.n_tokens = sum(len(t) + 1 for t in token_lists)
@@ -165,7 +187,7 @@ def eval_batch(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, cfg: Pr
     """Pack held-out texts (already normalised when stored as held out) for evaluation."""
     token_lists = [encode(tokenizer, normalise(t))[: cfg.max_sample_tokens] for t in texts]
     token_lists = [t for t in token_lists if t]
-    batch = Batch()
+    batch = Batch(block_size=cfg.block_size)
     if token_lists:
         eos = tokenizer.eos_token_id
         assert eos is not None

@@ -62,11 +62,12 @@ def estimate_fisher(
     was_training = model.training
     model.eval()  # no dropout while measuring
     seen = 0
-    for ids, _w in data.micro_batches(1):
+    for ids, w in data.micro_batches(1):
         if seen >= n_blocks:
             break
         model.zero_grad(set_to_none=True)
-        token_losses(model, ids.to(device)).mean().backward()
+        targets = (w[:, 1:] > 0).to(device)  # weight 0 is padding
+        (token_losses(model, ids.to(device)) * targets).sum().div(targets.sum()).backward()
         for n, p in params.items():
             if p.grad is not None:
                 fisher[n] += p.grad.detach() ** 2
