@@ -194,6 +194,13 @@ def before_after(s: dict[str, Any]) -> list[str]:
             f"| model.precision auto = bf16 on CPUs with bf16 instructions (daemon.py) | 1/3: optimize tokens/s "
             f"| {fmt(f1['fp32']['llmos_tok_s'])} (fp32) | {fmt(f1['bf16']['llmos_tok_s'])} (bf16) |"
         )
+    if "fig1" in s and "kernels" in s["fig1"]:
+        k = s["fig1"]["kernels"]
+        rows.append(
+            f"| built-in model: {k['attention']} attention, {k['activation']} (model/builtin.py, daemon.py; "
+            f"before: sdpa, gelu_new) | 1: optimize tokens/s ({k['dtype']}), same run | {fmt(k['before_tok_s'])} "
+            f"| {fmt(k['after_tok_s'])} ({fmt(k['ratio'])}x) |"
+        )
     if "fig7" in s and "baseline_fresh" in s["fig7"]:
         b, a = s["fig7"]["baseline_fresh"], s["fig7"]["fresh"]
         rows.append(
@@ -349,6 +356,16 @@ def notes(speed: dict[str, Any] | None, scaling: dict[str, Any] | None) -> list[
             "without swaps, as long, alternate with the swap windows. Errors count exceptions and answers that "
             "differ from the greedy answer of the version that served them."
         )
+    if speed and "fig7" in speed and "defaults" in speed["fig7"]:
+        d = speed["fig7"]["defaults"]
+        if d["refused_by_gate"]:
+            out.append(
+                f"- Figure 7 at default settings: {d['refused_by_gate']} of {d['posts']} single posts were refused by "
+                "the gate. Forty passes (train.passes_per_batch) over one new text and its replayed companions "
+                "overfit the tiny model, and the held-out loss of the other recent texts rises past eval.tolerance "
+                "(2%); measured with 10 passes, it rose 9-16% on three posts. The settings for freshness (4 passes) "
+                "are refused less often; defaults that learn a lone post are open work."
+            )
     if speed and "fig8" in speed:
         out.append(
             "- Figure 8: the trainer is paused and rate limits are off, so that the HTTP and store path is what is "

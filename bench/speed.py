@@ -47,6 +47,7 @@ from common import (  # noqa: E402
     ratios,
     raw_post,
 )
+from transformers import AutoModelForCausalLM  # noqa: E402
 
 from llmos.daemon import Daemon  # noqa: E402
 from llmos.model.loader import ModelFactory  # noqa: E402
@@ -177,9 +178,36 @@ def trainer_efficiency(
         run_bare()
         variants[f"llmos_{dt}"] = run_ours
         variants[f"bare_{dt}"] = run_bare
+    # The kernels the built-in model had before: PyTorch's SDPA attention and GPT-2's GELU written
+    # as five operations, the same weights and the same optimize() in the last dtype.
+    kernels_dt = dtypes[-1]
+    before = AutoModelForCausalLM.from_pretrained(
+        factory.base, dtype=torch.float32, attn_implementation="sdpa", activation_function="gelu_new"
+    ).to(device)
+    before.train()
+    before_state = TrainingState(before, make_optimizer(before, OPT), 0)
+
+    def run_before() -> float:
+        sync(device)
+        t0 = time.perf_counter()
+        for i in range(steps):
+            optimize(before_state, [mbs[i % len(mbs)]], OPT, device, kernels_dt == "bf16")
+        sync(device)
+        return steps * BATCH * BLOCK / (time.perf_counter() - t0)
+
+    run_before()
+    variants["kernels_before"] = run_before
     res = alternate(variants, rounds)
     model = factory.instance()
     out: dict[str, Any] = {
+        "kernels": {
+            "dtype": kernels_dt,
+            "attention": model.config._attn_implementation,
+            "activation": model.config.activation_function,
+            "before_tok_s": median(res["kernels_before"]),
+            "after_tok_s": median(res[f"llmos_{kernels_dt}"]),
+            "ratio": median(ratios(res[f"llmos_{kernels_dt}"], res["kernels_before"])),
+        },
         "params": params_of(model),
         "flops_per_token": flops_per_token(model, BLOCK),
         "batch": f"{BATCH} x {BLOCK} tokens",
