@@ -133,11 +133,13 @@ def speed_table(s: dict[str, Any]) -> list[str]:
             extra = ""
             if refused:
                 extra = f"; {refused} of {d['posts']} refused by the gate after {fmt(median(d['refused_after_s']))} s"
+            # No post served means no freshness to report: the goal is not met.
+            value = f"{fmt(d['seconds_median'])} s" if d["seconds"] else "none served"
+            verdict = met("7", d["seconds_median"]) if d["seconds"] else "**not met**"
             rows.append(
                 f"| 7 | freshness: POST to the first answer by a version trained on it — "
                 f"{'settings for freshness' if name == 'fresh' else 'default settings'} ({settings or 'none'}){extra} "
-                f"| {fmt(d['seconds_median'])} s | – | {fmt(d['seconds_median'])} s | {GOALS['7'][0]} "
-                f"| {met('7', d['seconds_median'])} |"
+                f"| {value} | – | {value} | {GOALS['7'][0]} | {verdict} |"
             )
     if "fig8" in s:
         f8 = s["fig8"]["llmos"]
