@@ -8,8 +8,9 @@ last block is shorter. Every target carries its sample's weight, which is > 0.
 Micro-batches stack blocks of one length; a short block is padded (weight 0) up to a multiple of
 ``PAD_MULTIPLE`` targets, so the model sees a few dozen shapes instead of one per block length.
 On a CPU every new shape costs oneDNN kernels and cache entries that stay: with every length
-possible, the bf16 trainer's resident memory grew by hundreds of MiB an hour of training
-(bench/results/load.md). The padding is at most one block's tail per pack.
+possible, the bf16 trainer's resident memory grew from 758 to 1,544 MiB over 120 cycles on a
+queue of 32 sources' texts (tests/test_load.py now asserts it flat). The padding is at most one
+block's tail per pack.
 """
 
 from __future__ import annotations
