@@ -17,6 +17,7 @@ Results go to <out>/speed.json; bench/report.py writes RESULTS.md from it.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -186,17 +187,8 @@ def trainer_efficiency(
     ).to(device)
     before.train()
     before_state = TrainingState(before, make_optimizer(before, OPT), 0)
-
-    def run_before() -> float:
-        sync(device)
-        t0 = time.perf_counter()
-        for i in range(steps):
-            optimize(before_state, [mbs[i % len(mbs)]], OPT, device, kernels_dt == "bf16")
-        sync(device)
-        return steps * BATCH * BLOCK / (time.perf_counter() - t0)
-
-    run_before()
-    variants["kernels_before"] = run_before
+    variants["kernels_before"] = functools.partial(run_ours, before_state, kernels_dt == "bf16")
+    variants["kernels_before"]()  # warm-up
     res = alternate(variants, rounds)
     model = factory.instance()
     out: dict[str, Any] = {

@@ -132,7 +132,7 @@ def auto_bf16(device: torch.device, lora: bool) -> bool:
 def attention_kernels(settings: Settings, device: torch.device) -> str | None:
     """What model.attention "auto" picks: eager attention for the built-in model on a CPU, where
     PyTorch's SDPA kernels (flash attention's backward above all) made a training step of its
-    8 x 128-token micro-batches 1.6x slower in bf16 (bench/results/RESULTS.md, figure 1 notes);
+    8 x 128-token micro-batches 1.6x slower in bf16 (bench/results/RESULTS.md, before and after);
     otherwise None, the model's default."""
     choice = settings.model.attention
     if choice != "auto":

@@ -187,7 +187,6 @@ def test_builtin_tokenizer_is_bytes_and_keeps_no_memory_per_text() -> None:
     under 256 characters; 60 MiB of 150-character texts, growing for minutes in a server under load)."""
     for text in ["hello world", "  two  spaces\n\ttab", "wörld, 世界! 👩‍👩‍👧", "it's 12,345.67"]:
         ids = encode(text)
-        assert ids == [TOK.convert_tokens_to_ids(TOK.convert_ids_to_tokens(i)) for i in ids]
         assert len(ids) == len(text.encode("utf-8")) and TOK.decode(ids) == text
     tok = byte_tokenizer()
     line = "the tide at Korvel turns at noon, and the ferry leaves an hour later. " * 2

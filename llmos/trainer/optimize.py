@@ -64,15 +64,14 @@ def optimize(
     losses_sum = torch.zeros((), device=device)
     n_tokens = 0
     for ids, weights in micro_batches:
-        targets = weights[:, 1:] > 0  # (B, T): real targets; weight 0 is padding
-        n = int(targets.sum())  # on the host tensor: no device sync
+        n = int((weights[:, 1:] > 0).sum())  # real targets (weight 0 is padding), counted on the host
         ids = ids.to(device, non_blocking=True)  # (B, T+1)
         w = weights.to(device, non_blocking=True)[:, 1:]  # (B, T): weight of each target token
         with autocast(device, bf16):
             losses = token_losses(model, ids)  # (B, T)
         loss = (losses * w).sum() / max(n, 1) / len(micro_batches)
         loss.backward()
-        losses_sum = losses_sum + (losses.detach() * targets.to(device, non_blocking=True)).sum()
+        losses_sum = losses_sum + (losses.detach() * (w > 0)).sum()
         n_tokens += n
     if penalty is not None:
         penalty(model).backward()
