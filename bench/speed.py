@@ -486,9 +486,8 @@ FIG5_VARIANTS = {
 }
 
 
-def fig5_compare(work: Path, rounds: int, phases: int, per_phase: int) -> dict[str, Any]:
-    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in FIG5_VARIANTS}
-    names = list(FIG5_VARIANTS)
+def fig5_compare(work: Path, rounds: int, phases: int, per_phase: int, names: list[str]) -> dict[str, Any]:
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in names}
     for r in range(rounds):
         for name in names if r % 2 == 0 else reversed(names):
             log(f"figure 5: serving while training, {name}")
@@ -810,13 +809,18 @@ def main() -> None:
                 with Server(work / "fig4", LIMITS_OFF) as srv:
                     results["fig4_http"] = fig4_http(srv, 5 if q else 15)
             if "5" in only:
-                results["fig5"] = fig5_compare(work, 1 if q else 2, 1 if q else 6, 15 if q else 50)
+                # --quick (the GPU check) leaves out the "before" variants: it has 5 minutes in all
+                variants = [n for n in FIG5_VARIANTS if not (q and n.startswith("before"))]
+                results["fig5"] = fig5_compare(work, 1 if q else 2, 1 if q else 6, 15 if q else 50, variants)
             if "7" in only:
                 log("figure 7: freshness")
                 results["fig7"] = {
                     "fresh": fig7(work, "fresh", FRESH, 3 if q else 8),
                     "defaults": fig7(work, "defaults", {}, 2 if q else 4),
                 }
+                if not q:  # the defaults with the early stop off: every batch gets all its passes
+                    off = {"LLMOS_TRAIN__EARLY_STOP_PATIENCE": "0"}
+                    results["fig7"]["before_early_stop"] = fig7(work, "defaults-no-early-stop", off, 4)
                 if baseline is not None:
                     log("figure 7: freshness, baseline checkout")
                     results["fig7"]["baseline_fresh"] = fig7(

@@ -162,6 +162,7 @@ def trainer_config(settings: Settings, device: torch.device) -> TrainerConfig:
         eval=EvalConfig(settings.eval.tolerance, t.micro_batch, settings.eval.forgetting_budget),
         micro_batch=t.micro_batch,
         passes_per_batch=t.passes_per_batch,
+        early_stop_patience=t.early_stop_patience,
         batch_tokens=t.batch_tokens,
         batch_max_samples=t.batch_max_samples,
         fill_wait_s=t.fill_wait_s,

@@ -135,7 +135,17 @@ class TrainSettings(_Section):
     batch_tokens: int = Field(8192, ge=64, description="Most tokens (approximated by UTF-8 bytes) claimed per batch.")
     batch_max_samples: int = Field(512, ge=1, description="Most samples claimed per batch.")
     fill_wait_s: float = Field(0.5, ge=0, description="After the first sample arrives, wait this long for more.")
-    passes_per_batch: int = Field(40, ge=1, description="Passes over a claimed batch; a tiny model needs many.")
+    passes_per_batch: int = Field(
+        40,
+        ge=1,
+        description="Most passes over a claimed batch (a tiny model needs many); the early stop may end it sooner.",
+    )
+    early_stop_patience: int = Field(
+        5,
+        ge=0,
+        description="Stop passing over a batch after this many passes in a row that do not lower the recent "
+        "held-out loss, and go back to the best pass (0 = always make every pass).",
+    )
     max_sample_tokens: int = Field(8192, ge=1, description="Longer samples are rejected in preprocess.")
     heldout_fraction: float = Field(0.1, ge=0, lt=1, description="Fraction of samples kept out of training (by hash).")
     poll_interval_s: float = Field(1.0, gt=0, description="How often an idle trainer looks at the queue.")
@@ -145,7 +155,10 @@ class TrainSettings(_Section):
     evaluate_every_s: float = Field(0, ge=0, description="...or once this many seconds have passed (0 = off).")
     error_backoff_s: float = Field(5.0, ge=0, description="Pause after an unexpected trainer error before retrying.")
     yield_to_requests_s: float = Field(
-        0.2, ge=0, description="Between steps, wait up to this long while generations are in flight (0 = never)."
+        0.2,
+        ge=0,
+        description="Between steps (and evaluation micro-batches), wait up to this long while generations are "
+        "in flight (0 = never).",
     )
 
 

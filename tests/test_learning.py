@@ -305,3 +305,69 @@ def test_user_eval_file_joins_the_anchor_set(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="line 2"):
         Daemon(make_settings(tmp_path / "data2", **{"eval.anchor_file": bad}))
+
+
+def test_a_marked_state_comes_back_exactly(factory: ModelFactory) -> None:
+    """The early stop goes back to its best pass: weights, optimizer moments and step, as they were,
+    so that training on from there is training on from that pass."""
+    opt = OptimizerConfig(name="adamw", lr=3e-3, warmup_steps=2)
+    micro = _stream_batches()
+    torch.manual_seed(0)
+    state = TrainingState(model=factory.instance().train(), optimizer=None, base_version=0)  # type: ignore[arg-type]
+    state.optimizer = make_optimizer(state.model, opt)
+    for i in range(5):
+        optimize(state, [micro[i % len(micro)]], opt, CPU)
+    mark = state.mark()
+    then = {n: p.detach().clone() for n, p in state.model.named_parameters()}
+    next_loss = optimize(state, [micro[5 % len(micro)]], opt, CPU).loss  # what pass 6 gives from the mark
+    for i in range(6, 12):
+        optimize(state, [micro[i % len(micro)]], opt, CPU)
+    assert any(not torch.equal(p, then[n]) for n, p in state.model.named_parameters())
+
+    state.restore(mark)
+    assert state.step == 5
+    for n, p in state.model.named_parameters():
+        assert torch.equal(p, then[n]), n
+    assert optimize(state, [micro[5 % len(micro)]], opt, CPU).loss == pytest.approx(next_loss, rel=1e-6)
+
+
+def test_early_stop_keeps_the_best_pass_and_lone_posts_reach_serving(tmp_path: Path) -> None:
+    """Forty passes over a lone post and its replayed companions overfit the tiny model, and the
+    gate refuses the result; the early stop keeps the best pass, so a lone post in words the model
+    has seen is served. (A post in new words still costs this 0.56M-parameter model more held-out
+    loss than eval.tolerance allows: that one the gate refuses either way.)"""
+    pairs = [("a red boat", "on Monday"), ("two lamps", "at dawn"), ("the old map", "in May")]
+    warm = [
+        f"{who} {did} {what} {when}."
+        for who in ("the clerk", "a farmer", "my aunt", "the pilot")
+        for did in ("painted", "sold", "found", "fixed")
+        for what, when in pairs
+    ][:40] + [f"the mayor counted {n} eggs after lunch." for n in ("nine", "six", "ten", "two")]
+    lone = [  # the same words, in pairs the warm-up never had
+        "the pilot sold two lamps in May.",
+        "my aunt fixed the old map on Monday.",
+        "a farmer found a red boat at dawn.",
+        "the clerk painted two lamps on Monday.",
+    ]
+
+    def run(patience: int) -> tuple[dict, list[str]]:
+        settings = make_settings(tmp_path / f"data-{patience}", **{"train.early_stop_patience": patience})
+        with LiveServer(settings) as srv, srv.client() as c:
+            ids = c.post("/v1/texts", json={"items": [{"text": t} for t in warm]}).json()["ids"]
+            wait_for(lambda: settled(c, ids), timeout=120)
+            first = next(cp for cp in c.get("/v1/checkpoints").json()["checkpoints"] if cp["version"] == 1)
+            verdicts = []
+            for text in lone:
+                sid = c.post("/v1/texts", json={"text": text}).json()["ids"][0]
+                wait_for(lambda sid=sid: settled(c, [sid]), timeout=120)
+                verdicts.append(c.get(f"/v1/texts/{sid}").json()["status"])
+            return first, verdicts
+
+    full, full_verdicts = run(0)
+    stopped, stopped_verdicts = run(5)
+    assert full["metrics"]["passes"] == 40
+    assert stopped["metrics"]["passes"] < 40
+    # The kept pass generalises better than the last of forty: lower loss on the same held-out texts.
+    assert stopped["metrics"]["heldout_loss"] < full["metrics"]["heldout_loss"]
+    assert stopped_verdicts.count("trained") >= 2, stopped_verdicts
+    assert stopped_verdicts.count("trained") > full_verdicts.count("trained"), (stopped_verdicts, full_verdicts)

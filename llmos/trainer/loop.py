@@ -28,11 +28,11 @@ from llmos.serving.engine import ServingEngine
 from llmos.store.queue import Sample, SampleQueue
 from llmos.store.reservoir import Reservoir
 from llmos.trainer.checkpoint import checkpoint
-from llmos.trainer.evaluate import EvalConfig, EvalReport, evaluate, heldout_loss
+from llmos.trainer.evaluate import EarlyStop, EvalConfig, EvalReport, evaluate, heldout_loss
 from llmos.trainer.optimize import Penalty, optimize
 from llmos.trainer.preprocess import Batch, PreprocessConfig, eval_batch, preprocess
 from llmos.trainer.regularize import RegularizationConfig, make_penalty
-from llmos.trainer.state import OptimizerConfig, TrainingState, load_state
+from llmos.trainer.state import Mark, OptimizerConfig, TrainingState, load_state
 from llmos.trainer.swap import swap
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class TrainerConfig:
     optimizer: OptimizerConfig
     eval: EvalConfig
     micro_batch: int
-    passes_per_batch: int
+    passes_per_batch: int  # at most; fewer when the early stop says so
     batch_tokens: int
     batch_max_samples: int
     fill_wait_s: float
@@ -71,6 +71,7 @@ class TrainerConfig:
     nice: int = 0  # CPU priority of the trainer thread below serving's (Linux; 0 = equal)
     regularization: RegularizationConfig = RegularizationConfig()
     anchor_texts: tuple[str, ...] = ()  # the user's eval file, always in the anchor set
+    early_stop_patience: int = 0  # passes without held-out improvement before stopping (0 = off)
     prequential_decay: float = 0.9  # running average: new = decay * old + (1 - decay) * batch
 
 
@@ -124,7 +125,7 @@ class Trainer:
         self._pending: list[str] = []  # trained since the last checkpoint, still in `training`
         self._claimed: list[str] = []  # the batch in hand
         self._pending_heldout: list[str] = []  # held out from pending batches, not yet anchors
-        self._steps_since_eval = 0
+        self._steps_since_eval = self._passes_since_eval = 0
         self._last_eval_t = time.monotonic()
         self._sets: dict[str, tuple[tuple[str, ...], Batch]] = {}  # eval sets by name, keyed by member ids
         self._active_losses: dict[tuple[str, int, tuple[str, ...]], float] = {}
@@ -255,6 +256,7 @@ class Trainer:
         extra = {
             "samples": len(self._pending),
             "steps": self._steps_since_eval,
+            "passes": self._passes_since_eval,
             "prequential_loss": state.prequential_loss,
         }
         record = checkpoint(state, report, self.registry, extra, self.factory.save_weights)  # 4. durable
@@ -282,7 +284,7 @@ class Trainer:
                 self.anchor_pool.offer(self._pending_heldout)
                 self._pending, self._pending_heldout = [], []
                 self._go_back()
-        self._steps_since_eval = 0
+        self._steps_since_eval = self._passes_since_eval = 0
         self._last_eval_t = time.monotonic()
         self.registry.prune()
 
@@ -308,7 +310,7 @@ class Trainer:
     def _measure_prequential(self, batch: Batch) -> None:
         """The loss on new data before any update on it: the canonical online-learning metric."""
         state = self._require_state()
-        loss = heldout_loss(state.model, batch.new_only(), self.device, self.cfg.micro_batch)
+        loss = heldout_loss(state.model, batch.new_only(), self.device, self.cfg.micro_batch, self._yield_to_requests)
         if math.isfinite(loss):
             d = self.cfg.prequential_decay
             prev = state.prequential_loss
@@ -317,7 +319,10 @@ class Trainer:
     def _fit(self, batch: Batch) -> str | None:
         state = self._require_state()
         k = self.cfg.grad_accum_steps
-        for _ in range(self.cfg.passes_per_batch):
+        watch = self._early_stop()
+        best: tuple[int, Mark] | None = None  # the early stop's best pass so far
+        passes = self.cfg.passes_per_batch
+        for done in range(1, passes + 1):
             shuffle = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + state.step)
             micro = list(batch.micro_batches(self.cfg.micro_batch, shuffle))
             for start in range(0, len(micro), k):
@@ -331,8 +336,32 @@ class Trainer:
                 self._steps_since_eval += 1
                 self._tokens_trained += report.tokens
             self._renew_lease()
+            if watch is not None:
+                stop, recent = watch
+                verdict = stop.after_pass(self._recent_loss(recent))
+                if verdict == "best":
+                    best = (done, state.mark()) if done < passes else None  # the last pass needs no copy
+                elif verdict == "stop":
+                    break
+        if best is not None and watch is not None and watch[0].improved:
+            done = best[0]
+            state.restore(best[1])  # the passes after the best one only overfit
+        self._passes_since_eval += done
         state.samples_seen += len(batch.sample_ids)
         return None
+
+    def _early_stop(self) -> tuple[EarlyStop, Batch] | None:
+        """The early stop for this batch, with the held-out set it watches (None: make every pass)."""
+        if self.cfg.early_stop_patience <= 0 or self.cfg.passes_per_batch <= 1:
+            return None
+        _key, recent = self._eval_set("recent", self.queue.heldout(self.cfg.eval_max_samples))
+        if not len(recent):
+            return None
+        return EarlyStop(self._recent_loss(recent), self.cfg.early_stop_patience), recent
+
+    def _recent_loss(self, recent: Batch) -> float:
+        model = self._require_state().model
+        return heldout_loss(model, recent, self.device, self.cfg.micro_batch, self._yield_to_requests)
 
     def _yield_to_requests(self) -> None:
         """Serving first: while generations are in flight, hold the next step back, for
@@ -387,6 +416,7 @@ class Trainer:
             active_loss=cache.get(("recent", active.version, recent_key)),
             anchor_sets={name: b for name, (_key, b) in anchors.items()},
             active_anchor_losses=known,
+            between=self._yield_to_requests,
         )
         cache.clear()  # keep only what this active version measured on these sets
         if report.active_loss is not None:
@@ -424,7 +454,7 @@ class Trainer:
         if self._claimed or self._pending:
             self.queue.release(self._claimed + self._pending)
         self._claimed, self._pending = [], []
-        self._steps_since_eval = 0
+        self._steps_since_eval = self._passes_since_eval = 0
 
     def _go_back(self) -> None:
         """Drop work in hand and continue from the active version's weights and optimizer state."""

@@ -1,12 +1,14 @@
 """All mutable training state in one object: what a checkpoint saves and a resume restores.
 
-Only the optimize stage mutates it; the loop replaces it whole when it goes back to a version.
+Only the optimize stage mutates it; the loop replaces it whole when it goes back to a version,
+or restores a mark of it (the early stop's best pass).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -27,6 +29,17 @@ class OptimizerConfig:
     grad_clip: float = 1.0
 
 
+@dataclass(frozen=True)
+class Mark:
+    """A copy of what the optimize stage changes, to go back to: trainable weights, optimizer
+    state, step count and last loss (a frozen base, as under LoRA, is not copied)."""
+
+    weights: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    step: int
+    last_loss: float | None
+
+
 @dataclass
 class TrainingState:
     model: torch.nn.Module
@@ -36,6 +49,18 @@ class TrainingState:
     samples_seen: int = 0
     last_loss: float | None = None
     prequential_loss: float | None = None  # running average of losses measured before training on the data
+
+    def mark(self) -> Mark:
+        weights = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        return Mark(weights, copy.deepcopy(self.optimizer.state_dict()), self.step, self.last_loss)
+
+    @torch.no_grad()
+    def restore(self, mark: Mark) -> None:
+        for name, param in self.model.named_parameters():
+            if name in mark.weights:
+                param.copy_(mark.weights[name])
+        self.optimizer.load_state_dict(mark.optimizer)
+        self.step, self.last_loss = mark.step, mark.last_loss
 
     def snapshot(self) -> TrainerSnapshot:
         return TrainerSnapshot(
