@@ -8,16 +8,18 @@ serving engine) on the built-in tiny model, CPU, fixed seeds. Domain A is a set 
 facts; the model learns it first (phase A, shared by every strategy), and its weights become the
 base each strategy starts from, with A's samples in the store as llmos would have them (trained,
 in the replay pool; held-out variants in the anchor set). Then domain B, facts of another shape,
-streams in batch by batch. After each batch we measure the served model's loss on held-out
-sentences of A (retention) and of B (plasticity).
+streams in batch by batch. After each batch we measure the served model's loss on probe
+sentences of A (retention) and of B (plasticity). The probes are never given to llmos: the
+held-out variants it keeps (which its gate and early stop read) are other sentences.
 
-Strategies (the gate is opened wide for these rows, so they differ only in the mitigation):
+Strategies (the gate is opened wide and the early stop is off for these rows, so they differ
+only in the mitigation):
   naive   - sequential fine-tuning as the seed document's loop does it: no replay, no regularisation
   replay  - earlier samples mixed into each batch (train: replay.ratio)
   l2sp    - L2 pull toward the weights B started from
   ewc     - the same, weighted by a diagonal Fisher estimated on the anchor set
   lora    - base frozen, a LoRA adapter learns B
-  default - llmos's defaults as shipped (replay, and the promotion gate on)
+  default - llmos's defaults as shipped (replay, the early stop, and the promotion gate on)
 
 Figures: final loss on A and B; forgetting = rise of A's loss during B; BWT (backward transfer)
 = A's loss before B minus after (negative = forgetting); B gain = fall of B's loss.
@@ -53,10 +55,10 @@ from llmos.trainer.preprocess import PreprocessConfig, eval_batch  # noqa: E402
 SEED = 1234
 A_FACTS = 24
 B_FACTS = 24
-VARIANTS = 6  # training sentences per fact; one more, unseen, is its held-out probe
+VARIANTS = 6  # training sentences per fact; then one held out in llmos's store, then the probe
 B_BATCHES = 6
 
-WIDE_OPEN = {"eval.tolerance": 1e9, "eval.forgetting_budget": 1e9}
+WIDE_OPEN = {"eval.tolerance": 1e9, "eval.forgetting_budget": 1e9, "train.early_stop_patience": 0}
 STRATEGIES: dict[str, dict[str, Any]] = {
     "naive": {**WIDE_OPEN, "replay.enabled": False, "regularization.method": "none"},
     "replay": {**WIDE_OPEN, "replay.enabled": True},
@@ -70,7 +72,7 @@ STRATEGIES: dict[str, dict[str, Any]] = {
 
 
 def make_domains(rng: random.Random) -> tuple[list[list[str]], list[list[str]]]:
-    """Facts as lists of sentences: VARIANTS to train on, then one held-out probe."""
+    """Facts as lists of sentences: VARIANTS to train on, one that llmos holds out, one probe."""
 
     def name() -> str:
         return "".join(rng.choice("bcdfgklmnprstvz") + rng.choice("aeiou") for _ in range(rng.randint(2, 3))).title()
@@ -78,12 +80,12 @@ def make_domains(rng: random.Random) -> tuple[list[list[str]], list[list[str]]]:
     a = []
     for _ in range(A_FACTS):
         country, city = name(), name()
-        a.append([f"The capital of {country} is {city} (record {k})." for k in range(VARIANTS + 1)])
+        a.append([f"The capital of {country} is {city} (record {k})." for k in range(VARIANTS + 2)])
     b = []
     for i in range(B_FACTS):
         product, code, fix = name(), rng.randint(100, 999), rng.choice(["reboot", "reseat", "reflash", "reset"])
         b.append(
-            [f"Ticket {i}: the {product} shows error {code}, so {fix} it (case {k})." for k in range(VARIANTS + 1)]
+            [f"Ticket {i}: the {product} shows error {code}, so {fix} it (case {k})." for k in range(VARIANTS + 2)]
         )
     return a, b
 
@@ -120,7 +122,7 @@ def settings_for(data_dir: Path, base: str, overrides: dict[str, Any]) -> Any:
         "auth.admin_token": "bench",
         "model.name_or_path": base,
         "model.seed": SEED,
-        "train.heldout_fraction": 0.0,  # the probes are held out explicitly
+        "train.heldout_fraction": 0.0,  # seed_store marks A's held-out sentences itself
         "train.fill_wait_s": 0.0,
         "runtime.torch_threads": 1,
     }
@@ -156,7 +158,7 @@ def learn_a(work: Path, a: list[list[str]]) -> Path:
 
 def seed_store(daemon: Daemon, a: list[list[str]]) -> None:
     """A's samples as llmos holds them after learning A: trained ones in the replay pool, the
-    held-out probes in the anchor set."""
+    held-out sentences in the anchor set."""
     train_ids = daemon.queue.enqueue([NewSample(s) for fact in a for s in fact[:VARIANTS]])
     probe_ids = daemon.queue.enqueue([NewSample(fact[VARIANTS]) for fact in a])
     claimed = daemon.queue.claim_batch(len(train_ids) + len(probe_ids), 10**9)
@@ -173,8 +175,8 @@ def run_strategy(name: str, work: Path, base: Path, a: list[list[str]], b: list[
     daemon = Daemon(settings_for(work / name, str(base), STRATEGIES[name]))
     seed_store(daemon, a)
     daemon.start(run_trainer=False)
-    a_probe = [fact[VARIANTS] for fact in a]
-    b_probe = [fact[VARIANTS] for fact in b]
+    a_probe = [fact[VARIANTS + 1] for fact in a]  # never given to llmos
+    b_probe = [fact[VARIANTS + 1] for fact in b]
     b_train = [s for fact in b for s in fact[:VARIANTS]]
     random.Random(SEED + 1).shuffle(b_train)
     run = Run(name)
@@ -209,8 +211,8 @@ def write_results(runs: list[Run], out: Path, elapsed: float) -> None:
         f"{os.cpu_count()} cores, torch {torch.__version__}, CPU, seed {SEED}; whole run {elapsed:.0f} s.",
         "Command: `make bench-forgetting` (python bench/forgetting.py --out bench/results).",
         "",
-        f"Losses are mean token cross-entropy on held-out probe sentences ({A_FACTS} facts of A, {B_FACTS} of B), "
-        f"measured on the served model; B streamed in {B_BATCHES} batches.",
+        f"Losses are mean token cross-entropy on probe sentences llmos never saw ({A_FACTS} facts of A, "
+        f"{B_FACTS} of B), measured on the served model; B streamed in {B_BATCHES} batches.",
         "",
         "| strategy | A before | A after | forgetting | BWT | B before | B after | B gain | forgetting vs naive "
         "| B gain vs naive | promoted | rejected | s |",
