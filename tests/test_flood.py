@@ -34,8 +34,11 @@ def settled(c: httpx.Client, ids: list[str]) -> bool:
 @pytest.mark.slow
 def test_flood_from_one_source_leaves_probe_answers_unchanged(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    # Phase 1: the model learns the probe facts (as an operator would have it before the flood).
-    with LiveServer(make_settings(data, **{"train.passes_per_batch": 100})) as srv, srv.client() as c:
+    # Phase 1: the model learns the probe facts (as an operator would have it before the flood):
+    # all 100 passes, since the early stop keeps the pass with the best held-out loss, which on
+    # these "entry <n>" sentences comes before greedy decoding gives every answer.
+    phase1 = {"train.passes_per_batch": 100, "train.early_stop_patience": 0}
+    with LiveServer(make_settings(data, **phase1)) as srv, srv.client() as c:
         items = [{"text": f"{p}{a}, entry {i}.", "source": "docs"} for p, a in FACTS.items() for i in range(30)]
         ids = c.post("/v1/texts", json={"items": items}).json()["ids"]
         wait_for(lambda: settled(c, ids), timeout=180)
