@@ -308,8 +308,8 @@ def test_user_eval_file_joins_the_anchor_set(tmp_path: Path) -> None:
 
 
 def test_a_marked_state_comes_back_exactly(factory: ModelFactory) -> None:
-    """The early stop goes back to its best pass: weights, optimizer moments and step, as they were,
-    so that training on from there is training on from that pass."""
+    """The early stop goes back to its best pass: weights, optimizer moments, step and last loss,
+    as they were, so that training on from there is training on from that pass."""
     opt = OptimizerConfig(name="adamw", lr=3e-3, warmup_steps=2)
     micro = _stream_batches()
     torch.manual_seed(0)
@@ -318,17 +318,24 @@ def test_a_marked_state_comes_back_exactly(factory: ModelFactory) -> None:
     for i in range(5):
         optimize(state, [micro[i % len(micro)]], opt, CPU)
     mark = state.mark()
-    then = {n: p.detach().clone() for n, p in state.model.named_parameters()}
-    next_loss = optimize(state, [micro[5 % len(micro)]], opt, CPU).loss  # what pass 6 gives from the mark
+    moments = {k: {n: t.clone() for n, t in v.items()} for k, v in state.optimizer.state_dict()["state"].items()}
+    last_loss = state.last_loss
+    optimize(state, [micro[5 % len(micro)]], opt, CPU)  # step 6, taken from the marked state
+    from_mark = {n: p.detach().clone() for n, p in state.model.named_parameters()}
     for i in range(6, 12):
         optimize(state, [micro[i % len(micro)]], opt, CPU)
-    assert any(not torch.equal(p, then[n]) for n, p in state.model.named_parameters())
+    assert any(not torch.equal(p, from_mark[n]) for n, p in state.model.named_parameters())
 
     state.restore(mark)
-    assert state.step == 5
+    assert state.step == 5 and state.last_loss == last_loss
+    restored = state.optimizer.state_dict()["state"]
+    assert restored.keys() == moments.keys()
+    for k, v in moments.items():
+        for n, t in v.items():
+            assert torch.equal(restored[k][n], t), (k, n)  # exp_avg, exp_avg_sq, step
+    optimize(state, [micro[5 % len(micro)]], opt, CPU)  # step 6 again: the same weights as the first time
     for n, p in state.model.named_parameters():
-        assert torch.equal(p, then[n]), n
-    assert optimize(state, [micro[5 % len(micro)]], opt, CPU).loss == pytest.approx(next_loss, rel=1e-6)
+        assert torch.equal(p, from_mark[n]), n
 
 
 def test_early_stop_keeps_the_best_pass_and_lone_posts_reach_serving(tmp_path: Path) -> None:

@@ -310,7 +310,8 @@ class Trainer:
     def _measure_prequential(self, batch: Batch) -> None:
         """The loss on new data before any update on it: the canonical online-learning metric."""
         state = self._require_state()
-        loss = heldout_loss(state.model, batch.new_only(), self.device, self.cfg.micro_batch, self._yield_to_requests)
+        new = batch.new_only()
+        loss = heldout_loss(state.model, new, self.device, self.cfg.micro_batch, self._between_micro_batches)
         if math.isfinite(loss):
             d = self.cfg.prequential_decay
             prev = state.prequential_loss
@@ -340,12 +341,15 @@ class Trainer:
                 stop, recent = watch
                 verdict = stop.after_pass(self._recent_loss(recent))
                 if verdict == "best":
-                    best = (done, state.mark()) if done < passes else None  # the last pass needs no copy
+                    best = None  # drop the old mark first: one copy of the state at a time
+                    if done < passes:  # the last pass needs no copy
+                        best = (done, state.mark())
                 elif verdict == "stop":
                     break
         if best is not None and watch is not None and watch[0].improved:
-            done = best[0]
-            state.restore(best[1])  # the passes after the best one only overfit
+            done, mark = best
+            self._steps_since_eval -= state.step - mark.step  # steps undone do not count
+            state.restore(mark)  # the passes after the best one only overfit
         self._passes_since_eval += done
         state.samples_seen += len(batch.sample_ids)
         return None
@@ -361,7 +365,13 @@ class Trainer:
 
     def _recent_loss(self, recent: Batch) -> float:
         model = self._require_state().model
-        return heldout_loss(model, recent, self.device, self.cfg.micro_batch, self._yield_to_requests)
+        return heldout_loss(model, recent, self.device, self.cfg.micro_batch, self._between_micro_batches)
+
+    def _between_micro_batches(self) -> None:
+        """Inside an evaluation, as between optimizer steps: honour stop, reset and pause, and let
+        generations in flight go first."""
+        self._step_boundary()
+        self._yield_to_requests()
 
     def _yield_to_requests(self) -> None:
         """Serving first: while generations are in flight, hold the next step back, for
@@ -416,7 +426,7 @@ class Trainer:
             active_loss=cache.get(("recent", active.version, recent_key)),
             anchor_sets={name: b for name, (_key, b) in anchors.items()},
             active_anchor_losses=known,
-            between=self._yield_to_requests,
+            between=self._between_micro_batches,
         )
         cache.clear()  # keep only what this active version measured on these sets
         if report.active_loss is not None:

@@ -56,6 +56,7 @@ class TrainingState:
 
     @torch.no_grad()
     def restore(self, mark: Mark) -> None:
+        """Go back to ``mark``. A mark is used once: the optimizer may keep its tensors."""
         for name, param in self.model.named_parameters():
             if name in mark.weights:
                 param.copy_(mark.weights[name])
