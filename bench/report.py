@@ -203,6 +203,14 @@ def before_after(s: dict[str, Any]) -> list[str]:
             f"before: sdpa, gelu_new) | 1: optimize tokens/s ({k['dtype']}), same run | {fmt(k['before_tok_s'])} "
             f"| {fmt(k['after_tok_s'])} ({fmt(k['ratio'])}x) |"
         )
+    if "fig4_concurrent" in s:
+        f = s["fig4_concurrent"]
+        rows.append(
+            f"| batched decoding: concurrent requests share one forward pass per token (serving/batch.py, "
+            f"engine.py; serving.max_concurrency 1 before, 8 after) | 4: generated tokens/s, {f['clients']} clients "
+            f"x {f['new_tokens']} tokens, same run | {fmt(f['one_at_a_time_tok_s'])} "
+            f"| {fmt(f['batched_tok_s'])} ({fmt(f['ratio'])}x) |"
+        )
     if "fig7" in s and "before_early_stop" in s["fig7"]:
         b, a = s["fig7"]["before_early_stop"], s["fig7"]["defaults"]
 

@@ -439,6 +439,47 @@ def fig4_http(srv: Server, rounds: int, new_tokens: int = 64) -> dict[str, Any]:
     }
 
 
+def fig4_concurrent(
+    work: Path, rounds: int, clients: int = 8, per_client: int = 4, new_tokens: int = 32
+) -> dict[str, Any]:
+    """Generated tokens/s with ``clients`` clients each sending requests one after another, the
+    server decoding one request at a time (serving.max_concurrency 1) against decoding them
+    together (the default, 8); both servers up at once, rounds alternating."""
+    prompts = [f"{PROMPT} (client {i})" for i in range(clients)]
+
+    def run(url: str) -> float:
+        tokens = [0] * clients
+
+        def client(i: int) -> None:
+            with httpx.Client(timeout=120) as c:
+                for _ in range(per_client):
+                    r = c.post(url + "/generate", json={"prompt": prompts[i], "max_new_tokens": new_tokens})
+                    r.raise_for_status()
+                    tokens[i] += r.json()["completion_tokens"]
+
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return sum(tokens) / (time.perf_counter() - t0)
+
+    one = {**LIMITS_OFF, "LLMOS_SERVING__MAX_CONCURRENCY": "1"}  # nothing is posted: the trainer idles
+    batched = {**LIMITS_OFF, "LLMOS_SERVING__MAX_CONCURRENCY": "8"}
+    with Server(work / "fig4c-one", one) as a, Server(work / "fig4c-batched", batched) as b:
+        run(a.url), run(b.url)  # warm-up
+        got = alternate({"one": lambda: run(a.url), "batched": lambda: run(b.url)}, rounds)
+    return {
+        "clients": clients,
+        "new_tokens": new_tokens,
+        "one_at_a_time_tok_s": median(got["one"]),
+        "batched_tok_s": median(got["batched"]),
+        "ratio": median(ratios(got["batched"], got["one"])),
+        "rounds": rounds,
+    }
+
+
 # ---- figure 5: serving while training ------------------------------------------------------------
 def fig5(work: Path, env: dict[str, str], phases: int, per_phase: int, tag: str) -> dict[str, Any]:
     """p50/p99 of sequential 16-token /generate requests, trainer busy against paused, alternating
@@ -808,6 +849,8 @@ def main() -> None:
                 log("figure 4: time to first token over HTTP")
                 with Server(work / "fig4", LIMITS_OFF) as srv:
                     results["fig4_http"] = fig4_http(srv, 5 if q else 15)
+                log("figure 4: concurrent clients, decoded one at a time and batched")
+                results["fig4_concurrent"] = fig4_concurrent(work, 2 if q else 5)
             if "5" in only:
                 # --quick (the GPU check) leaves out the "before" variants: it has 5 minutes in all
                 variants = [n for n in FIG5_VARIANTS if not (q and n.startswith("before"))]

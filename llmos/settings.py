@@ -203,7 +203,12 @@ class RegistrySettings(_Section):
 
 
 class ServingSettings(_Section):
-    max_concurrency: int = Field(1, ge=1, description="Generations run at once; others wait their turn.")
+    max_concurrency: int = Field(
+        8,
+        ge=1,
+        description="Generations decoded at once, batched into one forward pass per token; others wait for "
+        "the next batch.",
+    )
     max_new_tokens_cap: int = Field(
         1024, ge=1, description="Largest max_new_tokens a request may ask for (422 past it)."
     )

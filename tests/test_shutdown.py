@@ -19,8 +19,10 @@ from helpers import start_server
 def test_sigterm_finishes_requests_in_flight_releases_claims_and_exits_0(tmp_path: Path) -> None:
     data, log, port = tmp_path / "data", tmp_path / "server.log", free_port()
     url = f"http://127.0.0.1:{port}"
-    # Long training cycles, so that the trainer is sure to hold claimed texts when the signal comes.
-    proc = start_server(data, port, log, extra_env={"LLMOS_TRAIN__PASSES_PER_BATCH": "200"})
+    # Long training cycles, so that the trainer is sure to hold claimed texts when the signal comes,
+    # and generations one at a time, so that requests queue and some are in flight at the signal.
+    env = {"LLMOS_TRAIN__PASSES_PER_BATCH": "200", "LLMOS_SERVING__MAX_CONCURRENCY": "1"}
+    proc = start_server(data, port, log, extra_env=env)
     try:
         with httpx.Client(base_url=url, timeout=60) as c:
             items = [{"text": f"shutdown sample {i}: the lighthouse keeper counts {i} gulls."} for i in range(200)]

@@ -12,6 +12,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Generator, Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Literal
 
@@ -19,6 +20,7 @@ import torch
 
 from llmos.model.loader import ModelFactory
 from llmos.registry.registry import Registry
+from llmos.serving.batch import Batcher
 from llmos.serving.types import Completion, PromptTooLong, SamplingParams
 from llmos.store.tables import CheckpointStatus
 
@@ -62,7 +64,13 @@ class ServingEngine:
     ) -> None:
         self._factory = factory
         self._registry = registry
-        self._slots = threading.BoundedSemaphore(max_concurrency)
+        self._slots = threading.BoundedSemaphore(1)
+        # More than one generation at once: decoded together, one forward pass per token for all.
+        self._batcher = (
+            Batcher(factory.device, factory.tokenizer.eos_token_id, max_concurrency, pick_token)
+            if max_concurrency > 1
+            else None
+        )
         self._swap_lock = threading.Lock()
         self._current: Loaded | None = None
         self.tokenizer = factory.tokenizer
@@ -80,6 +88,12 @@ class ServingEngine:
     @property
     def ready(self) -> bool:
         return self._current is not None
+
+    @property
+    def batches(self) -> tuple[int, int]:
+        """(cohorts, rows) decoded together so far; (0, 0) when generations run one at a time."""
+        b = self._batcher
+        return (b.cohorts, b.rows) if b is not None else (0, 0)
 
     @property
     def in_flight(self) -> int:
@@ -164,6 +178,9 @@ class ServingEngine:
         self, ids: list[int], params: SamplingParams, version: int | None
     ) -> Generator[tuple[int, Completion | None]]:
         pinned = self.pinned(version) if version is not None else None  # loads outside the slot
+        if self._batcher is not None:
+            yield from self._decode_batched(ids, params, pinned if pinned is not None else self.current())
+            return
         with self._slots:
             # This request finishes on this version, whatever swaps meanwhile.
             loaded = pinned if pinned is not None else self.current()
@@ -199,6 +216,27 @@ class ServingEngine:
                     out = model(input_ids=x, use_cache=True, **{cache_arg: out[cache_arg]})
             text = str(self.tokenizer.decode(new))
             yield -1, Completion(text, loaded.version, len(ids), len(new), finish)
+
+    def _decode_batched(
+        self, ids: list[int], params: SamplingParams, loaded: Loaded
+    ) -> Generator[tuple[int, Completion | None]]:
+        assert self._batcher is not None
+        gen = None
+        if params.seed is not None and params.temperature > 0:
+            gen = torch.Generator(device="cpu").manual_seed(params.seed)
+        budget = min(params.max_new_tokens, self._factory.context_length - len(ids) - 1)
+        eos = self.tokenizer.eos_token_id
+        new: list[int] = []
+        finish: Literal["stop", "length"] = "length"
+        # closing(): a client that goes away takes its row out of the cohort at once
+        with closing(self._batcher.decode(loaded.model, [eos, *ids], params, budget, gen)) as events:
+            for event in events:
+                if isinstance(event, str):
+                    finish = event
+                    break
+                new.append(event)
+                yield event, None
+        yield -1, Completion(str(self.tokenizer.decode(new)), loaded.version, len(ids), len(new), finish)
 
 
 def _collect(events: Iterator[tuple[int, Completion | None]]) -> Completion:
