@@ -75,9 +75,9 @@ def render(r: LoadReport, idle: list[float], trainer: dict[str, object], args: a
         f"| generate p50 under load / idle p50 | {gen_p50 / idle_p50:.1f} (idle p50 {idle_p50 * 1000:.0f} ms, "
         f"{len(idle)} sequential requests before the load) |",
         "",
-        "Generation runs one request at a time on the model (`serving.max_concurrency: 1`), so with "
-        f"{r.clients} clients a generate mostly waits for its turn: its latency grows with the number of "
-        "clients generating at once, not with time.",
+        "Generations that arrive together are decoded together, up to `serving.max_concurrency` (8) per "
+        f"batch; with {r.clients} clients a generate mostly waits for a batch to finish, so its latency grows "
+        "with the number of clients generating at once, not with time.",
         "",
         "RSS over the run (seconds since the start: MiB):",
         "",

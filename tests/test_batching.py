@@ -1,6 +1,10 @@
 """Concurrent generations decoded together (serving.max_concurrency > 1), against the real server:
 each request gets what it would get alone, streams included, and one that goes away leaves the
-others unharmed."""
+others unharmed.
+
+Exact text equality between a request decoded alone and in a batch is sound here: on these
+prompts' greedy paths the built-in model's top two logits are at least 1.9e-3 apart (measured),
+far above the float32 differences that padding and batch shapes make (about 1e-6)."""
 
 from __future__ import annotations
 
@@ -94,10 +98,15 @@ def test_a_stream_that_goes_away_leaves_its_batch_unharmed(servers: tuple[LiveSe
             go.wait()
             return str(generate(c, body)["text"])
 
+        steps = metric(c, "llmos_decode_steps_total")
         with ThreadPoolExecutor(len(others) + 1) as pool:
             gone = pool.submit(abandon)
             got = list(pool.map(one, others))
         assert gone.result() == 1
         assert got == expected
-        # The server is still serving, and promptly.
+        # The server is still serving; this request waits for the batch that held the abandoned row.
         assert generate(c, {"prompt": "after", "max_new_tokens": 4})["completion_tokens"] <= 4
+        # The abandoned row left its batch: decoding it to the end takes 200 forward passes; the
+        # others need at most 40 + 7 + 25 + 4 (plus a prefill each).
+        taken = metric(c, "llmos_decode_steps_total") - steps
+        assert taken < 150, taken

@@ -12,6 +12,7 @@ that went away) drops out of the output at once; the cohort ends when every row 
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections import deque
@@ -22,6 +23,8 @@ from typing import Literal
 import torch
 
 from llmos.serving.types import SamplingParams
+
+log = logging.getLogger(__name__)
 
 Finish = Literal["stop", "length"]
 PickToken = Callable[[torch.Tensor, SamplingParams, torch.Generator | None], int]
@@ -50,6 +53,7 @@ class Batcher:
         self._thread: threading.Thread | None = None
         self.cohorts = 0  # decoded so far, and the rows they held (rows / cohorts: the mean batch)
         self.rows = 0
+        self.steps = 0  # forward passes
 
     def decode(
         self, model: torch.nn.Module, seq: list[int], params: SamplingParams, budget: int, gen: torch.Generator | None
@@ -77,6 +81,11 @@ class Batcher:
 
     def _work(self) -> None:
         while True:
+            self._next_cohort()  # its model and rows are not kept past it (a swapped-out version can go)
+
+    def _next_cohort(self) -> None:
+        cohort: list[_Row] = []
+        try:
             with self._cond:
                 self._cond.wait_for(lambda: bool(self._pending))
                 model = self._pending[0][0]
@@ -85,12 +94,13 @@ class Batcher:
                 self._pending = deque((m, r) for m, r in self._pending if id(r) not in taken)
                 self.cohorts += 1
                 self.rows += len(cohort)
-            try:
-                self._decode(model, cohort)
-            except BaseException as exc:  # the requests see it; the worker goes on
-                for row in cohort:
-                    if not row.done:
-                        row.events.put(exc)
+            self._decode(model, cohort)
+        except Exception as exc:  # each request gets its own error; the worker goes on
+            log.exception("batched decoding failed")
+            for row in cohort:
+                if not row.done:
+                    row.done = True
+                    row.events.put(RuntimeError(f"decoding failed: {type(exc).__name__}: {exc}"))
 
     @torch.inference_mode()
     def _decode(self, model: torch.nn.Module, rows: list[_Row]) -> None:
@@ -99,6 +109,7 @@ class Batcher:
         mask = torch.tensor([[0] * (width - len(r.seq)) + [1] * len(r.seq) for r in rows], device=self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): each row's positions start at 0
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        self.steps += 1
         cache_arg = "cache" if "cache" in out else "past_key_values"  # transformers 5 / older
         pos = pos[:, -1:]
         for row in rows:
@@ -129,6 +140,7 @@ class Batcher:
             x = torch.tensor(nxt, device=self.device)[:, None]  # (B, 1)
             cache = {cache_arg: out[cache_arg]}
             out = model(input_ids=x, attention_mask=mask, position_ids=pos, use_cache=True, **cache)
+            self.steps += 1
 
     @staticmethod
     def _finish(row: _Row, reason: Finish) -> None:

@@ -90,10 +90,11 @@ class ServingEngine:
         return self._current is not None
 
     @property
-    def batches(self) -> tuple[int, int]:
-        """(cohorts, rows) decoded together so far; (0, 0) when generations run one at a time."""
+    def batches(self) -> tuple[int, int, int]:
+        """(cohorts, rows, forward passes) decoded together so far; zeros when generations run one
+        at a time."""
         b = self._batcher
-        return (b.cohorts, b.rows) if b is not None else (0, 0)
+        return (b.cohorts, b.rows, b.steps) if b is not None else (0, 0, 0)
 
     @property
     def in_flight(self) -> int:
