@@ -12,16 +12,24 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import pytest
 from conftest import free_port, wait_for
 from helpers import start_server
 
 
-def test_sigterm_finishes_requests_in_flight_releases_claims_and_exits_0(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("concurrency", "requests", "new_tokens"),
+    [(1, 6, 200), (8, 16, 400)],  # one at a time; batched (the default): two batches of eight
+    ids=["one-at-a-time", "batched"],
+)
+def test_sigterm_finishes_requests_in_flight_releases_claims_and_exits_0(
+    tmp_path: Path, concurrency: int, requests: int, new_tokens: int
+) -> None:
     data, log, port = tmp_path / "data", tmp_path / "server.log", free_port()
     url = f"http://127.0.0.1:{port}"
     # Long training cycles, so that the trainer is sure to hold claimed texts when the signal comes,
-    # and generations one at a time, so that requests queue and some are in flight at the signal.
-    env = {"LLMOS_TRAIN__PASSES_PER_BATCH": "200", "LLMOS_SERVING__MAX_CONCURRENCY": "1"}
+    # and enough generation that requests queue and some are in flight at the signal.
+    env = {"LLMOS_TRAIN__PASSES_PER_BATCH": "200", "LLMOS_SERVING__MAX_CONCURRENCY": str(concurrency)}
     proc = start_server(data, port, log, extra_env=env)
     try:
         with httpx.Client(base_url=url, timeout=60) as c:
@@ -34,12 +42,12 @@ def test_sigterm_finishes_requests_in_flight_releases_claims_and_exits_0(tmp_pat
 
         def generate(i: int) -> int:
             with httpx.Client(base_url=url, timeout=60) as hc:
-                r = hc.get("/generate", params={"prompt": f"request {i} says", "max_new_tokens": 200})
+                r = hc.get("/generate", params={"prompt": f"request {i} says", "max_new_tokens": new_tokens})
                 finished_after_signal.append(signalled.is_set())
                 return r.status_code
 
-        with ThreadPoolExecutor(max_workers=6) as pool:
-            futures = [pool.submit(generate, i) for i in range(6)]  # one at a time on the model: a queue
+        with ThreadPoolExecutor(max_workers=requests) as pool:
+            futures = [pool.submit(generate, i) for i in range(requests)]  # more than run at once: a queue
             time.sleep(0.5)
             proc.send_signal(signal.SIGTERM)
             signalled.set()
@@ -52,7 +60,7 @@ def test_sigterm_finishes_requests_in_flight_releases_claims_and_exits_0(tmp_pat
             proc.kill()
             proc.wait()
 
-    assert codes == [200] * 6, codes
+    assert codes == [200] * requests, codes
     assert any(finished_after_signal), "no request was still in flight at the signal"
     assert rc == 0, log.read_text()[-3000:]
     print(f"stopped {stopped_in:.1f}s after SIGTERM")
