@@ -110,3 +110,36 @@ def test_a_stream_that_goes_away_leaves_its_batch_unharmed(servers: tuple[LiveSe
         # others need at most 40 + 7 + 25 + 4 (plus a prefill each).
         taken = metric(c, "llmos_decode_steps_total") - steps
         assert taken < 150, taken
+
+
+def test_a_request_joins_a_batch_already_decoding(servers: tuple[LiveServer, LiveServer]) -> None:
+    """A short request that arrives while a long one is being decoded is answered before the long
+    one ends: it joins the batch between two steps instead of waiting for it."""
+    alone, batched = servers
+    short = {"prompt": "The capital of Zorbia", "max_new_tokens": 4}
+    with alone.client() as c:
+        expected = generate(c, short)["text"]
+    started, long_done = threading.Event(), threading.Event()
+
+    def long_stream() -> int:
+        with (
+            batched.client() as c,
+            c.stream(
+                "POST", "/generate", json={"prompt": "A long answer: ", "max_new_tokens": 600, "stream": True}
+            ) as r,
+        ):
+            lines = 0
+            for _line in r.iter_lines():
+                lines += 1
+                started.set()
+            long_done.set()
+            return lines
+
+    with ThreadPoolExecutor(1) as pool, batched.client() as c:
+        lines = pool.submit(long_stream)
+        assert started.wait(30)
+        got = generate(c, short)
+        finished_first = not long_done.is_set()
+        assert lines.result() > 600  # the long stream ran to its end
+    assert got["text"] == expected
+    assert finished_first, "the short request waited for the long one to end"
