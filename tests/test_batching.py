@@ -9,12 +9,15 @@ far above the float32 differences that padding and batch shapes make (about 1e-6
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import torch
 from conftest import LiveServer, make_settings
 
 REQUESTS: list[dict[str, Any]] = [
@@ -143,3 +146,62 @@ def test_a_request_joins_a_batch_already_decoding(servers: tuple[LiveServer, Liv
         assert lines.result() > 600  # the long stream ran to its end
     assert got["text"] == expected
     assert finished_first, "the short request waited for the long one to end"
+
+
+@pytest.mark.timeout(60)  # a row left without its error would wait forever
+def test_a_failing_forward_pass_fails_every_row_of_its_batch_and_the_worker_goes_on(tmp_path: Path) -> None:
+    """Rows that joined the batch late get the error too (none is left waiting), and the next batch
+    is decoded normally."""
+    from llmos.model.builtin import byte_tokenizer, create_tiny
+    from llmos.model.loader import ModelFactory
+    from llmos.serving.batch import Batcher
+    from llmos.serving.engine import pick_token
+    from llmos.serving.types import SamplingParams
+
+    factory = ModelFactory(str(create_tiny(tmp_path / "tiny")), torch.device("cpu"))
+    model = factory.instance().eval()
+    calls = [0]
+    queued = threading.Event()
+
+    class Failing(torch.nn.Module):
+        """The real model, except: its 2nd forward pass waits until the second request is queued
+        (so that it joins at the next step), and its 4th fails (after the join's prefill, the 3rd)."""
+
+        def forward(self, **kw: Any) -> Any:
+            calls[0] += 1
+            if calls[0] == 2:
+                assert queued.wait(30)
+            if calls[0] == 4:
+                raise RuntimeError("device lost")
+            return model(**kw)
+
+    failing = Failing()
+    eos = byte_tokenizer().eos_token_id
+    batcher = Batcher(torch.device("cpu"), eos, 8, pick_token)
+    params = SamplingParams(max_new_tokens=50)
+    first = batcher.decode(failing, [eos, 65, 66], params, 50, None)
+    assert isinstance(next(first), int)  # the batch is decoding
+    second = batcher.decode(failing, [eos, 67], params, 50, None)  # queued once its consumer starts it
+    second_events: list[object] = []
+
+    def consume() -> None:
+        try:
+            for event in second:
+                second_events.append(event)
+        except RuntimeError as exc:
+            second_events.append(exc)
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    while not batcher._pending:  # the second request is queued
+        time.sleep(0.001)
+    queued.set()
+    with pytest.raises(RuntimeError, match="decoding failed: RuntimeError: device lost"):
+        for _event in first:
+            pass
+    consumer.join(30)
+    assert not consumer.is_alive(), "the row that joined was left waiting"
+    assert isinstance(second_events[-1], RuntimeError) and "device lost" in str(second_events[-1])
+    assert batcher.rows == 2 and batcher.cohorts == 1  # it had joined the failing batch
+    again = list(batcher.decode(model, [eos, 65], SamplingParams(max_new_tokens=3), 3, None))
+    assert again[-1] in ("stop", "length") and len(again) <= 4

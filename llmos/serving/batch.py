@@ -57,6 +57,7 @@ class Batcher:
         self.cohorts = 0  # decoded so far, and the rows they held (rows / cohorts: the mean batch)
         self.rows = 0
         self.steps = 0  # forward passes
+        self._members: list[_Row] = []  # the worker's: the rows of the batch it is decoding
 
     def decode(
         self, model: torch.nn.Module, seq: list[int], params: SamplingParams, budget: int, gen: torch.Generator | None
@@ -87,7 +88,7 @@ class Batcher:
             self._next_cohort()  # its model and rows are not kept past it (a swapped-out version can go)
 
     def _next_cohort(self) -> None:
-        cohort: list[_Row] = []
+        self._members = []  # every row taken into this batch, those that joined later too
         try:
             with self._cond:
                 self._cond.wait_for(lambda: bool(self._pending))
@@ -97,7 +98,7 @@ class Batcher:
             self._decode(model, cohort)
         except Exception as exc:  # each request gets its own error; the worker goes on
             log.exception("batched decoding failed")
-            for row in cohort:
+            for row in self._members:
                 if not row.done:
                     row.done = True
                     row.events.put(RuntimeError(f"decoding failed: {type(exc).__name__}: {exc}"))
@@ -110,6 +111,7 @@ class Batcher:
             while self._pending and len(taken) < room and self._pending[0][0] is model:
                 taken.append(self._pending.popleft()[1])
         self.rows += len(taken)
+        self._members += taken
         return taken
 
     @torch.inference_mode()
