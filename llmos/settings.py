@@ -207,7 +207,7 @@ class ServingSettings(_Section):
         8,
         ge=1,
         description="Generations decoded at once, batched into one forward pass per token; others wait for "
-        "the next batch.",
+        "a place in the batch.",
     )
     max_new_tokens_cap: int = Field(
         1024, ge=1, description="Largest max_new_tokens a request may ask for (422 past it)."

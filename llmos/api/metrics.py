@@ -151,13 +151,11 @@ class DaemonCollector(Collector):
             swap.add_metric([], d.engine.last_swap_s)
         yield swap
         cohorts, rows, steps = d.engine.batches
-        yield CounterMetricFamily(
-            "llmos_decode_batches", "Groups of generations decoded together (max_concurrency > 1).", value=cohorts
-        )
+        yield CounterMetricFamily("llmos_decode_batches", "Batches of generations decoded together.", value=cohorts)
         yield CounterMetricFamily(
             "llmos_decode_batch_rows", "Generations in those groups (rows / batches: the mean batch size).", value=rows
         )
-        yield CounterMetricFamily("llmos_decode_steps", "Forward passes of batched decoding.", value=steps)
+        yield CounterMetricFamily("llmos_decode_steps", "Forward passes of decoding.", value=steps)
         c = d.counters
         yield CounterMetricFamily(
             "llmos_generations", "Generations served since this process started.", value=c.generations

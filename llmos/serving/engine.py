@@ -3,6 +3,7 @@
 A swap loads the new version into a standby model first, then replaces the reference; requests
 in flight keep the (version, model) pair they started with and finish on it. The engine never
 touches the trainer's model: it loads versions from the registry, as another replica would.
+Decoding runs on one thread, in batches (serving/batch.py).
 """
 
 from __future__ import annotations
@@ -64,13 +65,9 @@ class ServingEngine:
     ) -> None:
         self._factory = factory
         self._registry = registry
-        self._slots = threading.BoundedSemaphore(1)
-        # More than one generation at once: decoded together, one forward pass per token for all.
-        self._batcher = (
-            Batcher(factory.device, factory.tokenizer.eos_token_id, max_concurrency, pick_token)
-            if max_concurrency > 1
-            else None
-        )
+        # Generations run on the batcher's thread, up to max_concurrency at once, one forward pass
+        # per token for all of them.
+        self._batcher = Batcher(factory.device, factory.tokenizer.eos_token_id, max_concurrency, pick_token)
         self._swap_lock = threading.Lock()
         self._current: Loaded | None = None
         self.tokenizer = factory.tokenizer
@@ -91,10 +88,9 @@ class ServingEngine:
 
     @property
     def batches(self) -> tuple[int, int, int]:
-        """(cohorts, rows, forward passes) decoded together so far; zeros when generations run one
-        at a time."""
+        """(batches, rows, forward passes) decoded so far."""
         b = self._batcher
-        return (b.cohorts, b.rows, b.steps) if b is not None else (0, 0, 0)
+        return b.cohorts, b.rows, b.steps
 
     @property
     def in_flight(self) -> int:
@@ -178,50 +174,8 @@ class ServingEngine:
     def _decode(
         self, ids: list[int], params: SamplingParams, version: int | None
     ) -> Generator[tuple[int, Completion | None]]:
-        pinned = self.pinned(version) if version is not None else None  # loads outside the slot
-        if self._batcher is not None:
-            yield from self._decode_batched(ids, params, pinned if pinned is not None else self.current())
-            return
-        with self._slots:
-            # This request finishes on this version, whatever swaps meanwhile.
-            loaded = pinned if pinned is not None else self.current()
-            model = loaded.model
-            eos = self.tokenizer.eos_token_id
-            ctx = self._factory.context_length
-            budget = min(params.max_new_tokens, ctx - len(ids) - 1)
-            gen = None
-            if params.seed is not None and params.temperature > 0:
-                gen = torch.Generator(device="cpu").manual_seed(params.seed)
-            new: list[int] = []
-            finish: Literal["stop", "length"] = "length"
-            # Inference mode per step, not across a yield: it is thread-local state.
-            with torch.inference_mode():
-                # The stream starts with EOS, as every training sample does.
-                x = torch.tensor([[eos, *ids]], device=self.device)  # (1, T)
-                out = model(input_ids=x, use_cache=True, logits_to_keep=1)
-                # transformers 5 names the KV cache ``cache``; older code ``past_key_values``.
-                cache_arg = "cache" if "cache" in out else "past_key_values"
-            for _ in range(budget):
-                with torch.inference_mode():
-                    logits = out.logits[0, -1].to("cpu", torch.float32)  # (V,)
-                    tok = pick_token(logits, params, gen)
-                if tok == eos:
-                    finish = "stop"
-                    break
-                new.append(tok)
-                yield tok, None
-                if len(new) == budget:
-                    break
-                with torch.inference_mode():
-                    x = torch.tensor([[tok]], device=self.device)  # (1, 1)
-                    out = model(input_ids=x, use_cache=True, **{cache_arg: out[cache_arg]})
-            text = str(self.tokenizer.decode(new))
-            yield -1, Completion(text, loaded.version, len(ids), len(new), finish)
-
-    def _decode_batched(
-        self, ids: list[int], params: SamplingParams, loaded: Loaded
-    ) -> Generator[tuple[int, Completion | None]]:
-        assert self._batcher is not None
+        # This request finishes on this version, whatever swaps meanwhile.
+        loaded = self.pinned(version) if version is not None else self.current()
         gen = None
         if params.seed is not None and params.temperature > 0:
             gen = torch.Generator(device="cpu").manual_seed(params.seed)
@@ -229,7 +183,8 @@ class ServingEngine:
         eos = self.tokenizer.eos_token_id
         new: list[int] = []
         finish: Literal["stop", "length"] = "length"
-        # closing(): a client that goes away takes its row out of the cohort at once
+        # The stream starts with EOS, as every training sample does. closing(): a client that goes
+        # away takes its row out of the batch at once.
         with closing(self._batcher.decode(loaded.model, [eos, *ids], params, budget, gen)) as events:
             for event in events:
                 if isinstance(event, str):
