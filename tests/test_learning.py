@@ -19,6 +19,7 @@ from llmos.registry.registry import Registry
 from llmos.store.checkpoints import CheckpointIndex
 from llmos.store.db import Database
 from llmos.store.tables import CheckpointStatus
+from llmos.trainer.evaluate import heldout_loss
 from llmos.trainer.optimize import optimize
 from llmos.trainer.preprocess import PreprocessConfig, eval_batch
 from llmos.trainer.state import OptimizerConfig, TrainingState, load_state, make_optimizer
@@ -363,6 +364,13 @@ def test_early_stop_keeps_the_best_pass_and_lone_posts_reach_serving(tmp_path: P
             ids = c.post("/v1/texts", json={"items": [{"text": t} for t in warm]}).json()["ids"]
             wait_for(lambda: settled(c, ids), timeout=120)
             first = next(cp for cp in c.get("/v1/checkpoints").json()["checkpoints"] if cp["version"] == 1)
+            # The held-out loss the gate recorded is that of the weights that were kept and served.
+            d = srv.daemon
+            recent = eval_batch(
+                [x.text for x in d.queue.heldout(64)], d.factory.tokenizer, PreprocessConfig(128, 8192, 0.0)
+            )
+            served = heldout_loss(d.engine.current().model, recent, CPU, 8)
+            assert first["metrics"]["heldout_loss"] == pytest.approx(served, rel=1e-5)
             verdicts = []
             for text in lone:
                 sid = c.post("/v1/texts", json={"text": text}).json()["ids"][0]

@@ -129,6 +129,9 @@ class Trainer:
         self._last_eval_t = time.monotonic()
         self._sets: dict[str, tuple[tuple[str, ...], Batch]] = {}  # eval sets by name, keyed by member ids
         self._active_losses: dict[tuple[str, int, tuple[str, ...]], float] = {}
+        # The training state's loss on the recent held-out set, as (set's member ids, step, loss):
+        # the early stop measures it after each pass, and the gate reads the last one.
+        self._recent_measured: tuple[tuple[str, ...], int, float] | None = None
         self._tokens_trained = 0
         self._last_renew = time.monotonic()
         self._promotions = 0
@@ -338,34 +341,43 @@ class Trainer:
                 self._tokens_trained += report.tokens
             self._renew_lease()
             if watch is not None:
-                stop, recent = watch
-                verdict = stop.after_pass(self._recent_loss(recent))
+                stop, key, recent = watch
+                verdict = stop.after_pass(self._recent_loss(key, recent))
                 if verdict == "best":
                     best = None  # drop the old mark first: one copy of the state at a time
                     if done < passes:  # the last pass needs no copy
                         best = (done, state.mark())
                 elif verdict == "stop":
                     break
-        if best is not None and watch is not None and watch[0].improved:
+        if best is not None:  # a mark is only taken of a pass that beat the loss before the first
             done, mark = best
             self._steps_since_eval -= state.step - mark.step  # steps undone do not count
             state.restore(mark)  # the passes after the best one only overfit
+            assert watch is not None
+            self._recent_measured = (watch[1], mark.step, watch[0].best)
         self._passes_since_eval += done
         state.samples_seen += len(batch.sample_ids)
         return None
 
-    def _early_stop(self) -> tuple[EarlyStop, Batch] | None:
+    def _early_stop(self) -> tuple[EarlyStop, tuple[str, ...], Batch] | None:
         """The early stop for this batch, with the held-out set it watches (None: make every pass)."""
         if self.cfg.early_stop_patience <= 0 or self.cfg.passes_per_batch <= 1:
             return None
-        _key, recent = self._eval_set("recent", self.queue.heldout(self.cfg.eval_max_samples))
+        key, recent = self._eval_set("recent", self.queue.heldout(self.cfg.eval_max_samples))
         if not len(recent):
             return None
-        return EarlyStop(self._recent_loss(recent), self.cfg.early_stop_patience), recent
+        return EarlyStop(self._recent_loss(key, recent), self.cfg.early_stop_patience), key, recent
 
-    def _recent_loss(self, recent: Batch) -> float:
-        model = self._require_state().model
-        return heldout_loss(model, recent, self.device, self.cfg.micro_batch, self._between_micro_batches)
+    def _recent_loss(self, key: tuple[str, ...], recent: Batch) -> float:
+        """The training state's loss on the recent held-out set (``key``: its member ids), measured
+        once per step: weights change only with a step (or a restore, which records its loss)."""
+        state = self._require_state()
+        hit = self._recent_measured
+        if hit is not None and hit[:2] == (key, state.step):
+            return hit[2]
+        loss = heldout_loss(state.model, recent, self.device, self.cfg.micro_batch, self._between_micro_batches)
+        self._recent_measured = (key, state.step, loss)
+        return loss
 
     def _between_micro_batches(self) -> None:
         """Inside an evaluation, as between optimizer steps: honour stop, reset and pause, and let
@@ -416,6 +428,7 @@ class Trainer:
             for name, (key, _b) in anchors.items()
             if (f"anchor:{name}", active.version, key) in cache
         }
+        hit = self._recent_measured
         report = evaluate(
             state.model,
             active.model,
@@ -424,6 +437,7 @@ class Trainer:
             self.device,
             state.last_loss,
             active_loss=cache.get(("recent", active.version, recent_key)),
+            candidate_loss=hit[2] if hit is not None and hit[:2] == (recent_key, state.step) else None,
             anchor_sets={name: b for name, (_key, b) in anchors.items()},
             active_anchor_losses=known,
             between=self._between_micro_batches,
@@ -475,6 +489,7 @@ class Trainer:
     def _load(self, version: int) -> None:
         model = self.factory.instance(self.registry.weights_path(version))
         self._state = load_state(version, self.registry, model, self.cfg.optimizer)
+        self._recent_measured = None  # other weights, whatever their step
         if self.cfg.regularization.method != "none":
             # The anchor weights are the version we continue from: the model as deployed.
             _key, anchor = self._eval_set("anchor:all", self.anchor_pool.members(), self.cfg.anchor_texts)
