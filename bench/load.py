@@ -1,7 +1,7 @@
 """Load bench: N clients (one API key each) for D seconds against a real `llmos serve` process,
 mixing ingest and greedy generation while the trainer runs; writes bench/results/load.md.
 
-    .venv/bin/python bench/load.py                      # 32 clients, 30 s warm-up, then 60 s
+    .venv/bin/python bench/load.py                      # 32 clients, 60 s warm-up, then 60 s
     .venv/bin/python bench/load.py --clients 8 --duration 20 --warmup 5 --out /tmp/load.md
 
 Latencies are reported as ratios (under load against idle, p99 against p50) with the absolute
@@ -63,8 +63,8 @@ def render(r: LoadReport, idle: list[float], trainer: dict[str, object], args: a
         f"| texts acknowledged | {r.texts_acknowledged} |",
         f"| trainer at the end | step {trainer.get('step')}, active version {trainer.get('active_version')}, "
         f"queue depth {trainer.get('queue_depth')} |",
-        f"| RSS after warm-up ({r.warmup_s:.0f} s) | {warm / 1024:.0f} MiB |",
-        f"| RSS at the end ({r.warmup_s + r.duration_s:.0f} s) | {end / 1024:.0f} MiB |",
+        f"| RSS after warm-up (peak over {r.warmup_s:.0f}-{r.warmup_s + r.window_s:.0f} s) | {warm / 1024:.0f} MiB |",
+        f"| RSS at the end (peak over the last {r.window_s:.0f} s) | {end / 1024:.0f} MiB |",
         f"| **RSS end / after warm-up** | **{end / warm:.3f}** (limit 1.10) |",
     ]
     for op in sorted(r.latencies_s):
@@ -93,7 +93,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--duration", type=float, default=60.0)
-    ap.add_argument("--warmup", type=float, default=30.0)
+    ap.add_argument("--warmup", type=float, default=60.0)
     ap.add_argument("--ingest-share", type=float, default=0.7)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "load.md")
     args = ap.parse_args()

@@ -1,7 +1,15 @@
 """Load: 32 clients, each with its own API key, against the real `llmos serve` process, mixing
-ingest and generation while the trainer trains: 30 s of warm-up, then 60 s more. Zero errors, and
-the server's resident memory at the end within 10% of what it was after warm-up. bench/load.py
-runs the same load and writes the figures to bench/results/load.md."""
+ingest and generation while the trainer trains: 60 s of warm-up, then 60 s more. Zero errors, and
+the server's resident memory over the last 20 s within 10% of the 20 s after warm-up (each the
+peak of RSS sampled four times a second). bench/load.py runs the same load and writes the figures
+to bench/results/load.md.
+
+Why these windows: one RSS sample lands anywhere in a training step, whose working set swings by
+~55 MiB (8% of the process) on the built-in model, and glibc's per-thread malloc arenas (up to 8
+per core) are created as request threads contend and keep a few MiB each. Measured with
+/proc/<pid>/smaps and malloc_stats over 150-240 s runs, this fills in the first 60-90 s and is
+then flat (no growth from 90 s to 210 s); after a 30 s warm-up with single samples it read
+1.02-1.11, i.e. flaky at the limit without anything leaking."""
 
 from __future__ import annotations
 
@@ -19,12 +27,12 @@ KEYS = [f"load-client-{n:02d}-0123456789abcdef" for n in range(CLIENTS)]
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(450)
 def test_32_clients_for_60_s_after_warm_up_no_errors_and_flat_memory(tmp_path: Path) -> None:
     data, log, port = tmp_path / "data", tmp_path / "server.log", free_port()
     proc = start_server(data, port, log, {"LLMOS_AUTH__API_KEYS": json.dumps(KEYS)})
     try:
-        report = run_load(f"http://127.0.0.1:{port}", proc.pid, KEYS, duration_s=60, warmup_s=30)
+        report = run_load(f"http://127.0.0.1:{port}", proc.pid, KEYS, duration_s=60, warmup_s=60)
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
             trainer = c.get("/v1/trainer", headers={"Authorization": f"Bearer {KEYS[0]}"}).json()
     finally:
@@ -33,7 +41,7 @@ def test_32_clients_for_60_s_after_warm_up_no_errors_and_flat_memory(tmp_path: P
     warm, end = report.rss_after_warmup, report.rss_end
     print(
         f"requests {report.requests}, errors {len(report.errors)}, texts acknowledged {report.texts_acknowledged}; "
-        f"RSS after warm-up {warm / 1024:.0f} MiB, at the end {end / 1024:.0f} MiB ({end / warm:.3f}x); "
+        f"RSS peak after warm-up {warm / 1024:.0f} MiB, at the end {end / 1024:.0f} MiB ({end / warm:.3f}x); "
         f"trainer at step {trainer['step']}, version {trainer['active_version']}"
     )
     assert report.errors == [], report.errors[:10]
