@@ -346,10 +346,18 @@ def notes(speed: dict[str, Any] | None, scaling: dict[str, Any] | None) -> list[
         f2 = speed["fig2"]
         settings = ", ".join(f"{k}={v}" for k, v in f2["llmos_settings"].items())
         line = (
-            f"- Figure 2 compares samples/s in the same dtype ({f2.get('dtype', '?')}) on the same base model; llmos "
+            f"- Figure 2 compares samples/s on the same base model; llmos ({f2.get('dtype', '?')}) "
             "runs its whole cycle (claim, preprocess, prequential loss, optimize, evaluate, checkpoint with fsync, "
             f"hot-swap) with {settings}, one pass as the naive loop makes."
         )
+        if "naive_fp32_samples_s" in f2:
+            line += (
+                f" The naive loop ran with torch's default threads (all cores) in fp32 "
+                f"({fmt(f2['naive_fp32_samples_s'])} samples/s) and in bf16 ({fmt(f2['naive_bf16_samples_s'])}); "
+                f"the ratio is against the faster ({f2['naive_dtype']}). Thread budget, before/after: llmos with one "
+                f"torch thread throughout made {fmt(f2['llmos_one_thread_samples_s'])} samples/s; with every core "
+                f"while no generation is in flight (the default), {f2['thread_budget_ratio']:.2f}× that."
+            )
         if "naive_ms_per_8_token_step" in f2 and "fig1" in speed:
             dt = f2.get("dtype", "fp32")
             tok_s = speed["fig1"].get(dt, {}).get("llmos_tok_s")

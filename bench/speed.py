@@ -55,6 +55,7 @@ from llmos.model.loader import ModelFactory  # noqa: E402
 from llmos.serving.types import SamplingParams  # noqa: E402
 from llmos.settings import load_settings  # noqa: E402
 from llmos.store.queue import NewSample  # noqa: E402
+from llmos.threads import ThreadBudget  # noqa: E402
 from llmos.trainer.optimize import optimize  # noqa: E402
 from llmos.trainer.preprocess import PreprocessConfig, is_heldout, preprocess  # noqa: E402
 from llmos.trainer.state import OptimizerConfig, TrainingState, make_optimizer  # noqa: E402
@@ -269,7 +270,10 @@ def settings_for(data_dir: Path, **overrides: Any) -> Any:
 def fig2(work: Path, device: torch.device, texts: list[str], rounds: int) -> dict[str, Any]:
     """samples/s over the same texts: the real trainer (claim, preprocess, prequential loss,
     optimize, evaluate, checkpoint, hot-swap; one pass, as the naive loop makes) against a loop
-    that takes one optimizer step per text, as a hand-written online loop does."""
+    that takes one optimizer step per text, as a hand-written online loop does. The naive loop
+    runs in fp32 and in llmos's dtype, with torch's default threads (all cores); the ratio is
+    against the faster of the two. llmos runs with its thread budget (every core while no
+    generation is in flight) and, for the before/after, with one thread throughout."""
     n = len(texts)
     one_pass = {
         "train.passes_per_batch": 1,
@@ -280,9 +284,9 @@ def fig2(work: Path, device: torch.device, texts: list[str], rounds: int) -> dic
     }
     counter = {"run": 0}
 
-    def llmos_run() -> float:
+    def llmos_run(**overrides: Any) -> float:
         counter["run"] += 1
-        daemon = Daemon(settings_for(work / f"fig2-{counter['run']}", **one_pass))
+        daemon = Daemon(settings_for(work / f"fig2-{counter['run']}", **one_pass, **overrides))
         daemon.start(run_trainer=False)
         daemon.ingest([NewSample(t) for t in texts])
         t0 = time.perf_counter()
@@ -292,10 +296,10 @@ def fig2(work: Path, device: torch.device, texts: list[str], rounds: int) -> dic
         daemon.stop()
         return n / dt
 
-    def naive_run() -> float:
+    def naive_run(bf16: bool) -> float:
         daemon = Daemon(settings_for(work / "fig2-naive", **one_pass))  # the same base model and device
         factory = daemon.factory
-        bf16 = daemon.trainer.cfg.bf16
+        torch.set_num_threads(os.cpu_count() or 1)  # torch's default, as a hand-written loop has it
         model = factory.instance()
         model.train()
         opt = make_optimizer(model, OPT)
@@ -309,35 +313,54 @@ def fig2(work: Path, device: torch.device, texts: list[str], rounds: int) -> dic
         daemon.stop()
         return n / dt
 
-    res = alternate({"llmos": llmos_run, "naive": naive_run}, rounds)
+    probe = Daemon(settings_for(work / "fig2-naive", **one_pass))
+    dtype = "bf16" if probe.trainer.cfg.bf16 else "fp32"
+    probe.stop()
+    res = alternate(
+        {
+            "llmos": llmos_run,
+            "llmos_one_thread": functools.partial(llmos_run, **{"runtime.torch_threads_idle": 1}),
+            "naive_fp32": functools.partial(naive_run, False),
+            "naive_bf16": functools.partial(naive_run, True),
+        },
+        rounds,
+    )
+    naive = max(("naive_fp32", "naive_bf16"), key=lambda k: median(res[k]))
     # What bounds the ratio on this machine: the naive loop's fixed cost per step (a step on an
     # 8-token text), against the per-text time of the whole loop.
     daemon = Daemon(settings_for(work / "fig2-naive", **one_pass))
+    torch.set_num_threads(os.cpu_count() or 1)
     tok = daemon.factory.tokenizer
     tokens_per_text = sum(len(tok.encode(t, add_special_tokens=False)) + 1 for t in texts) / n
     model = daemon.factory.instance()
     model.train()
     opt = make_optimizer(model, OPT)
     short = torch.tensor([[tok.eos_token_id, *tok.encode("A short one.", add_special_tokens=False)][:9]])
+    naive_bf16 = naive == "naive_bf16"
     for _ in range(3):
-        bare_step(model, opt, short, device, daemon.trainer.cfg.bf16)
+        bare_step(model, opt, short, device, naive_bf16)
     sync(device)
     t0 = time.perf_counter()
     for _ in range(50):
-        bare_step(model, opt, short, device, daemon.trainer.cfg.bf16)
+        bare_step(model, opt, short, device, naive_bf16)
     sync(device)
     fixed_ms = (time.perf_counter() - t0) / 50 * 1e3
     daemon.stop()
     return {
         "texts": n,
         "tokens_per_text": tokens_per_text,
-        "naive_ms_per_text": 1e3 / median(res["naive"]),
+        "naive_ms_per_text": 1e3 / median(res[naive]),
         "naive_ms_per_8_token_step": fixed_ms,
-        "dtype": "bf16" if daemon.trainer.cfg.bf16 else "fp32",
+        "dtype": dtype,
+        "naive_dtype": naive.removeprefix("naive_"),
+        "naive_fp32_samples_s": median(res["naive_fp32"]),
+        "naive_bf16_samples_s": median(res["naive_bf16"]),
         "llmos_samples_s": median(res["llmos"]),
-        "naive_samples_s": median(res["naive"]),
-        "ratio": median(ratios(res["llmos"], res["naive"])),
-        "ratios": ratios(res["llmos"], res["naive"]),
+        "llmos_one_thread_samples_s": median(res["llmos_one_thread"]),
+        "thread_budget_ratio": median(ratios(res["llmos"], res["llmos_one_thread"])),
+        "naive_samples_s": median(res[naive]),
+        "ratio": median(ratios(res["llmos"], res[naive])),
+        "ratios": ratios(res["llmos"], res[naive]),
         "rounds": rounds,
         "llmos_settings": one_pass,
     }
@@ -812,9 +835,13 @@ def main() -> None:
     only = set(args.only or [str(i) for i in range(1, 9)])
     q = args.quick
     torch.manual_seed(SEED)
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))  # as the daemon sets it
+    budget = ThreadBudget()  # the daemon's default, which every Daemon below applies
     t_start = time.perf_counter()
-    results: dict[str, Any] = {"machine": machine(), "device": str(device), "torch_threads": torch.get_num_threads()}
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "device": str(device),
+        "torch_threads": f"{budget.idle} ({budget.serving} while a generation is in flight)",
+    }
     work = Path(tempfile.mkdtemp(prefix="llmos-speed-"))
     texts = short_texts(2000)
     baseline: Path | None = None

@@ -30,6 +30,7 @@ from llmos.store.generations import Feedback, GenerationLog
 from llmos.store.queue import NewSample, Sample, SampleQueue
 from llmos.store.reservoir import Reservoir
 from llmos.store.tables import SampleStatus
+from llmos.threads import ThreadBudget
 from llmos.trainer.evaluate import EvalConfig
 from llmos.trainer.loop import Trainer, TrainerConfig, TrainerStatus
 from llmos.trainer.preprocess import FEEDBACK_SOURCE_PREFIX, PreprocessConfig
@@ -198,8 +199,8 @@ class Daemon:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        threads = settings.runtime.torch_threads or max(1, (os.cpu_count() or 2) // 2)
-        torch.set_num_threads(threads)
+        threads = ThreadBudget(settings.runtime.torch_threads, settings.runtime.torch_threads_idle)
+        threads.apply(generating=False)
         self.admin_token, self.admin_token_path = admin_token(settings)
         self.db = Database(settings.store_url, settings.store.busy_timeout_s)
         self.db.check_durable()  # raises StoreNotDurable: never acknowledge what a crash could lose
@@ -215,7 +216,11 @@ class Daemon:
         base = resolve_base(settings.model.name_or_path, settings.data_dir, settings.model.seed)
         self.factory = ModelFactory(base, device, lora_spec(settings), attention_kernels(settings, device))
         self.engine = ServingEngine(
-            self.factory, self.registry, settings.serving.max_concurrency, settings.serving.pinned_versions
+            self.factory,
+            self.registry,
+            settings.serving.max_concurrency,
+            settings.serving.pinned_versions,
+            threads,
         )
         self.counters = ServiceCounters()
         self.replay_pool = Reservoir(self.db, "replay", settings.replay.capacity, SampleStatus.trained)

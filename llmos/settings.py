@@ -226,7 +226,15 @@ class ServingSettings(_Section):
 
 class RuntimeSettings(_Section):
     torch_threads: int = Field(
-        0, ge=0, description="torch intra-op threads for the process (0 = half the cores, at least 1)."
+        0,
+        ge=0,
+        description="torch intra-op threads while generations are in flight (0 = half the cores, at least 1).",
+    )
+    torch_threads_idle: int = Field(
+        0,
+        ge=0,
+        description="torch intra-op threads while no generation is in flight; the trainer's steps and "
+        "evaluations then use them (0 = all cores; never fewer than torch_threads).",
     )
     trainer_nice: int = Field(
         0,

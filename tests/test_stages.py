@@ -22,6 +22,7 @@ from llmos.store.checkpoints import CheckpointIndex
 from llmos.store.db import Database
 from llmos.store.queue import Sample
 from llmos.store.tables import CheckpointStatus, SampleStatus
+from llmos.threads import ThreadBudget
 from llmos.trainer.evaluate import EvalConfig, evaluate, heldout_loss
 from llmos.trainer.optimize import lr_at, optimize
 from llmos.trainer.preprocess import (
@@ -452,6 +453,26 @@ def test_sync_swaps_to_the_active_version(served: tuple[ServingEngine, Registry]
     registry.rollback(0)
     assert engine.sync() == 0
     assert engine.generate("Alice keeps her", GREEDY) == before
+
+
+def test_torch_threads_are_the_serving_budget_only_while_a_generation_is_in_flight(
+    served: tuple[ServingEngine, Registry], factory: ModelFactory
+) -> None:
+    """The trainer gets every core while nobody waits for a generation, and gives half back
+    as soon as one starts (torch's thread count is one setting for the whole process)."""
+    _, registry = served
+    engine = ServingEngine(factory, registry, threads=ThreadBudget(serving=1, idle=2))
+    engine.sync()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        events = engine.stream("Alice keeps", GREEDY)
+        next(events)  # the first token is out: a generation is in flight
+        assert torch.get_num_threads() == 1
+        assert list(events)[-1][1] is not None
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_a_request_in_flight_finishes_on_its_version(served: tuple[ServingEngine, Registry]) -> None:

@@ -24,6 +24,7 @@ from llmos.registry.registry import Registry
 from llmos.serving.batch import Batcher
 from llmos.serving.types import Completion, PromptTooLong, SamplingParams
 from llmos.store.tables import CheckpointStatus
+from llmos.threads import ThreadBudget
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,12 @@ def pick_token(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | N
 
 class ServingEngine:
     def __init__(
-        self, factory: ModelFactory, registry: Registry, max_concurrency: int = 1, pinned_versions: int = 2
+        self,
+        factory: ModelFactory,
+        registry: Registry,
+        max_concurrency: int = 1,
+        pinned_versions: int = 2,
+        threads: ThreadBudget | None = None,
     ) -> None:
         self._factory = factory
         self._registry = registry
@@ -78,9 +84,11 @@ class ServingEngine:
         self._pinned_lock = threading.Lock()
         self._pinned_max = pinned_versions
         # Generation requests started and not finished (waiting for a slot included): the trainer
-        # yields the CPU to them between its steps (see wait_idle).
+        # yields the CPU to them between its steps (see wait_idle), and torch's thread count is
+        # the serving budget while any is (see llmos/threads.py).
         self._in_flight = 0
         self._idle = threading.Condition()
+        self._threads = threads
 
     @property
     def ready(self) -> bool:
@@ -163,12 +171,16 @@ class ServingEngine:
         ids = self.encode_prompt(prompt, params.max_new_tokens)
         with self._idle:
             self._in_flight += 1
+            if self._in_flight == 1 and self._threads is not None:
+                self._threads.apply(generating=True)
         try:
             yield from self._decode(ids, params, version)
         finally:
             with self._idle:
                 self._in_flight -= 1
                 if self._in_flight == 0:
+                    if self._threads is not None:
+                        self._threads.apply(generating=False)
                     self._idle.notify_all()
 
     def _decode(

@@ -217,18 +217,25 @@ class SampleQueue:
         more than max_bytes of UTF-8 text in all (the first sample is always taken, so nothing
         starves), and at most max_per_source from any one source (a flood from one sender cannot
         fill a batch; its surplus waits in the queue)."""
+        cols = (
+            SampleRow.id,
+            SampleRow.seq,
+            SampleRow.text,
+            SampleRow.source,
+            SampleRow.weight,
+            SampleRow.status,
+            SampleRow.reason,
+            SampleRow.trained_in_version,
+            SampleRow.created_at,
+        )
         with self._db.write() as s:
             scan = max_samples if max_per_source is None else max_samples * 4
-            q = (
-                select(SampleRow)
-                .where(SampleRow.status == SampleStatus.queued.value)
-                .order_by(SampleRow.seq)
-                .limit(scan)
-            )
+            q = select(*cols).where(SampleRow.status == SampleStatus.queued.value).order_by(SampleRow.seq).limit(scan)
             if not self._db.is_sqlite:
                 q = q.with_for_update(skip_locked=True)
-            rows = s.scalars(q).all()
-            taken: list[SampleRow] = []
+            # Plain rows, not ORM objects: building an object per scanned row was 12% of a cycle.
+            rows = s.execute(q).all()
+            taken: list[Sample] = []
             per_source: Counter[str] = Counter()
             total = 0
             for row in rows:
@@ -240,14 +247,30 @@ class SampleQueue:
                 size = len(row.text.encode("utf-8"))
                 if taken and total + size > max_bytes:
                     break
-                taken.append(row)
+                taken.append(
+                    Sample(
+                        id=row.id,
+                        seq=row.seq,
+                        text=row.text,
+                        source=row.source,
+                        weight=row.weight,
+                        status=SampleStatus.training,
+                        reason=row.reason,
+                        trained_in_version=row.trained_in_version,
+                        created_at=row.created_at,
+                    )
+                )
                 per_source[key] += 1
                 total += size
             now = utcnow()
-            for row in taken:
-                row.status = SampleStatus.training.value
-                row.claimed_at = now
-            return [as_sample(r) for r in taken]
+            ids = [t.id for t in taken]
+            for start in range(0, len(ids), 500):
+                s.execute(
+                    update(SampleRow)
+                    .where(SampleRow.id.in_(ids[start : start + 500]))
+                    .values(status=SampleStatus.training.value, claimed_at=now)
+                )
+            return taken
 
     def renew(self, ids: Iterable[str]) -> None:
         """Extend the lease on samples this trainer still holds."""
