@@ -183,12 +183,24 @@ def before_after(s: dict[str, Any]) -> list[str]:
         )
     if "fig5" in s:
         names = list(s["fig5"])
-        if len(names) == 2:
+        if len(names) >= 2:
             b, a = s["fig5"][names[0]], s["fig5"][names[1]]
             rows.append(
                 f"| the trainer waits between steps while generations are in flight (trainer/loop.py, "
                 f"serving/engine.py, settings) | 5: p99 busy / paused (p50) | {fmt(b['p99_ratio'])} "
                 f"({fmt(b['p50_ratio'])}) | {fmt(a['p99_ratio'])} ({fmt(a['p50_ratio'])}) |"
+            )
+        if len(names) == 4:
+            a, now, one = s["fig5"][names[1]], s["fig5"][names[2]], s["fig5"][names[3]]
+            rows.append(
+                f"| thread budget: every core for the trainer after 1 s without a generation (threads.py, "
+                f"engine.py; before: one thread throughout) | 5: p99 busy / paused (p50) | {fmt(one['p99_ratio'])} "
+                f"({fmt(one['p50_ratio'])}) | {fmt(a['p99_ratio'])} ({fmt(a['p50_ratio'])}) |"
+            )
+            rows.append(
+                f"| the same without the quiet time (every core the moment none is in flight) | 5: p99 busy / "
+                f"paused (p50) | {fmt(one['p99_ratio'])} ({fmt(one['p50_ratio'])}) | {fmt(now['p99_ratio'])} "
+                f"({fmt(now['p50_ratio'])}) |"
             )
     if "fig1" in s and "fp32" in s["fig1"] and "bf16" in s["fig1"]:
         f1 = s["fig1"]
@@ -303,7 +315,7 @@ def main() -> None:
     if speed:
         lines.append(
             f"`{speed['command']}`: {speed['seconds']:.0f} s, device {speed['device']}, "
-            f"{speed['torch_threads']} torch thread(s) in the benchmark process."
+            f"torch threads: {speed['torch_threads']}."
         )
     if scaling:
         lines.append(f"`{scaling['command']}`: {scaling['seconds']:.0f} s, device {scaling['device']}.")

@@ -547,6 +547,10 @@ def fig5(work: Path, env: dict[str, str], phases: int, per_phase: int, tag: str)
 FIG5_VARIANTS = {
     "before (the trainer does not yield)": {"LLMOS_TRAIN__YIELD_TO_REQUESTS_S": "0"},
     "defaults (train.yield_to_requests_s 0.2)": {},
+    "every core the moment no generation is in flight (runtime.torch_threads_quiet_s 0)": {
+        "LLMOS_RUNTIME__TORCH_THREADS_QUIET_S": "0"
+    },
+    "one torch thread throughout (runtime.torch_threads_idle 1)": {"LLMOS_RUNTIME__TORCH_THREADS_IDLE": "1"},
 }
 
 
@@ -835,12 +839,12 @@ def main() -> None:
     only = set(args.only or [str(i) for i in range(1, 9)])
     q = args.quick
     torch.manual_seed(SEED)
-    budget = ThreadBudget()  # the daemon's default, which every Daemon below applies
+    budget = ThreadBudget.of()  # the daemon's default
     t_start = time.perf_counter()
     results: dict[str, Any] = {
         "machine": machine(),
         "device": str(device),
-        "torch_threads": f"{budget.idle} ({budget.serving} while a generation is in flight)",
+        "torch_threads": f"{budget.idle} for training when no generation came for 1 s, {budget.serving} for decoding",
     }
     work = Path(tempfile.mkdtemp(prefix="llmos-speed-"))
     texts = short_texts(2000)
@@ -854,6 +858,7 @@ def main() -> None:
     try:
         tiny = Daemon(settings_for(work / "tiny", **{"model.device": device.type}))
         tiny.start(run_trainer=False)
+        torch.set_num_threads(budget.idle)  # this thread trains below, as the trainer's does when no generation comes
         if only & {"1", "3"}:
             log("figure 1: optimize stage against a bare loop (fp32, bf16)")
             eff = trainer_efficiency(tiny.factory, device, ["fp32", "bf16"], 3 if q else 7, 8 if q else 16, texts)

@@ -146,6 +146,7 @@ def trainer_config(settings: Settings, device: torch.device) -> TrainerConfig:
     lora = settings.train.mode == "lora"
     bf16 = settings.model.precision == "bf16" or (settings.model.precision == "auto" and auto_bf16(device, lora))
     r = settings.regularization
+    threads = thread_budget(settings)
     return TrainerConfig(
         preprocess=PreprocessConfig(t.block_size, t.max_sample_tokens, t.heldout_fraction),
         optimizer=OptimizerConfig(
@@ -180,10 +181,17 @@ def trainer_config(settings: Settings, device: torch.device) -> TrainerConfig:
         max_per_source=max(1, int(t.batch_max_samples * t.max_source_fraction)),
         lease_s=t.lease_s,
         yield_to_requests_s=t.yield_to_requests_s,
+        threads_busy=threads.serving,
+        threads_idle=threads.idle,
+        threads_quiet_s=settings.runtime.torch_threads_quiet_s,
         nice=settings.runtime.trainer_nice,
         regularization=RegularizationConfig(r.method, r.strength, r.fisher_batches),
         anchor_texts=read_anchor_file(settings.eval.anchor_file),
     )
+
+
+def thread_budget(settings: Settings) -> ThreadBudget:
+    return ThreadBudget.of(settings.runtime.torch_threads, settings.runtime.torch_threads_idle)
 
 
 def lora_spec(settings: Settings) -> LoraSpec | None:
@@ -199,8 +207,8 @@ class Daemon:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        threads = ThreadBudget(settings.runtime.torch_threads, settings.runtime.torch_threads_idle)
-        threads.apply(generating=False)
+        threads = thread_budget(settings)
+        torch.set_num_threads(threads.serving)  # for threads that start later; trainer and decoder set their own
         self.admin_token, self.admin_token_path = admin_token(settings)
         self.db = Database(settings.store_url, settings.store.busy_timeout_s)
         self.db.check_durable()  # raises StoreNotDurable: never acknowledge what a crash could lose
@@ -220,7 +228,7 @@ class Daemon:
             self.registry,
             settings.serving.max_concurrency,
             settings.serving.pinned_versions,
-            threads,
+            threads.serving,
         )
         self.counters = ServiceCounters()
         self.replay_pool = Reservoir(self.db, "replay", settings.replay.capacity, SampleStatus.trained)

@@ -228,13 +228,20 @@ class RuntimeSettings(_Section):
     torch_threads: int = Field(
         0,
         ge=0,
-        description="torch intra-op threads while generations are in flight (0 = half the cores, at least 1).",
+        description="torch intra-op threads of the decoding thread, and of the trainer while generations "
+        "come (0 = half the cores, at least 1).",
     )
     torch_threads_idle: int = Field(
         0,
         ge=0,
-        description="torch intra-op threads while no generation is in flight; the trainer's steps and "
-        "evaluations then use them (0 = all cores; never fewer than torch_threads).",
+        description="torch intra-op threads of the trainer once no generation has run for "
+        "torch_threads_quiet_s (0 = all cores; never fewer than torch_threads).",
+    )
+    torch_threads_quiet_s: float = Field(
+        1.0,
+        ge=0,
+        description="Seconds without a generation before the trainer takes torch_threads_idle (a steady "
+        "stream of requests keeps it at torch_threads).",
     )
     trainer_nice: int = Field(
         0,

@@ -22,7 +22,6 @@ from llmos.store.checkpoints import CheckpointIndex
 from llmos.store.db import Database
 from llmos.store.queue import Sample
 from llmos.store.tables import CheckpointStatus, SampleStatus
-from llmos.threads import ThreadBudget
 from llmos.trainer.evaluate import EvalConfig, evaluate, heldout_loss
 from llmos.trainer.optimize import lr_at, optimize
 from llmos.trainer.preprocess import (
@@ -455,22 +454,27 @@ def test_sync_swaps_to_the_active_version(served: tuple[ServingEngine, Registry]
     assert engine.generate("Alice keeps her", GREEDY) == before
 
 
-def test_torch_threads_are_the_serving_budget_only_while_a_generation_is_in_flight(
+def test_decoding_runs_on_its_own_thread_budget_and_quiet_follows_generations(
     served: tuple[ServingEngine, Registry], factory: ModelFactory
 ) -> None:
-    """The trainer gets every core while nobody waits for a generation, and gives half back
-    as soon as one starts (torch's thread count is one setting for the whole process)."""
+    """torch's thread count belongs to each thread: the decoding thread sets its own (the serving
+    budget) whatever the process's is; `quiet` tells the trainer when it may take every core."""
     _, registry = served
-    engine = ServingEngine(factory, registry, threads=ThreadBudget(serving=1, idle=2))
-    engine.sync()
     before = torch.get_num_threads()
     try:
-        torch.set_num_threads(2)
+        torch.set_num_threads(2)  # what a thread that started later would take
+        engine = ServingEngine(factory, registry, decode_threads=1)
+        engine.sync()
+        seen: list[int] = []
+        engine.current().model.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+        assert engine.quiet(60)  # nothing was ever generated
         events = engine.stream("Alice keeps", GREEDY)
         next(events)  # the first token is out: a generation is in flight
-        assert torch.get_num_threads() == 1
+        assert not engine.quiet(0)
         assert list(events)[-1][1] is not None
-        assert torch.get_num_threads() == 2
+        assert seen and set(seen) == {1}
+        assert not engine.quiet(60)  # the last one ended just now
+        assert engine.quiet(0)
     finally:
         torch.set_num_threads(before)
 

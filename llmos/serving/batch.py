@@ -46,8 +46,9 @@ class _Row:
 
 
 class Batcher:
-    def __init__(self, device: torch.device, eos: int, max_batch: int, pick: PickToken) -> None:
+    def __init__(self, device: torch.device, eos: int, max_batch: int, pick: PickToken, threads: int = 0) -> None:
         self.device = device
+        self.threads = threads  # torch threads of the decoding thread (0: the process's)
         self.eos = eos
         self.max_batch = max_batch
         self._pick_token = pick
@@ -84,6 +85,8 @@ class Batcher:
             row.cancelled = True
 
     def _work(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)  # this thread's own (see llmos/threads.py)
         while True:
             self._next_cohort()  # its model and rows are not kept past it (a swapped-out version can go)
 

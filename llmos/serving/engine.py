@@ -9,6 +9,7 @@ Decoding runs on one thread, in batches (serving/batch.py).
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -24,7 +25,6 @@ from llmos.registry.registry import Registry
 from llmos.serving.batch import Batcher
 from llmos.serving.types import Completion, PromptTooLong, SamplingParams
 from llmos.store.tables import CheckpointStatus
-from llmos.threads import ThreadBudget
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +67,15 @@ class ServingEngine:
         registry: Registry,
         max_concurrency: int = 1,
         pinned_versions: int = 2,
-        threads: ThreadBudget | None = None,
+        decode_threads: int = 0,
     ) -> None:
         self._factory = factory
         self._registry = registry
         # Generations run on the batcher's thread, up to max_concurrency at once, one forward pass
         # per token for all of them.
-        self._batcher = Batcher(factory.device, factory.tokenizer.eos_token_id, max_concurrency, pick_token)
+        self._batcher = Batcher(
+            factory.device, factory.tokenizer.eos_token_id, max_concurrency, pick_token, decode_threads
+        )
         self._swap_lock = threading.Lock()
         self._current: Loaded | None = None
         self.tokenizer = factory.tokenizer
@@ -84,11 +86,11 @@ class ServingEngine:
         self._pinned_lock = threading.Lock()
         self._pinned_max = pinned_versions
         # Generation requests started and not finished (waiting for a slot included): the trainer
-        # yields the CPU to them between its steps (see wait_idle), and torch's thread count is
-        # the serving budget while any is (see llmos/threads.py).
+        # yields the CPU to them between its steps (see wait_idle), and takes every core only
+        # once none has run for a while (see quiet and llmos/threads.py).
         self._in_flight = 0
         self._idle = threading.Condition()
-        self._threads = threads
+        self._last_end = -math.inf  # when the last generation in flight ended
 
     @property
     def ready(self) -> bool:
@@ -108,6 +110,11 @@ class ServingEngine:
         """Block until no generation is in flight, or ``timeout_s`` passed; True when idle."""
         with self._idle:
             return self._idle.wait_for(lambda: self._in_flight == 0, timeout_s)
+
+    def quiet(self, quiet_s: float) -> bool:
+        """No generation in flight, and none ended in the last ``quiet_s`` seconds."""
+        with self._idle:
+            return self._in_flight == 0 and time.monotonic() - self._last_end >= quiet_s
 
     def current(self) -> Loaded:
         cur = self._current
@@ -171,16 +178,13 @@ class ServingEngine:
         ids = self.encode_prompt(prompt, params.max_new_tokens)
         with self._idle:
             self._in_flight += 1
-            if self._in_flight == 1 and self._threads is not None:
-                self._threads.apply(generating=True)
         try:
             yield from self._decode(ids, params, version)
         finally:
             with self._idle:
                 self._in_flight -= 1
                 if self._in_flight == 0:
-                    if self._threads is not None:
-                        self._threads.apply(generating=False)
+                    self._last_end = time.monotonic()
                     self._idle.notify_all()
 
     def _decode(

@@ -68,6 +68,9 @@ class TrainerConfig:
     max_per_source: int | None = None  # most samples one source may fill in a batch
     lease_s: float = 300.0  # claims not renewed for this long go back to the queue
     yield_to_requests_s: float = 0.0  # longest wait between steps while generations run (0 = none)
+    threads_busy: int = 0  # torch threads for steps while generations come (0: leave them be)
+    threads_idle: int = 0  # ...and once none came for threads_quiet_s (see llmos/threads.py)
+    threads_quiet_s: float = 1.0
     nice: int = 0  # CPU priority of the trainer thread below serving's (Linux; 0 = equal)
     regularization: RegularizationConfig = RegularizationConfig()
     anchor_texts: tuple[str, ...] = ()  # the user's eval file, always in the anchor set
@@ -393,6 +396,9 @@ class Trainer:
         wait = self.cfg.yield_to_requests_s
         if wait > 0 and self.serving.in_flight:
             self.serving.wait_idle(wait)
+        if self.cfg.threads_idle:  # this thread's own count, for the step that follows
+            quiet = self.serving.quiet(self.cfg.threads_quiet_s)
+            torch.set_num_threads(self.cfg.threads_idle if quiet else self.cfg.threads_busy)
 
     def _renew_lease(self) -> None:
         if time.monotonic() - self._last_renew > self.cfg.lease_s / 3:
