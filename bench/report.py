@@ -368,7 +368,7 @@ def notes(speed: dict[str, Any] | None, scaling: dict[str, Any] | None) -> list[
                 f"({fmt(f2['naive_fp32_samples_s'])} samples/s) and in bf16 ({fmt(f2['naive_bf16_samples_s'])}); "
                 f"the ratio is against the faster ({f2['naive_dtype']}). Thread budget, before/after: llmos with one "
                 f"torch thread throughout made {fmt(f2['llmos_one_thread_samples_s'])} samples/s; with every core "
-                f"while no generation is in flight (the default), {f2['thread_budget_ratio']:.2f}× that."
+                f"once no generation has come for 1 s (the default), {f2['thread_budget_ratio']:.2f}× that."
             )
         if "naive_ms_per_8_token_step" in f2 and "fig1" in speed:
             dt = f2.get("dtype", "fp32")

@@ -39,6 +39,7 @@ from speed import (  # noqa: E402
 
 from llmos.daemon import Daemon  # noqa: E402
 from llmos.model.builtin import create_tiny  # noqa: E402
+from llmos.threads import ThreadBudget  # noqa: E402
 
 # The byte-level vocabulary has 257 tokens, so width and depth carry the parameters: GPT-2 small's
 # 124M includes a 38.6M-parameter table for its 50k-token vocabulary; here 12 layers of width 896
@@ -68,6 +69,7 @@ def one_size(work: Path, name: str, device: torch.device) -> dict[str, Any]:
     dtype = "bf16" if daemon.trainer.cfg.bf16 else "fp32"
     out: dict[str, Any] = {"shape": shape, "dtype": dtype}
     log(f"{name}: figure 1 ({dtype})")
+    torch.set_num_threads(ThreadBudget.of().idle)  # this thread trains, as the trainer's does when no generation comes
     out["fig1"] = trainer_efficiency(daemon.factory, device, [dtype], r1, s1, short_texts(400))
     log(f"{name}: figure 4")
     out["fig4"] = fig4_engine(daemon, r4, n4)
@@ -86,7 +88,6 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(SEED)
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))  # as the daemon sets it
     t0 = time.perf_counter()
     results: dict[str, Any] = {"machine": machine(), "device": str(device), "sizes": {}}
     work = Path(tempfile.mkdtemp(prefix="llmos-scaling-"))

@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
@@ -43,14 +44,15 @@ class Sample:
     created_at: datetime
 
 
-def as_sample(row: SampleRow) -> Sample:
+def as_sample(row: Any, status: SampleStatus | None = None) -> Sample:
+    """A sample from its ORM object or a plain row of the same columns."""
     return Sample(
         id=row.id,
         seq=row.seq,
         text=row.text,
         source=row.source,
         weight=row.weight,
-        status=SampleStatus(row.status),
+        status=status or SampleStatus(row.status),
         reason=row.reason,
         trained_in_version=row.trained_in_version,
         created_at=row.created_at,
@@ -247,19 +249,7 @@ class SampleQueue:
                 size = len(row.text.encode("utf-8"))
                 if taken and total + size > max_bytes:
                     break
-                taken.append(
-                    Sample(
-                        id=row.id,
-                        seq=row.seq,
-                        text=row.text,
-                        source=row.source,
-                        weight=row.weight,
-                        status=SampleStatus.training,
-                        reason=row.reason,
-                        trained_in_version=row.trained_in_version,
-                        created_at=row.created_at,
-                    )
-                )
+                taken.append(as_sample(row, SampleStatus.training))
                 per_source[key] += 1
                 total += size
             now = utcnow()
