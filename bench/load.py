@@ -1,7 +1,7 @@
 """Load bench: N clients (one API key each) for D seconds against a real `llmos serve` process,
 mixing ingest and greedy generation while the trainer runs; writes bench/results/load.md.
 
-    .venv/bin/python bench/load.py                      # 32 clients, 60 s warm-up, then 60 s
+    .venv/bin/python bench/load.py                      # 32 clients, 120 s warm-up, then 60 s
     .venv/bin/python bench/load.py --clients 8 --duration 20 --warmup 5 --out /tmp/load.md
 
 Latencies are reported as ratios (under load against idle, p99 against p50) with the absolute
@@ -52,7 +52,8 @@ def render(r: LoadReport, idle: list[float], trainer: dict[str, object], args: a
         "",
         f"`{' '.join(['.venv/bin/python', 'bench/load.py', *sys.argv[1:]])}` on {platform.machine()}, "
         f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}. One `llmos serve` process (built-in tiny model, "
-        f"default settings, {r.clients} API keys); {r.clients} clients, each with its own key, connection and "
+        f"default settings but limits.max_queue_depth 1,000,000, {r.clients} API keys); {r.clients} clients, "
+        "each with its own key, connection and "
         f"source, for {r.warmup_s:.0f} s of warm-up and {r.duration_s:.0f} s more; each request is an ingest "
         f"of 1-4 texts ({args.ingest_share:.0%}) or a greedy 16-token generation.",
         "",
@@ -93,7 +94,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--duration", type=float, default=60.0)
-    ap.add_argument("--warmup", type=float, default=60.0)
+    ap.add_argument("--warmup", type=float, default=120.0)
     ap.add_argument("--ingest-share", type=float, default=0.7)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "load.md")
     args = ap.parse_args()
@@ -101,7 +102,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="llmos-load-") as tmp:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        env = {"LLMOS_AUTH__API_KEYS": json.dumps(keys)}
+        env = {"LLMOS_AUTH__API_KEYS": json.dumps(keys), "LLMOS_LIMITS__MAX_QUEUE_DEPTH": "1000000"}
         proc = start_server(Path(tmp) / "data", port, Path(tmp) / "server.log", env)
         try:
             idle = idle_generate_latencies(url, keys[0])

@@ -190,17 +190,13 @@ def before_after(s: dict[str, Any]) -> list[str]:
                 f"serving/engine.py, settings) | 5: p99 busy / paused (p50) | {fmt(b['p99_ratio'])} "
                 f"({fmt(b['p50_ratio'])}) | {fmt(a['p99_ratio'])} ({fmt(a['p50_ratio'])}) |"
             )
-        if len(names) == 4:
-            a, now, one = s["fig5"][names[1]], s["fig5"][names[2]], s["fig5"][names[3]]
+        if len(names) == 3:
+            a, idle = s["fig5"][names[1]], s["fig5"][names[2]]
             rows.append(
-                f"| thread budget: every core for the trainer after 1 s without a generation (threads.py, "
-                f"engine.py; before: one thread throughout) | 5: p99 busy / paused (p50) | {fmt(one['p99_ratio'])} "
-                f"({fmt(one['p50_ratio'])}) | {fmt(a['p99_ratio'])} ({fmt(a['p50_ratio'])}) |"
-            )
-            rows.append(
-                f"| the same without the quiet time (every core the moment none is in flight) | 5: p99 busy / "
-                f"paused (p50) | {fmt(one['p99_ratio'])} ({fmt(one['p50_ratio'])}) | {fmt(now['p99_ratio'])} "
-                f"({fmt(now['p50_ratio'])}) |"
+                f"| opt-in thread budget: every core for the trainer after 1 s without a generation (threads.py, "
+                f"runtime.torch_threads_idle; before: the default) | 5: p99 busy / paused (p50) "
+                f"| {fmt(a['p99_ratio'])} ({fmt(a['p50_ratio'])}) "
+                f"| {fmt(idle['p99_ratio'])} ({fmt(idle['p50_ratio'])}) |"
             )
     if "fig1" in s and "fp32" in s["fig1"] and "bf16" in s["fig1"]:
         f1 = s["fig1"]
@@ -366,9 +362,9 @@ def notes(speed: dict[str, Any] | None, scaling: dict[str, Any] | None) -> list[
             line += (
                 f" The naive loop ran with torch's default threads (all cores) in fp32 "
                 f"({fmt(f2['naive_fp32_samples_s'])} samples/s) and in bf16 ({fmt(f2['naive_bf16_samples_s'])}); "
-                f"the ratio is against the faster ({f2['naive_dtype']}). Thread budget, before/after: llmos with one "
-                f"torch thread throughout made {fmt(f2['llmos_one_thread_samples_s'])} samples/s; with every core "
-                f"once no generation has come for 1 s (the default), {f2['thread_budget_ratio']:.2f}× that."
+                f"the ratio is against the faster ({f2['naive_dtype']}). With the opt-in idle thread budget "
+                f"(runtime.torch_threads_idle = every core) llmos made {fmt(f2['llmos_idle_cores_samples_s'])} "
+                f"samples/s, {f2['idle_cores_ratio']:.2f}× its default."
             )
         if "naive_ms_per_8_token_step" in f2 and "fig1" in speed:
             dt = f2.get("dtype", "fp32")

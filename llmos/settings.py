@@ -235,7 +235,7 @@ class RuntimeSettings(_Section):
         0,
         ge=0,
         description="torch intra-op threads of the trainer once no generation has run for "
-        "torch_threads_quiet_s (0 = all cores; never fewer than torch_threads).",
+        "torch_threads_quiet_s (0 = torch_threads: off; never fewer). Opt-in: see README's Limits.",
     )
     torch_threads_quiet_s: float = Field(
         1.0,
