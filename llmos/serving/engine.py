@@ -86,8 +86,8 @@ class ServingEngine:
         self._pinned_lock = threading.Lock()
         self._pinned_max = pinned_versions
         # Generation requests started and not finished (waiting for a slot included): the trainer
-        # yields the CPU to them between its steps (see wait_idle), and takes every core only
-        # once none has run for a while (see quiet and llmos/threads.py).
+        # yields the CPU to them between its steps (see wait_idle), and takes more threads (opt-in)
+        # only once none has run for a while (see quiet and llmos/threads.py).
         self._in_flight = 0
         self._idle = threading.Condition()
         self._last_end = -math.inf  # when the last generation in flight ended
