@@ -396,7 +396,7 @@ class Trainer:
         wait = self.cfg.yield_to_requests_s
         if wait > 0 and self.serving.in_flight:
             self.serving.wait_idle(wait)
-        if self.cfg.threads_idle:  # this thread's own count, for the step that follows
+        if self.cfg.threads_idle > self.cfg.threads_busy:  # opt-in: this thread's own count, for the next step
             quiet = self.serving.quiet(self.cfg.threads_quiet_s)
             torch.set_num_threads(self.cfg.threads_idle if quiet else self.cfg.threads_busy)
 
