@@ -8,8 +8,8 @@ Why these windows: one RSS sample lands anywhere in a training step, whose worki
 ~55 MiB (8% of the process) on the built-in model. And resident memory fills for about two
 minutes: glibc's per-thread malloc arenas (up to 8 per core) appear as request threads come and
 each keeps a few MiB to tens of MiB (seen in /proc/<pid>/smaps and malloc_stats). Over 150-210 s
-runs the peak grew 0-4% after 120 s, but 3-24% between 60 s and 120 s (1.15x and 1.24x in two of
-six runs), so a 60 s warm-up was flaky at the limit. What fills there is not settled: malloc_trim
+runs the peak grew 0-4% after 120 s, but up to 24% between 60 s and 120 s (1.15x and 1.24x in
+two of five runs of this test), so a 60 s warm-up was flaky at the limit. What fills there is not settled: malloc_trim
 after each cycle and a smaller oneDNN kernel cache did not stop it."""
 
 from __future__ import annotations
