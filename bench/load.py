@@ -6,7 +6,7 @@ mixing ingest and greedy generation while the trainer runs; writes bench/results
 
 Latencies are reported as ratios (under load against idle, p99 against p50) with the absolute
 figures beside them for context: absolute times depend on the machine and whatever else runs on it.
-The same load, with its pass conditions (zero errors, RSS within 10% of after warm-up), is the
+The same load, with its pass conditions (zero errors, peak RSS at most 1.30x that after warm-up), is the
 slow test tests/test_load.py.
 """
 
@@ -66,7 +66,7 @@ def render(r: LoadReport, idle: list[float], trainer: dict[str, object], args: a
         f"queue depth {trainer.get('queue_depth')} |",
         f"| RSS after warm-up (peak over {r.warmup_s:.0f}-{r.warmup_s + r.window_s:.0f} s) | {warm / 1024:.0f} MiB |",
         f"| RSS at the end (peak over the last {r.window_s:.0f} s) | {end / 1024:.0f} MiB |",
-        f"| **RSS end / after warm-up** | **{end / warm:.3f}** (limit 1.10) |",
+        f"| **RSS end / after warm-up** | **{end / warm:.3f}** (the test's limit 1.30) |",
     ]
     for op in sorted(r.latencies_s):
         p50, p99 = r.percentile(op, 0.5), r.percentile(op, 0.99)
