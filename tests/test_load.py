@@ -10,11 +10,11 @@ by ~55 MiB (8% of the process) on the built-in model.
 Why 1.30 and not 1.10 (not settled; see the session 4 note): resident memory still grows in steps
 of up to ~135 MiB at unpredictable times in the first three minutes. glibc's per-thread malloc
 arenas (up to 8 per core) appear as request threads come and each keeps a few to tens of MiB (seen
-in /proc/<pid>/smaps and malloc_stats). In 13 runs the ratio was 0.98-1.24: 1.151 and 1.240 with a
-60 s warm-up, 1.177 with this one (in CI). In 150-210 s runs most of it came before 120 s, but not
-always. What fills is not known: malloc_trim after each cycle, MALLOC_ARENA_MAX=2 and a smaller
-oneDNN kernel cache did not stop it. So this check catches a leak of more than ~30% a minute, not
-a slow one; bench/load.md reports the figure.
+in /proc/<pid>/smaps and malloc_stats). In 17 runs (30-120 s warm-ups) the ratio was 0.98-1.24:
+1.151 and 1.240 with a 60 s warm-up, 1.177 with this one (in CI). In 150-210 s runs most of the
+growth came before 120 s, but not always. What fills is not known: malloc_trim after each cycle,
+MALLOC_ARENA_MAX=2 and a smaller oneDNN kernel cache did not stop it. So this check catches a leak
+of more than ~30% a minute, not a slow one; bench/load.md reports the figure.
 """
 
 from __future__ import annotations
