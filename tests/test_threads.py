@@ -31,8 +31,11 @@ def test_the_trainer_takes_every_core_only_once_generations_have_been_quiet(tmp_
     before = torch.get_num_threads()
     seen: list[int] = []
 
+    model = daemon.trainer._require_state().model
+    model.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+
     def cycle() -> None:  # on a thread of its own, as the trainer runs
-        daemon.trainer._require_state().model.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+        assert daemon.trainer._require_state().model is model  # the hook sees every forward pass
         daemon.trainer.cycle()
 
     try:
