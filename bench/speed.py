@@ -57,7 +57,7 @@ from llmos.settings import load_settings  # noqa: E402
 from llmos.store.queue import NewSample  # noqa: E402
 from llmos.threads import ThreadBudget  # noqa: E402
 from llmos.trainer.optimize import optimize  # noqa: E402
-from llmos.trainer.preprocess import PreprocessConfig, is_heldout, preprocess  # noqa: E402
+from llmos.trainer.preprocess import MicroBatch, PreprocessConfig, is_heldout, preprocess  # noqa: E402
 from llmos.trainer.state import OptimizerConfig, TrainingState, make_optimizer  # noqa: E402
 
 SEED = 1234
@@ -86,7 +86,7 @@ def short_texts(n: int, seed: int = SEED) -> list[str]:
     return [f"Note {i}: {rng.choice(who)} {rng.choice(did)} {rng.choice(what)} {rng.choice(when)}." for i in range(n)]
 
 
-def micro_batches(factory: ModelFactory, texts: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def micro_batches(factory: ModelFactory, texts: list[str]) -> list[MicroBatch]:
     """The texts packed by the real preprocess stage into full (BATCH, BLOCK+1) micro-batches."""
     from llmos.store.queue import Sample
     from llmos.store.tables import SampleStatus
@@ -96,7 +96,7 @@ def micro_batches(factory: ModelFactory, texts: list[str]) -> list[tuple[torch.T
         for i, t in enumerate(texts)
     ]
     pre = preprocess(samples, factory.tokenizer, PreprocessConfig(BLOCK, 8192, 0.0))
-    return [(ids, w) for ids, w in pre.batch.micro_batches(BATCH) if ids.shape == (BATCH, BLOCK + 1)]
+    return [mb for mb in pre.batch.micro_batches(BATCH) if mb.ids.shape == (BATCH, BLOCK + 1)]
 
 
 def params_of(model: torch.nn.Module) -> int:
@@ -172,7 +172,7 @@ def trainer_efficiency(
             sync(device)
             t0 = time.perf_counter()
             for i in range(steps):
-                bare_step(model, opt, mbs[i % len(mbs)][0], device, bf16)
+                bare_step(model, opt, mbs[i % len(mbs)].ids, device, bf16)
             sync(device)
             return steps * BATCH * BLOCK / (time.perf_counter() - t0)
 

@@ -8,11 +8,13 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 from conftest import ADMIN, wait_for
+from prometheus_client.parser import text_string_to_metric_families
 
 
 def start_server(
@@ -63,36 +65,37 @@ def rss_kib(pid: int) -> int:
 
 @dataclass
 class LoadReport:
+    """What a load run saw. Memory comes as series of (seconds since the start, value): ``rss_kib``
+    (VmRSS from /proc, 4 times a second), and from /metrics once a second ``heap_in_use`` (bytes
+    of C heap handed out and not freed), ``heap_free`` (what glibc's arenas hold free) and
+    ``python_blocks``."""
+
     clients: int
     duration_s: float
     warmup_s: float
     requests: dict[str, int] = field(default_factory=dict)  # op -> completed with a 2xx
     errors: list[str] = field(default_factory=list)  # anything else: status code or exception, with the op
     latencies_s: dict[str, list[float]] = field(default_factory=dict)
-    rss_kib: list[tuple[float, int]] = field(default_factory=list)  # (seconds since start, VmRSS)
+    series: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     texts_acknowledged: int = 0
-    rss_window_s: float = 20.0
+    window: float = 20.0
 
-    def rss_peak(self, start: float, end: float) -> int:
-        """The highest RSS sampled between ``start`` and ``end`` seconds."""
-        return max(kib for s, kib in self.rss_kib if start <= s <= end)
-
-    # RSS is compared as the peak over a window, not as one sample: one sample lands anywhere in
-    # the trainer's step, whose working set (activations, logits, their gradients) swings by
-    # ~55 MiB on the built-in model, 8% of the process. A window holds many steps, so its peak is
-    # the step's peak plus whatever was retained; only the retained part differs between windows.
+    # Memory is compared over windows, not as single samples: one sample lands anywhere in the
+    # trainer's step, whose working set (activations, logits, their gradients) swings by ~55 MiB on
+    # the built-in model, 8% of the process. Resident memory: the peak of a window (the step's
+    # peak plus whatever was retained). Memory in use: its floor (what stays between steps).
     @property
     def window_s(self) -> float:
-        return min(self.rss_window_s, self.duration_s / 3)
+        return min(self.window, self.duration_s / 3)
 
-    @property
-    def rss_after_warmup(self) -> int:
-        return self.rss_peak(self.warmup_s, self.warmup_s + self.window_s)
+    def after_warmup(self, name: str, agg: Callable[[list[float]], float] = max) -> float:
+        """``agg`` of series ``name`` over the first window after the warm-up."""
+        return agg([v for s, v in self.series[name] if self.warmup_s <= s <= self.warmup_s + self.window_s])
 
-    @property
-    def rss_end(self) -> int:
-        end = self.rss_kib[-1][0]
-        return self.rss_peak(end - self.window_s, end)
+    def at_end(self, name: str, agg: Callable[[list[float]], float] = max) -> float:
+        """``agg`` of series ``name`` over the last window of the run."""
+        end = self.series[name][-1][0]
+        return agg([v for s, v in self.series[name] if end - self.window_s <= s <= end])
 
     def percentile(self, op: str, q: float) -> float:
         xs = sorted(self.latencies_s.get(op, []))
@@ -110,7 +113,7 @@ def run_load(
 ) -> LoadReport:
     """One client per key, each in its own thread with its own connection, for ``warmup_s`` and
     then ``duration_s`` more: ingest (1-4 texts, its own source) or greedy generation (16 tokens),
-    mixed at random. The server's RSS is sampled four times a second from /proc. The warm-up is the
+    mixed at random. The server's memory is sampled (see LoadReport). The warm-up is the
     time the server's bounded caches take to fill (SQLite pages, kernels for each batch shape)."""
     report = LoadReport(clients=len(keys), duration_s=duration_s, warmup_s=warmup_s)
     lock = threading.Lock()
@@ -154,20 +157,43 @@ def run_load(
                 except httpx.HTTPError as exc:
                     record(op, False, f"{type(exc).__name__}: {exc}", time.monotonic() - start)
 
+    rss = report.series.setdefault("rss_kib", [])
+
     def sample_rss(stop: threading.Event) -> None:
         while not stop.is_set():
-            report.rss_kib.append((time.monotonic() - t0, rss_kib(pid)))
+            rss.append((time.monotonic() - t0, rss_kib(pid)))
             stop.wait(0.25)
 
+    def sample_heap(stop: threading.Event) -> None:
+        with httpx.Client(base_url=url, timeout=30) as c:
+            while not stop.wait(1.0):
+                t = time.monotonic() - t0
+                for name, value in memory_metrics(c.get("/metrics").text).items():
+                    report.series.setdefault(name, []).append((t, value))
+
     stop = threading.Event()
-    sampler = threading.Thread(target=sample_rss, args=(stop,), daemon=True)
-    sampler.start()
+    samplers = [threading.Thread(target=f, args=(stop,), daemon=True) for f in (sample_rss, sample_heap)]
+    for sampler in samplers:
+        sampler.start()
     threads = [threading.Thread(target=client, args=(n, k)) for n, k in enumerate(keys)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     stop.set()
-    sampler.join()
-    report.rss_kib.append((time.monotonic() - t0, rss_kib(pid)))
+    for sampler in samplers:
+        sampler.join()
+    rss.append((time.monotonic() - t0, rss_kib(pid)))
     return report
+
+
+def memory_metrics(text: str) -> dict[str, float]:
+    """The heap and Python figures of a /metrics scrape (see llmos/memory.py)."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "llmos_heap_bytes" and s.labels["kind"] in ("in_use", "free"):
+                out[f"heap_{s.labels['kind']}"] = s.value
+            elif s.name == "llmos_python_allocated_blocks":
+                out["python_blocks"] = s.value
+    return out

@@ -3,6 +3,7 @@ promoted, generations served and rollbacks done; request latency labelled by rou
 
 from __future__ import annotations
 
+import ctypes
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -100,6 +101,26 @@ def test_training_queue_and_serving_state(run: Run) -> None:
     assert value(m, "llmos_store_up") == 1
     assert value(m, "llmos_info", version="0.1.0", model_name="zorbia") == 1
     assert not any(name.startswith("llmos_device_memory") for name, _ in m)  # CPU: no device memory
+
+
+def test_memory_tells_the_heap_in_use_from_what_the_allocator_keeps_free(run: Run) -> None:
+    m, _ = scrape(run.http)
+    rss = value(m, "process_resident_memory_bytes")
+    in_use, free = value(m, "llmos_heap_bytes", kind="in_use"), value(m, "llmos_heap_bytes", kind="free")
+    assert 50 << 20 < rss < 8 << 30  # this test process: torch, a model, the server
+    assert 0 < free and 0 <= value(m, "llmos_heap_bytes", kind="mmapped") <= in_use
+    assert in_use > 10 << 20
+    assert value(m, "llmos_python_allocated_blocks") > 10_000
+    # A block that stays allocated shows in use (the server runs in this test's process).
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    block = libc.malloc(64 << 20)
+    try:
+        m2, _ = scrape(run.http)
+        assert value(m2, "llmos_heap_bytes", kind="in_use") - in_use > 60 << 20
+    finally:
+        libc.free(block)
 
 
 def test_latency_is_labelled_by_route_template(run: Run) -> None:

@@ -27,6 +27,7 @@ from llmos.store.checkpoints import CheckpointIndex
 from llmos.store.db import Database
 from llmos.store.tables import CheckpointStatus
 from llmos.trainer.optimize import optimize
+from llmos.trainer.preprocess import MicroBatch
 from llmos.trainer.state import OptimizerConfig, TrainingState, load_state, make_optimizer
 
 CPU = torch.device("cpu")
@@ -69,7 +70,7 @@ def trained_state(factory: ModelFactory, steps: int) -> TrainingState:
     state = TrainingState(model=model, optimizer=make_optimizer(model, OPT), base_version=0)
     ids, w = batch(factory)
     for _ in range(steps):
-        assert optimize(state, [(ids, w)], OPT, CPU).skipped is None
+        assert optimize(state, [MicroBatch(ids, w)], OPT, CPU).skipped is None
     return state
 
 
@@ -172,7 +173,7 @@ def test_optimizer_state_round_trips_and_resumes_identically(registry: Registry,
     fresh = TrainingState(fresh_model, make_optimizer(fresh_model, OPT), base_version=1, step=2)
 
     for s in (state, resumed, fresh):
-        assert optimize(s, [(ids, w)], OPT, CPU).skipped is None
+        assert optimize(s, [MicroBatch(ids, w)], OPT, CPU).skipped is None
 
     a, b, c = weights(state.model), weights(resumed.model), weights(fresh.model)
     for name in a:

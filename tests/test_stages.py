@@ -23,15 +23,17 @@ from llmos.store.db import Database
 from llmos.store.queue import Sample
 from llmos.store.tables import CheckpointStatus, SampleStatus
 from llmos.trainer.evaluate import EvalConfig, evaluate, heldout_loss
-from llmos.trainer.optimize import lr_at, optimize
+from llmos.trainer.optimize import lr_at, optimize, token_losses
 from llmos.trainer.preprocess import (
     Batch,
+    MicroBatch,
     PreprocessConfig,
     eval_batch,
     is_heldout,
     normalise,
     pack,
     preprocess,
+    sample_positions,
 )
 from llmos.trainer.state import OptimizerConfig, TrainingState, make_optimizer
 
@@ -83,7 +85,7 @@ def new_state(factory: ModelFactory, cfg: OptimizerConfig = OPT) -> TrainingStat
 
 def fact_batch() -> tuple[torch.Tensor, torch.Tensor]:
     pre = preprocess([sample(FACT)], TOK, PreprocessConfig(block_size=48, max_sample_tokens=100, heldout_fraction=0))
-    [(ids, w)] = list(pre.batch.micro_batches(8))
+    [(ids, w, _new, _pos)] = list(pre.batch.micro_batches(8))
     return ids, w
 
 
@@ -91,7 +93,7 @@ def learn_fact(factory: ModelFactory, steps: int = 30) -> TrainingState:
     state = new_state(factory)
     ids, w = fact_batch()
     for _ in range(steps):
-        assert optimize(state, [(ids, w)], OPT, CPU).skipped is None
+        assert optimize(state, [MicroBatch(ids, w)], OPT, CPU).skipped is None
     return state
 
 
@@ -220,7 +222,7 @@ def test_packing_covers_every_token_once_with_its_samples_weight() -> None:
     assert all(blk.shape == w.shape for blk, w in zip(b.blocks, b.weights, strict=True))
 
     seen = []
-    for mb_ids, mb_w in b.micro_batches(3, torch.Generator().manual_seed(0)):
+    for mb_ids, mb_w, _new, _pos in b.micro_batches(3, torch.Generator().manual_seed(0)):
         assert mb_ids.shape == mb_w.shape and mb_ids.dim() == 2 and mb_ids.shape[0] <= 3
         assert mb_ids.shape[1] == 9  # the short block is padded up to the block size, no further
         for row, w in zip(mb_ids, mb_w, strict=True):
@@ -228,6 +230,23 @@ def test_packing_covers_every_token_once_with_its_samples_weight() -> None:
             assert w[real:].eq(0).all()
             seen.append(tuple(row[:real].tolist()))
     assert sorted(seen) == sorted(tuple(x.tolist()) for x in b.blocks)
+
+
+def test_each_sample_is_trained_at_the_positions_it_is_served_at() -> None:
+    """Positions restart at every EOS, as a prompt's do after the EOS that starts it; a block that
+    starts inside a sample counts from the block's start."""
+    cfg = PreprocessConfig(block_size=6, max_sample_tokens=100, heldout_fraction=0)
+    b = preprocess([sample("ab"), sample("cdefg")], TOK, cfg).batch
+    # stream: EOS a b EOS c d e f g EOS, cut into blocks of 7 overlapping by one
+    [mb] = b.micro_batches(8)  # the tail block is padded to the full one's length
+    assert mb.positions is not None
+    assert mb.ids[0].tolist() == [EOS, *encode("ab"), EOS, *encode("cde")]
+    assert mb.positions[0].tolist() == [0, 1, 2, 0, 1, 2, 3]
+    assert mb.ids[1, :4].tolist() == [*encode("efg"), EOS]
+    assert mb.positions[1, :4].tolist() == [0, 1, 2, 0]
+    # Served: EOS and the prompt from position 0, as in the batcher's prefill.
+    served = sample_positions(torch.tensor([[EOS, *encode("cde")]]), EOS)
+    assert served[0].tolist() == mb.positions[0, 3:].tolist()
 
 
 def test_micro_batches_take_few_shapes_and_padding_changes_no_loss(factory: ModelFactory) -> None:
@@ -238,12 +257,12 @@ def test_micro_batches_take_few_shapes_and_padding_changes_no_loss(factory: Mode
     lengths = set()
     for n in range(1, 300, 7):
         b = preprocess([sample("z" * n)], TOK, cfg).batch
-        lengths |= {ids.shape[1] - 1 for ids, _w in b.micro_batches(8)}
+        lengths |= {mb.ids.shape[1] - 1 for mb in b.micro_batches(8)}
     assert lengths == {32, 64, 96, 128}
 
     cfg = PreprocessConfig(block_size=CONTEXT, max_sample_tokens=1000, heldout_fraction=0)
     b = preprocess([sample("the tide at Korvel turns at noon.")], TOK, cfg).batch
-    [(ids, w)] = list(b.micro_batches(8))
+    [(ids, w, _new, _pos)] = list(b.micro_batches(8))
     [block] = b.blocks
     assert ids.shape[1] > block.numel()  # padded
     state = new_state(factory)
@@ -252,8 +271,8 @@ def test_micro_batches_take_few_shapes_and_padding_changes_no_loss(factory: Mode
     assert padded == pytest.approx(unpadded, rel=1e-6)
     sgd = OptimizerConfig(name="sgd", lr=0.1, warmup_steps=0, grad_clip=0.0)  # a step linear in the gradient
     state, twin = new_state(factory, sgd), new_state(factory, sgd)
-    r1 = optimize(state, [(ids, w)], sgd, CPU)
-    r2 = optimize(twin, [(block[None], b.weights[0][None])], sgd, CPU)
+    r1 = optimize(state, [MicroBatch(ids, w)], sgd, CPU)
+    r2 = optimize(twin, [MicroBatch(block[None], b.weights[0][None])], sgd, CPU)
     assert r1.loss == pytest.approx(r2.loss, rel=1e-6) and r1.tokens == r2.tokens == block.numel() - 1
     moved = False
     for p0, p1, p2 in zip(
@@ -278,23 +297,47 @@ def test_loss_goes_down_on_a_repeated_sentence(factory: ModelFactory) -> None:
     ids, w = fact_batch()
     losses = []
     for _ in range(30):
-        report = optimize(state, [(ids, w)], OPT, CPU)
+        report = optimize(state, [MicroBatch(ids, w)], OPT, CPU)
         assert report.skipped is None and report.tokens == len(encode(FACT)) + 1  # targets, not padding
         losses.append(report.loss)
     assert losses[-1] < 0.2 * losses[0]
     assert state.step == 30 and state.last_loss == losses[-1]
 
 
+def test_a_step_reports_the_loss_on_new_rows_before_training_on_them(factory: ModelFactory) -> None:
+    """The prequential loss comes from the first pass: the loss each step measured on the new
+    samples' rows (not the replayed ones) just before its update."""
+    cfg = PreprocessConfig(block_size=48, max_sample_tokens=100, heldout_fraction=0)
+    old = [sample(f"An old note, number {i}, about the harbour.") for i in range(4)]
+    pre = preprocess([sample(FACT), sample("Bob keeps his boat in Oslo.")], TOK, cfg, replay=old)
+    assert 0 < pre.batch.n_new_blocks < len(pre.batch)
+    mb = next(mb for mb in pre.batch.micro_batches(16) if mb.new is not None and mb.new.any() and not mb.new.all())
+    state = new_state(factory)
+    with torch.no_grad():
+        losses = token_losses(state.model, mb.ids, mb.positions)  # fp32, before the step
+    targets = mb.weights[:, 1:] > 0
+    new_rows = targets & mb.new[:, None]
+    expected = float((losses * new_rows).sum() / new_rows.sum())
+    report = optimize(state, [mb], OPT, CPU)
+    assert report.skipped is None and state.step == 1
+    assert report.new_tokens == int(new_rows.sum()) < report.tokens == int(targets.sum())
+    assert report.new_loss == pytest.approx(expected, rel=1e-4)
+    assert report.new_loss != pytest.approx(report.loss, rel=1e-3)  # the replayed rows are left out
+    with torch.no_grad():
+        after = float((token_losses(state.model, mb.ids, mb.positions) * new_rows).sum() / new_rows.sum())
+    assert after < expected  # it was measured before the update, which then trained on it
+
+
 def test_a_non_finite_step_is_skipped_and_changes_nothing(factory: ModelFactory) -> None:
     ids, w = fact_batch()
     hit, twin = new_state(factory), new_state(factory)
     for s in (hit, twin):  # one good step each, so the optimizer holds state worth corrupting
-        optimize(s, [(ids, w)], OPT, CPU)
+        optimize(s, [MicroBatch(ids, w)], OPT, CPU)
     before = params(hit.model)
     moments = optimizer_tensors(hit)
 
     hook = hit.model.get_submodule("transformer.ln_f").register_forward_hook(lambda _m, _i, out: out * float("nan"))
-    report = optimize(hit, [(ids, w)], OPT, CPU)
+    report = optimize(hit, [MicroBatch(ids, w)], OPT, CPU)
     hook.remove()
 
     assert report.skipped is not None and "non-finite" in report.skipped
@@ -306,8 +349,8 @@ def test_a_non_finite_step_is_skipped_and_changes_nothing(factory: ModelFactory)
     assert all(torch.equal(x, y) for x, y in zip(optimizer_tensors(hit), moments, strict=True))
     assert all(p.grad is None for p in hit.model.parameters())
     # The next good step lands exactly where it would have without the bad one.
-    optimize(hit, [(ids, w)], OPT, CPU)
-    optimize(twin, [(ids, w)], OPT, CPU)
+    optimize(hit, [MicroBatch(ids, w)], OPT, CPU)
+    optimize(twin, [MicroBatch(ids, w)], OPT, CPU)
     a, b = params(hit.model), params(twin.model)
     for name in a:
         assert torch.equal(a[name], b[name]), name
@@ -319,7 +362,7 @@ def test_learning_rate_warms_up_linearly(factory: ModelFactory) -> None:
     ids, w = fact_batch()
     used = []
     for _ in range(6):
-        optimize(state, [(ids, w)], cfg, CPU)
+        optimize(state, [MicroBatch(ids, w)], cfg, CPU)
         used.append(state.optimizer.param_groups[0]["lr"])
     assert used == pytest.approx([2.5e-3, 5e-3, 7.5e-3, 1e-2, 1e-2, 1e-2])
     no_warmup = OptimizerConfig(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0, warmup_steps=0, grad_clip=1.0)

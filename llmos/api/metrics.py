@@ -10,6 +10,7 @@ own CollectorRegistry, so several apps in one process (tests) do not clash.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -17,7 +18,14 @@ from dataclasses import dataclass, field
 
 from fastapi import FastAPI
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
@@ -25,6 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmos import __version__
 from llmos.daemon import Daemon
+from llmos.memory import heap
 from llmos.store.db import Database
 from llmos.store.tables import SampleRow, SampleStatus
 
@@ -85,6 +94,24 @@ class _Rate:
                 self.value = (total - self._last[1]) / (now - self._last[0])
                 self._last = (now, total)
             return self.value
+
+
+def process_memory() -> Iterable[Metric]:
+    """The C heap in use against what the allocator holds free, and Python's live blocks: with
+    process_resident_memory_bytes, enough to tell a leak (in use grows) from fragmentation
+    (free grows). See llmos/memory.py."""
+    stats = heap()
+    if stats is not None:
+        h = GaugeMetricFamily("llmos_heap_bytes", "The C heap (glibc malloc) by kind.", labels=["kind"])
+        h.add_metric(["in_use"], stats.in_use)
+        h.add_metric(["free"], stats.free)
+        h.add_metric(["mmapped"], stats.mmapped)
+        yield h
+    yield GaugeMetricFamily(
+        "llmos_python_allocated_blocks",
+        "Memory blocks Python's allocator holds (objects, mostly).",
+        value=sys.getallocatedblocks(),
+    )
 
 
 class DaemonCollector(Collector):
@@ -168,6 +195,7 @@ class DaemonCollector(Collector):
             "Prompt tokens read by generations since this process started.",
             value=c.prompt_tokens,
         )
+        yield from process_memory()
         mem = d.device_memory()
         if mem:
             dev = GaugeMetricFamily(
@@ -250,6 +278,7 @@ def instrument(app: FastAPI, daemon: Daemon) -> CollectorRegistry:
     """Add GET /metrics and the request timing middleware to ``app``."""
     registry = CollectorRegistry()
     registry.register(DaemonCollector(daemon))
+    ProcessCollector(registry=registry)  # process_resident_memory_bytes, CPU seconds, open files
     latency = Histogram(
         "llmos_http_request_duration_seconds",
         "Time from request to the end of the response (a whole stream for SSE), by route.",

@@ -17,7 +17,7 @@ from typing import Literal
 
 import torch
 
-from llmos.trainer.optimize import autocast, token_losses
+from llmos.trainer.optimize import token_losses
 from llmos.trainer.preprocess import Batch
 
 
@@ -56,22 +56,21 @@ def heldout_loss(
     device: torch.device,
     micro_batch: int,
     between: Callable[[], None] | None = None,
-    bf16: bool = False,
 ) -> float:
     """Mean token loss over every target token of the batch; ``between`` runs before each
-    micro-batch (the trainer passes its wait for generations in flight). The gate's losses are
-    measured in fp32; ``bf16`` (autocast) is for metrics in the training precision."""
+    micro-batch (the trainer passes its wait for generations in flight). Measured in fp32: the
+    gate compares these, and bf16's rounding is of the size of the differences it judges."""
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
     try:
-        for ids, w in batch.micro_batches(micro_batch):
+        for mb in batch.micro_batches(micro_batch):
             if between is not None:
                 between()
-            targets = w[:, 1:] > 0  # weight 0 is padding
-            with autocast(device, bf16):
-                losses = token_losses(model, ids.to(device))  # (B, T)
+            targets = mb.weights[:, 1:] > 0  # weight 0 is padding
+            pos = None if mb.positions is None else mb.positions.to(device)
+            losses = token_losses(model, mb.ids.to(device), pos)  # (B, T)
             total += (losses.double() * targets.to(device)).sum()
             count += int(targets.sum())
     finally:

@@ -242,8 +242,7 @@ class Trainer:
         self._claimed = list(pre.batch.sample_ids)
         if pre.batch.n_new_blocks == 0:
             return True
-        self._measure_prequential(pre.batch)  # test before train
-        skipped = self._fit(pre.batch)  # 2. optimizer steps, passes over the batch
+        skipped = self._fit(pre.batch)  # 2. optimizer steps, passes over the batch (test, then train)
         if skipped is not None:
             self.queue.reject({sid: f"optimizer: {skipped}" for sid in self._claimed})
             self._claimed = []
@@ -313,16 +312,13 @@ class Trainer:
         rng = random.Random(self.cfg.seed * 1_000_003 + self._require_state().step)
         return self.replay_pool.draw(max(round(n_new * r / (1 - r)), self.cfg.replay_min), rng)
 
-    def _measure_prequential(self, batch: Batch) -> None:
-        """The loss on new data before any update on it: the canonical online-learning metric. A
-        metric only, so measured in the training precision (bf16 halved its share of a cycle)."""
+    def _record_prequential(self, loss_sum: float, tokens: int) -> None:
+        """The loss on new data before any update on it: the canonical online-learning metric.
+        Each new row's loss is the one its first-pass step measured just before training on it
+        (test-then-train per step), in the training precision and mode; no forward pass of its own."""
         state = self._require_state()
-        new = batch.new_only()
-        between = self._between_micro_batches
-        loss = heldout_loss(state.model, new, self.device, self.cfg.micro_batch, between, self.cfg.bf16)
-        if math.isfinite(loss):
-            d = self.cfg.prequential_decay
-            prev = state.prequential_loss
+        if tokens and math.isfinite(loss_sum):
+            loss, d, prev = loss_sum / tokens, self.cfg.prequential_decay, state.prequential_loss
             state.prequential_loss = loss if prev is None else d * prev + (1 - d) * loss
 
     def _fit(self, batch: Batch) -> str | None:
@@ -331,6 +327,7 @@ class Trainer:
         watch = self._early_stop()
         best: tuple[int, Mark] | None = None  # the early stop's best pass so far
         passes = self.cfg.passes_per_batch
+        preq_sum, preq_tokens = 0.0, 0  # the first pass's losses on new rows, before each step
         for done in range(1, passes + 1):
             shuffle = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + state.step)
             micro = list(batch.micro_batches(self.cfg.micro_batch, shuffle))
@@ -344,6 +341,11 @@ class Trainer:
                     return report.skipped
                 self._steps_since_eval += 1
                 self._tokens_trained += report.tokens
+                if done == 1 and report.new_tokens:
+                    preq_sum += report.new_loss * report.new_tokens
+                    preq_tokens += report.new_tokens
+            if done == 1:
+                self._record_prequential(preq_sum, preq_tokens)
             self._renew_lease()
             if watch is not None:
                 stop, key, recent = watch

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from llmos.trainer.preprocess import MicroBatch
 from llmos.trainer.state import OptimizerConfig, TrainingState
 
 Penalty = Callable[[torch.nn.Module], torch.Tensor]
@@ -27,6 +28,8 @@ class StepReport:
     grad_norm: float
     tokens: int
     skipped: str | None = None  # why the step was skipped, if it was
+    new_loss: float = math.nan  # mean token loss before the update on new samples' rows (not replay)
+    new_tokens: int = 0
 
 
 def lr_at(step: int, cfg: OptimizerConfig) -> float:
@@ -44,42 +47,56 @@ def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMana
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def token_losses(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of each next token: ids (B, T+1) -> losses (B, T)."""
+def token_losses(model: torch.nn.Module, ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of each next token: ids (B, T+1), positions (B, T+1) or None -> losses (B, T)."""
     x, y = ids[:, :-1], ids[:, 1:]
-    logits = model(input_ids=x, use_cache=False).logits  # (B, T, V)
+    pos = None if positions is None else positions[:, :-1]
+    logits = model(input_ids=x, position_ids=pos, use_cache=False).logits  # (B, T, V)
     return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
 
 
 def optimize(
     state: TrainingState,
-    micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    micro_batches: Sequence[MicroBatch],
     cfg: OptimizerConfig,
     device: torch.device,
     bf16: bool = False,
     penalty: Penalty | None = None,
 ) -> StepReport:
-    """One optimizer step over ``micro_batches`` (each ids, weights: (B, T+1)), gradients accumulated."""
+    """One optimizer step over ``micro_batches``, gradients accumulated. The losses it reports are
+    those before the update: on the new samples' rows, that is the prequential (test-then-train)
+    loss, which the trainer takes from a batch's first pass instead of a forward pass of its own."""
     model = state.model
     losses_sum = torch.zeros((), device=device)
-    n_tokens = 0
-    for ids, weights in micro_batches:
-        n = int((weights[:, 1:] > 0).sum())  # real targets (weight 0 is padding), counted on the host
+    new_sum = torch.zeros((), device=device)
+    n_tokens = n_new = 0
+    for ids, weights, new, positions in micro_batches:
+        targets = weights[:, 1:] > 0  # (B, T) real targets (weight 0 is padding), on the host
+        n = int(targets.sum())
         ids = ids.to(device, non_blocking=True)  # (B, T+1)
         w = weights.to(device, non_blocking=True)[:, 1:]  # (B, T): weight of each target token
+        pos = None if positions is None else positions.to(device, non_blocking=True)
         with autocast(device, bf16):
-            losses = token_losses(model, ids)  # (B, T)
+            losses = token_losses(model, ids, pos)  # (B, T)
         loss = (losses * w).sum() / max(n, 1) / len(micro_batches)
         loss.backward()
-        losses_sum = losses_sum + (losses.detach() * (w > 0)).sum()
+        counted = losses.detach() * (w > 0)
+        losses_sum = losses_sum + counted.sum()
+        if new is None or bool(new.all()):
+            new_sum, n_new = new_sum + counted.sum(), n_new + n
+        elif bool(new.any()):
+            new_sum = new_sum + counted[new.to(device, non_blocking=True)].sum()
+            n_new += int(targets[new].sum())
         n_tokens += n
     if penalty is not None:
         penalty(model).backward()
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    # One host sync per step: the loss for the log and the finiteness check.
-    mean_loss, grad_norm = (float(v) for v in torch.stack([losses_sum / n_tokens, norm.detach()]).tolist())
+    # One host sync per step: the losses for the log and the finiteness check.
+    stats = torch.stack([losses_sum / n_tokens, norm.detach().float(), new_sum / max(n_new, 1)]).tolist()
+    mean_loss, grad_norm, new_loss = (float(v) for v in stats)
+    new_loss = new_loss if n_new else math.nan
     if not (math.isfinite(mean_loss) and math.isfinite(grad_norm)):
         state.optimizer.zero_grad(set_to_none=True)
         why = f"non-finite loss ({mean_loss}) or gradient norm ({grad_norm})"
@@ -90,4 +107,4 @@ def optimize(
     state.optimizer.zero_grad(set_to_none=True)
     state.step += 1
     state.last_loss = mean_loss
-    return StepReport(mean_loss, grad_norm, n_tokens)
+    return StepReport(mean_loss, grad_norm, n_tokens, new_loss=new_loss, new_tokens=n_new)

@@ -1,7 +1,8 @@
 """Stage 1 — preprocess: normalise, hold out, tokenize and pack claimed samples.
 
 Packing: every kept sample is followed by EOS and the stream starts with EOS, so each sample is
-read as the start of a document (as generation sees a prompt). The stream is cut into blocks of
+read as the start of a document (as generation sees a prompt), at the positions a prompt has:
+they restart at every EOS (``sample_positions``). The stream is cut into blocks of
 ``block_size + 1`` tokens overlapping by one (inputs ``[:-1]``, targets ``[1:]``); only the
 last block is shorter. Every target carries its sample's weight, which is > 0.
 
@@ -19,6 +20,7 @@ import hashlib
 import unicodedata
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -37,6 +39,29 @@ class PreprocessConfig:
     heldout_fraction: float
 
 
+class MicroBatch(NamedTuple):
+    """Blocks of one padded length, stacked: token ids and per-token loss weights, each (B, T+1)
+    (weight 0 marks padding); which rows hold new samples (B,), not replay (None: all); and each
+    token's position (B, T+1), counted from the EOS that starts its sample (None: from the block's
+    start, the model's default)."""
+
+    ids: torch.Tensor
+    weights: torch.Tensor
+    new: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+
+
+def sample_positions(ids: torch.Tensor, eos: int) -> torch.Tensor:
+    """Positions (B, L) that restart at every EOS (and at the block's start): a sample is trained
+    at the positions it is served at, after the EOS that starts a prompt. Counted from the block
+    instead, a fact trained only at mid-block positions was not recalled from a prompt: on the
+    CPU's fp32 path the end-to-end test's model answered " is n, number 44." where the trained
+    text said " is Quellton"; with these positions it learned the fact in 54 steps instead of 90."""
+    t = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    last_eos = torch.where(ids == eos, t, torch.zeros_like(t)).cummax(dim=1).values
+    return t - last_eos
+
+
 @dataclass
 class Batch:
     """Packed training data: blocks of token ids and per-token loss weights, each (T+1,).
@@ -49,11 +74,7 @@ class Batch:
     n_new_blocks: int = 0  # blocks[:n_new_blocks] hold new samples only; the rest are replay
     replay_ids: list[str] = field(default_factory=list)
     block_size: int = 0  # targets in a full block: padding never goes past it (0: no padding)
-
-    def new_only(self) -> Batch:
-        """The blocks of new samples (for the prequential loss: measured before training on them)."""
-        n = self.n_new_blocks
-        return Batch(self.blocks[:n], self.weights[:n], self.sample_ids, block_size=self.block_size)
+    eos: int | None = None  # where samples start (positions restart there); None: block positions
 
     def _padded_length(self, n: int) -> int:
         """The micro-batch length (T+1) of a block of ``n`` tokens."""
@@ -64,11 +85,9 @@ class Batch:
     def __len__(self) -> int:
         return len(self.blocks)
 
-    def micro_batches(
-        self, size: int, generator: torch.Generator | None = None
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield (ids, weights), each (B, T+1), grouping blocks of one padded length; shuffled
-        when a generator is given. Padding has weight 0 (its token id is arbitrary)."""
+    def micro_batches(self, size: int, generator: torch.Generator | None = None) -> Iterator[MicroBatch]:
+        """Micro-batches of at most ``size`` blocks of one padded length; shuffled when a
+        generator is given. Padding has weight 0 (its token id is arbitrary)."""
         order = list(range(len(self.blocks)))
         if generator is not None:
             order = torch.randperm(len(order), generator=generator).tolist()
@@ -84,7 +103,9 @@ class Batch:
                     n = self.blocks[i].numel()
                     ids[row, :n] = self.blocks[i]
                     weights[row, :n] = self.weights[i]
-                yield ids, weights
+                new = torch.tensor([i < self.n_new_blocks for i in chunk])
+                positions = None if self.eos is None else sample_positions(ids, self.eos)
+                yield MicroBatch(ids, weights, new, positions)
 
 
 @dataclass
@@ -169,7 +190,7 @@ def preprocess(
     eos = tokenizer.eos_token_id
     assert eos is not None
     batch = out.batch
-    batch.block_size = cfg.block_size
+    batch.block_size, batch.eos = cfg.block_size, eos
     batch.blocks, batch.weights = pack(token_lists, weights, eos, cfg.block_size)
     batch.n_new_blocks = len(batch.blocks)
     batch.n_tokens = sum(len(t) + 1 for t in token_lists)
@@ -188,7 +209,7 @@ def eval_batch(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, cfg: Pr
     """Pack held-out texts (already normalised when stored as held out) for evaluation."""
     token_lists = [encode(tokenizer, normalise(t))[: cfg.max_sample_tokens] for t in texts]
     token_lists = [t for t in token_lists if t]
-    batch = Batch(block_size=cfg.block_size)
+    batch = Batch(block_size=cfg.block_size, eos=tokenizer.eos_token_id)
     if token_lists:
         eos = tokenizer.eos_token_id
         assert eos is not None

@@ -62,12 +62,13 @@ def estimate_fisher(
     was_training = model.training
     model.eval()  # no dropout while measuring
     seen = 0
-    for ids, w in data.micro_batches(1):
+    for mb in data.micro_batches(1):
         if seen >= n_blocks:
             break
         model.zero_grad(set_to_none=True)
-        targets = (w[:, 1:] > 0).to(device)  # weight 0 is padding
-        (token_losses(model, ids.to(device)) * targets).sum().div(targets.sum()).backward()
+        targets = (mb.weights[:, 1:] > 0).to(device)  # weight 0 is padding
+        pos = None if mb.positions is None else mb.positions.to(device)
+        (token_losses(model, mb.ids.to(device), pos) * targets).sum().div(targets.sum()).backward()
         for n, p in params.items():
             if p.grad is not None:
                 fisher[n] += p.grad.detach() ** 2
