@@ -69,8 +69,7 @@ def heldout_loss(
             if between is not None:
                 between()
             targets = mb.weights[:, 1:] > 0  # weight 0 is padding
-            pos = None if mb.positions is None else mb.positions.to(device)
-            losses = token_losses(model, mb.ids.to(device), pos)  # (B, T)
+            losses = token_losses(model, mb.ids.to(device), mb.positions)  # (B, T)
             total += (losses.double() * targets.to(device)).sum()
             count += int(targets.sum())
     finally:

@@ -50,7 +50,7 @@ def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMana
 def token_losses(model: torch.nn.Module, ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of each next token: ids (B, T+1), positions (B, T+1) or None -> losses (B, T)."""
     x, y = ids[:, :-1], ids[:, 1:]
-    pos = None if positions is None else positions[:, :-1]
+    pos = None if positions is None else positions[:, :-1].to(x.device, non_blocking=True)
     logits = model(input_ids=x, position_ids=pos, use_cache=False).logits  # (B, T, V)
     return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
 
@@ -75,19 +75,14 @@ def optimize(
         n = int(targets.sum())
         ids = ids.to(device, non_blocking=True)  # (B, T+1)
         w = weights.to(device, non_blocking=True)[:, 1:]  # (B, T): weight of each target token
-        pos = None if positions is None else positions.to(device, non_blocking=True)
         with autocast(device, bf16):
-            losses = token_losses(model, ids, pos)  # (B, T)
+            losses = token_losses(model, ids, positions)  # (B, T)
         loss = (losses * w).sum() / max(n, 1) / len(micro_batches)
         loss.backward()
-        counted = losses.detach() * (w > 0)
-        losses_sum = losses_sum + counted.sum()
-        if new is None or bool(new.all()):
-            new_sum, n_new = new_sum + counted.sum(), n_new + n
-        elif bool(new.any()):
-            new_sum = new_sum + counted[new.to(device, non_blocking=True)].sum()
-            n_new += int(targets[new].sum())
-        n_tokens += n
+        fresh = targets if new is None else targets & new[:, None]  # (B, T) targets of new rows
+        losses_sum = losses_sum + (losses.detach() * (w > 0)).sum()
+        new_sum = new_sum + (losses.detach() * fresh.to(device, non_blocking=True)).sum()
+        n_tokens, n_new = n_tokens + n, n_new + int(fresh.sum())
     if penalty is not None:
         penalty(model).backward()
     params = [p for p in model.parameters() if p.requires_grad]

@@ -67,8 +67,7 @@ def estimate_fisher(
             break
         model.zero_grad(set_to_none=True)
         targets = (mb.weights[:, 1:] > 0).to(device)  # weight 0 is padding
-        pos = None if mb.positions is None else mb.positions.to(device)
-        (token_losses(model, mb.ids.to(device), pos) * targets).sum().div(targets.sum()).backward()
+        (token_losses(model, mb.ids.to(device), mb.positions) * targets).sum().div(targets.sum()).backward()
         for n, p in params.items():
             if p.grad is not None:
                 fisher[n] += p.grad.detach() ** 2
