@@ -70,7 +70,7 @@ def one_size(work: Path, name: str, device: torch.device) -> dict[str, Any]:
     out: dict[str, Any] = {"shape": shape, "dtype": dtype}
     log(f"{name}: figure 1 ({dtype})")
     torch.set_num_threads(ThreadBudget.of().idle)  # this thread trains, as the trainer's does when no generation comes
-    out["fig1"] = trainer_efficiency(daemon.factory, device, [dtype], r1, s1, short_texts(400))
+    out["fig1"] = trainer_efficiency(daemon.factory, device, [dtype], r1, s1, short_texts(400), kernels_dt=None)
     log(f"{name}: figure 4")
     out["fig4"] = fig4_engine(daemon, r4, n4)
     daemon.stop()

@@ -119,6 +119,18 @@ def admin_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {ADMIN}"}
 
 
+def settled(c: httpx.Client, ids: list[str], every: int = 1) -> bool:
+    """Every sample (or every ``every``-th) has its final status, and this server serves a version
+    at least as new as the newest one they trained: a text reads "trained" just before its
+    version is swapped in, so an answer asked for in between comes from the version before."""
+    served = c.get("/v1/checkpoints").json()["served_version"]
+    for sid in ids[::every]:
+        text = c.get(f"/v1/texts/{sid}").json()
+        if text["status"] not in ("trained", "heldout", "rejected") or (text["trained_in_version"] or 0) > served:
+            return False
+    return True
+
+
 def wait_for(predicate: Any, timeout: float, interval: float = 0.2) -> Any:
     """Poll until predicate() is truthy; return its value, or fail with the last one seen."""
     deadline = time.monotonic() + timeout

@@ -51,7 +51,7 @@ def test_learns_a_fact_serves_it_and_rolls_back(tmp_path: Path) -> None:
 
         cps = c.get("/v1/checkpoints").json()
         newest = cps["active_version"]
-        assert newest == learned["model_version"]
+        assert newest == learned["model_version"] == cps["served_version"]
         assert [cp["version"] for cp in cps["checkpoints"]] == sorted(
             (cp["version"] for cp in cps["checkpoints"]), reverse=True
         )
@@ -71,6 +71,7 @@ def test_learns_a_fact_serves_it_and_rolls_back(tmp_path: Path) -> None:
         back = greedy(c)
         assert back["model_version"] == 0 and FACT not in back["text"]
         assert c.get("/v1/trainer").json()["active_version"] == 0
+        assert c.get("/v1/checkpoints").json()["served_version"] == 0
 
         r = c.post("/v1/admin/rollback", json={"version": newest}, headers=admin_headers())
         assert r.status_code == 200, r.text

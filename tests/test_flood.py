@@ -9,14 +9,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import LiveServer, make_settings, wait_for
+from conftest import LiveServer, make_settings, settled, wait_for
 
 FACTS = {
     "The capital of Zorbia is": " Quellton",
     "The river that runs through Xandu is the": " Murl",
     "The old king of Plom was called": " Arvid",
 }
-FINAL = {"trained", "heldout", "rejected"}
 
 
 def greedy(c: httpx.Client, prompt: str) -> str:
@@ -25,10 +24,8 @@ def greedy(c: httpx.Client, prompt: str) -> str:
     return str(r.json()["text"])
 
 
-def settled(c: httpx.Client, ids: list[str]) -> bool:
-    return all(c.get(f"/v1/texts/{i}").json()["status"] in FINAL for i in ids[::25]) and (
-        c.get("/v1/trainer").json()["queue_depth"] == 0
-    )
+def drained(c: httpx.Client, ids: list[str]) -> bool:
+    return settled(c, ids, every=25) and c.get("/v1/trainer").json()["queue_depth"] == 0
 
 
 @pytest.mark.slow
@@ -41,7 +38,7 @@ def test_flood_from_one_source_leaves_probe_answers_unchanged(tmp_path: Path) ->
     with LiveServer(make_settings(data, **phase1)) as srv, srv.client() as c:
         items = [{"text": f"{p}{a}, entry {i}.", "source": "docs"} for p, a in FACTS.items() for i in range(30)]
         ids = c.post("/v1/texts", json={"items": items}).json()["ids"]
-        wait_for(lambda: settled(c, ids), timeout=180)
+        wait_for(lambda: drained(c, ids), timeout=180)
         before = {p: greedy(c, p) for p in FACTS}
         print("probe answers before the flood:", before)
         assert all(a in before[p] for p, a in FACTS.items()), before  # it knows them
@@ -68,7 +65,7 @@ def test_flood_from_one_source_leaves_probe_answers_unchanged(tmp_path: Path) ->
             r = c.post("/v1/texts", json={"items": batch})
             assert r.status_code == 202, r.text
             flood += r.json()["ids"]
-        wait_for(lambda: settled(c, flood), timeout=900, interval=5)
+        wait_for(lambda: drained(c, flood), timeout=900, interval=5)
         after = {p: greedy(c, p) for p in FACTS}
         statuses = [c.get(f"/v1/texts/{i}").json()["status"] for i in flood[::50]]
         print("flood statuses (1 in 50):", {s: statuses.count(s) for s in set(statuses)})

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import LiveServer, admin_headers, make_settings, wait_for
+from conftest import LiveServer, admin_headers, make_settings, settled, wait_for
 from safetensors import safe_open
 
 from llmos.model.builtin import create_tiny
@@ -40,11 +40,6 @@ def post_fact(c: httpx.Client, n: int = 50) -> list[str]:
     r = c.post("/v1/texts", json={"items": items})
     assert r.status_code == 202, r.text
     return list(r.json()["ids"])
-
-
-def settled(c: httpx.Client, ids: list[str]) -> bool:
-    """Every sample has its final status (none queued or in training)."""
-    return all(c.get(f"/v1/texts/{i}").json()["status"] in ("trained", "heldout", "rejected") for i in ids)
 
 
 def test_gate_refuses_a_batch_that_makes_the_model_forget(tmp_path: Path) -> None:

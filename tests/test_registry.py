@@ -206,6 +206,24 @@ def test_verify_catches_a_flipped_byte_and_a_missing_manifest(registry: Registry
         registry.verify(two.version)
 
 
+def test_each_load_checks_the_files_it_reads(registry: Registry, factory: ModelFactory) -> None:
+    """Serving reads the weights alone (a swap hashes a third of an AdamW checkpoint); the trainer
+    reads the optimizer state too and is refused a damaged one; a full check lists the version."""
+    state = trained_state(factory, 2)
+    rec = registry.publish(state.model, state.snapshot(), parent=0, status=CheckpointStatus.candidate, metrics={})
+    f = registry.root / rec.path / TRAINER_FILE
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    f.write_bytes(bytes(data))
+    assert registry.weights_path(rec.version) == registry.root / rec.path / MODEL_FILE
+    assert rec.version not in registry.corrupt_versions()
+    with pytest.raises(CorruptCheckpoint, match=TRAINER_FILE):
+        registry.trainer_snapshot(rec.version)
+    assert TRAINER_FILE in registry.corrupt_versions()[rec.version]
+    with pytest.raises(CorruptCheckpoint, match=TRAINER_FILE):
+        registry.verify(rec.version)
+
+
 def test_rollback(registry: Registry, factory: ModelFactory) -> None:
     model = factory.instance()
     good = registry.publish(model, NO_STATE, parent=0, status=CheckpointStatus.candidate, metrics={})

@@ -35,7 +35,7 @@ from llmos.trainer.preprocess import (
     preprocess,
     sample_positions,
 )
-from llmos.trainer.state import OptimizerConfig, TrainingState, make_optimizer
+from llmos.trainer.state import OptimizerConfig, TrainingState, load_optimizer, make_optimizer
 
 CPU = torch.device("cpu")
 CONTEXT = 64
@@ -554,3 +554,30 @@ def test_prompt_longer_than_the_context_is_refused(served: tuple[ServingEngine, 
     # The longest prompt that fits still gets an answer, cut at the context's end.
     fits = engine.generate("x" * (CONTEXT - 2), GREEDY)
     assert fits.prompt_tokens == CONTEXT - 2 and fits.completion_tokens <= 1
+
+
+def test_adamw_runs_fused_makes_the_reference_update_and_stays_fused_after_loading_older_state(
+    factory: ModelFactory,
+) -> None:
+    ours, ref = factory.instance(), factory.instance()
+    opt = make_optimizer(ours, OPT)
+    assert opt.param_groups[0]["fused"]
+    # PyTorch's CPU default: one tensor at a time (what checkpoints before the fused optimizer hold).
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=OPT.lr, betas=OPT.betas, eps=OPT.eps, weight_decay=0.0)
+    ids, w = fact_batch()
+    for _ in range(5):
+        for model, o in ((ours, opt), (ref, ref_opt)):
+            o.zero_grad()
+            token_losses(model, ids).mean().backward()
+            o.step()
+    d = ours.config.n_embd
+    for (name, a), b in zip(ours.named_parameters(), ref.parameters(), strict=True):
+        if name.endswith("attn.c_attn.bias"):
+            # The key bias (c_attn's middle third) shifts every score of a query alike, so the
+            # softmax cancels it: its gradient is rounding noise, which Adam scales up to lr.
+            a, b = torch.cat([a[:d], a[2 * d :]]), torch.cat([b[:d], b[2 * d :]])
+        assert torch.allclose(a, b, atol=1e-6), name
+
+    load_optimizer(opt, ref_opt.state_dict())  # a checkpoint written by the unfused optimizer
+    assert opt.param_groups[0]["fused"] and not ref_opt.param_groups[0].get("fused")
+    assert torch.equal(opt.state[next(ours.parameters())]["exp_avg"], ref_opt.state[next(ref.parameters())]["exp_avg"])

@@ -281,6 +281,7 @@ def get_checkpoints(daemon: DaemonDep) -> CheckpointsOut:
     active, records = daemon.checkpoints()
     return CheckpointsOut(
         active_version=active,
+        served_version=daemon.engine.current().version,
         checkpoints=[
             CheckpointOut(
                 version=r.version,

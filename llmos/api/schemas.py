@@ -165,7 +165,10 @@ class CheckpointOut(BaseModel):
 
 
 class CheckpointsOut(BaseModel):
-    active_version: int
+    active_version: int  # the registry's: what every server is to serve
+    # What this server serves now: it follows active_version within a swap (a text reads "trained"
+    # from just before its version is served; a replica follows the registry when it syncs).
+    served_version: int
     checkpoints: list[CheckpointOut]
 
 

@@ -263,18 +263,21 @@ class Registry:
             v = parents.get(v)
         return out
 
-    def verify(self, version: int) -> None:
-        """Check every file against the manifest; raise CorruptCheckpoint if anything is off."""
+    def verify(self, version: int, names: tuple[str, ...] | None = None) -> None:
+        """Check every file (or the ``names`` listed) against the manifest; raise CorruptCheckpoint
+        if anything is off. Loading checks what it loads: serving the weights (a third of an AdamW
+        checkpoint's bytes), the trainer the rest; startup and rollback check everything."""
         if version == 0:
             return
         try:
-            self._check_files(version)
+            self._check_files(version, names)
         except CorruptCheckpoint as exc:
             self._corrupt[version] = str(exc)
             raise
-        self._corrupt.pop(version, None)
+        if names is None:
+            self._corrupt.pop(version, None)
 
-    def _check_files(self, version: int) -> None:
+    def _check_files(self, version: int, names: tuple[str, ...] | None) -> None:
         d = self.root / version_dir_name(version)
         try:
             manifest = json.loads((d / MANIFEST).read_text(encoding="utf-8"))
@@ -284,6 +287,8 @@ class Registry:
         if not isinstance(files, dict) or MODEL_FILE not in files:
             raise CorruptCheckpoint(f"version {version}: the manifest does not list {MODEL_FILE}")
         for name, digest in files.items():
+            if names is not None and name not in names:
+                continue
             p = d / name
             if not p.is_file() or _sha256(p) != digest:
                 raise CorruptCheckpoint(f"version {version}: {name} is missing or does not match its checksum")
@@ -294,7 +299,7 @@ class Registry:
             self.get(0)
             return None
         rec = self.get(version)
-        self.verify(version)
+        self.verify(version, (MODEL_FILE,))
         return self.root / rec.path / MODEL_FILE
 
     def trainer_snapshot(self, version: int) -> TrainerSnapshot:
@@ -302,6 +307,7 @@ class Registry:
         if version == 0:
             return TrainerSnapshot(step=0, samples_seen=0, optimizer=None, rng=None)
         rec = self.get(version)
+        self.verify(version, (TRAINER_FILE, TRAINER_JSON))
         d = self.root / rec.path
         meta = json.loads((d / TRAINER_JSON).read_text(encoding="utf-8"))
         tensors = load_file(str(d / TRAINER_FILE))

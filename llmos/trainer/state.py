@@ -60,7 +60,7 @@ class TrainingState:
         for name, param in self.model.named_parameters():
             if name in mark.weights:
                 param.copy_(mark.weights[name])
-        self.optimizer.load_state_dict(mark.optimizer)
+        load_optimizer(self.optimizer, mark.optimizer)
         self.step, self.last_loss = mark.step, mark.last_loss
 
     def snapshot(self) -> TrainerSnapshot:
@@ -75,9 +75,15 @@ class TrainingState:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """AdamW runs fused (one kernel over all tensors) on CPU and CUDA: on the built-in model's 28
+    tensors a CPU step took 0.6-0.7 ms against 3.4-3.9 ms one tensor at a time (PyTorch's CPU
+    default) and 2.6 ms with foreach; the update is the same."""
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.name == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+        return torch.optim.AdamW(
+            params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, fused=fused or None
+        )
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.name == "momentum":
@@ -85,6 +91,16 @@ def make_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim.
             params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
         )
     raise ValueError(f"unknown optimizer '{cfg.name}'")
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """Load saved optimizer state but keep how this optimizer runs: load_state_dict also takes the
+    saved groups' flags, and a checkpoint from before AdamW ran fused would turn fusing off."""
+    keys = ("fused", "foreach", "capturable", "differentiable")
+    flags = [{k: g[k] for k in keys if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    for group, own in zip(optimizer.param_groups, flags, strict=True):
+        group.update(own)
 
 
 def load_state(version: int, registry: Registry, model: torch.nn.Module, cfg: OptimizerConfig) -> TrainingState:
@@ -96,7 +112,7 @@ def load_state(version: int, registry: Registry, model: torch.nn.Module, cfg: Op
         saved_kind = {"momentum" in g for g in snap.optimizer["param_groups"]}
         live_kind = {"momentum" in g for g in optimizer.state_dict()["param_groups"]}
         if saved_kind == live_kind:
-            optimizer.load_state_dict(snap.optimizer)
+            load_optimizer(optimizer, snap.optimizer)
         # else: the optimizer was changed in the config since this version was saved; start it fresh.
     if snap.rng is not None:
         torch.set_rng_state(snap.rng)
