@@ -212,6 +212,12 @@ class ServingSettings(_Section):
     max_new_tokens_cap: int = Field(
         1024, ge=1, description="Largest max_new_tokens a request may ask for (422 past it)."
     )
+    max_requests: int = Field(
+        256,
+        ge=1,
+        description="Generation requests the server holds at once, decoding or waiting for a place in the "
+        "batch; past it a request gets 429 with Retry-After.",
+    )
     model_name: str = Field(
         "llmos",
         min_length=1,

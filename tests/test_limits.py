@@ -1,17 +1,23 @@
 """Bounds and backpressure: per-key and per-source rate limits and a maximum queue depth answer
-429 with Retry-After; max_new_tokens is capped from config. Token buckets on a fake clock, then
+429 with Retry-After, and so do generations past serving.max_requests, which wait without holding
+a worker of the server's pool; max_new_tokens is capped from config. Token buckets on a fake clock, then
 the real server over HTTP."""
 
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 from conftest import ADMIN, LiveServer, make_settings, wait_for
 
 from llmos.api.limits import RateLimiter, retry_after
+from llmos.daemon import Daemon
 
 # ---- token buckets ----------------------------------------------------------------------------
 
@@ -156,3 +162,86 @@ def test_the_open_api_has_no_per_caller_limit(tmp_path: Path) -> None:
         limited = c.get("/v1/trainer", headers={"Authorization": f"Bearer {ADMIN}"})  # a credential is limited
         assert limited.status_code == 200
         assert c.get("/v1/trainer", headers={"Authorization": f"Bearer {ADMIN}"}).status_code == 429
+
+
+# ---- generations held at once ------------------------------------------------------------------
+
+
+class HeldGenerations:
+    """The daemon's generations wait at a gate before they decode (a stand-in for slow ones), and
+    each counts itself in; the real generation follows once the gate opens."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.gate, self.lock, self.waiting = threading.Event(), threading.Lock(), 0
+        real, real_stream = daemon.generate, daemon.generate_stream
+
+        def generate(*a: Any, **kw: Any) -> Any:
+            self._wait()
+            return real(*a, **kw)
+
+        def generate_stream(*a: Any, **kw: Any) -> Iterator[Any]:
+            self._wait()
+            yield from real_stream(*a, **kw)
+
+        daemon.generate, daemon.generate_stream = generate, generate_stream  # type: ignore[method-assign]
+
+    def _wait(self) -> None:
+        with self.lock:
+            self.waiting += 1
+        assert self.gate.wait(60)
+
+
+def test_health_and_ingest_answer_while_many_generations_wait(tmp_path: Path) -> None:
+    """A generation waits on its own thread, not on a worker of the server's pool: 48 slow ones
+    (the pool has 40) leave health checks, status and ingest answering at once."""
+    with LiveServer(make_settings(tmp_path / "data")) as srv:
+        held = HeldGenerations(srv.daemon)
+        paths = ["/generate?prompt=a&max_new_tokens=4", "/generate?prompt=b&max_new_tokens=4&stream=true"]
+        with ThreadPoolExecutor(48) as pool, srv.client() as c:
+            try:
+                calls = [pool.submit(c.get, paths[i % 2]) for i in range(24)]
+                calls += [
+                    pool.submit(c.post, "/v1/completions", json={"model": "llmos", "prompt": "c", "max_tokens": 4})
+                    for _ in range(24)
+                ]
+                wait_for(lambda: held.waiting == 48, timeout=30)
+                with httpx.Client(base_url=srv.url, timeout=10) as quick:
+                    assert quick.get("/healthz").status_code == 200
+                    assert quick.get("/v1/trainer").status_code == 200
+                    assert quick.post("/v1/texts", json={"text": "while they wait"}).status_code == 202
+                assert not any(f.done() for f in calls)  # all 48 still held
+            finally:
+                held.gate.set()
+            codes = [f.result().status_code for f in calls]
+        assert codes == [200] * 48
+        assert wait_for(lambda: srv.app.state.generation_slots.used == 0, timeout=10) is not None
+
+
+def test_generations_past_serving_max_requests_get_429_with_retry_after(tmp_path: Path) -> None:
+    with LiveServer(make_settings(tmp_path / "data", **{"serving.max_requests": 3})) as srv:
+        held = HeldGenerations(srv.daemon)
+        with ThreadPoolExecutor(3) as pool, srv.client() as c:
+            calls = [pool.submit(c.get, "/generate", params={"prompt": "x", "max_new_tokens": 4}) for _ in range(3)]
+            try:
+                wait_for(lambda: held.waiting == 3, timeout=30)
+                refused = [
+                    c.get("/generate", params={"prompt": "y", "max_new_tokens": 4}),
+                    c.get("/generate", params={"prompt": "y", "stream": "true"}),
+                ]
+                chat = [
+                    c.post(
+                        "/v1/chat/completions",
+                        json={"model": "llmos", "messages": [{"role": "user", "content": "y"}], "stream": s},
+                    )
+                    for s in (False, True)
+                ]
+            finally:
+                held.gate.set()
+            for r in refused + chat:
+                assert r.status_code == 429 and r.headers["retry-after"] == "1", r.text
+                assert "serving.max_requests" in r.json()["detail"]
+            assert all(r.json()["error"]["type"] == "rate_limit_error" for r in chat)
+            assert [f.result().status_code for f in calls] == [200] * 3
+            # The places are given back: the next request is served.
+            wait_for(lambda: srv.app.state.generation_slots.used == 0, timeout=10)
+            assert c.get("/generate", params={"prompt": "z", "max_new_tokens": 4}).status_code == 200

@@ -20,6 +20,7 @@ from llmos.api.deps import Keyring
 from llmos.api.limits import RateLimiter
 from llmos.api.metrics import instrument
 from llmos.api.openai import router as openai_router
+from llmos.api.relay import Slots
 from llmos.api.routes import router
 from llmos.daemon import Daemon
 
@@ -91,6 +92,7 @@ def create_app(daemon: Daemon, manage_lifecycle: bool = True) -> FastAPI:
     app.state.keyring = Keyring(daemon.admin_token, daemon.settings.auth.api_keys)
     app.state.key_limiter = RateLimiter(limits.key_rate_per_s, limits.key_burst, limits.max_tracked)
     app.state.source_limiter = RateLimiter(limits.source_rate_per_s, limits.source_burst, limits.max_tracked)
+    app.state.generation_slots = Slots(daemon.settings.serving.max_requests)
     app.include_router(router)
     app.include_router(openai_router)  # /v1/completions, /v1/chat/completions, /v1/models
     dashboard.install(app)  # /dashboard

@@ -20,6 +20,7 @@ from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from llmos.api.limits import RateLimiter, retry_after
+from llmos.api.relay import Slots
 from llmos.daemon import Daemon
 from llmos.store.audit import AuditOutcome
 
@@ -91,7 +92,13 @@ def get_source_limiter(request: Request) -> RateLimiter:
     return limiter
 
 
+def get_slots(request: Request) -> Slots:
+    slots: Slots = request.app.state.generation_slots
+    return slots
+
+
 KeyringDep = Annotated[Keyring, Depends(get_keyring)]
+SlotsDep = Annotated[Slots, Depends(get_slots)]
 SourceLimiterDep = Annotated[RateLimiter, Depends(get_source_limiter)]
 
 

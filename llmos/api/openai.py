@@ -8,10 +8,8 @@ Errors carry OpenAI's ``{"error": {...}}`` and this API's ``{"detail": ...}``.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -23,7 +21,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 
-from llmos.api.deps import ApiKey, DaemonDep
+from llmos.api.deps import ApiKey, DaemonDep, SlotsDep
+from llmos.api.relay import Busy, End, Relay, Slots, call
 from llmos.api.schemas import Text, error_responses
 from llmos.daemon import Daemon, GenerationResult
 from llmos.registry.registry import CorruptCheckpoint, UnknownVersion
@@ -162,7 +161,8 @@ class OpenAIError(Exception):
 
     def response(self) -> JSONResponse:
         body = {"type": self.type, "message": self.message, "param": self.param, "code": self.code}
-        return JSONResponse({"error": body, "detail": self.message}, status_code=self.status)
+        headers = {"Retry-After": "1"} if self.status == 429 else None
+        return JSONResponse({"error": body, "detail": self.message}, status_code=self.status, headers=headers)
 
 
 def _usage(c: Completion) -> dict[str, int]:
@@ -210,6 +210,8 @@ def _translate(exc: Exception, model: str) -> OpenAIError:
         return OpenAIError(409, f"model '{model}': {exc}", "invalid_request_error", "model_not_servable", "model")
     if isinstance(exc, PromptTooLong):
         return OpenAIError(400, str(exc), "invalid_request_error", "context_length_exceeded", "messages")
+    if isinstance(exc, Busy):
+        return OpenAIError(429, f"{exc} (serving.max_requests); retry later", "rate_limit_error", "server_busy")
     raise exc
 
 
@@ -241,11 +243,24 @@ def _run(
     raise RuntimeError("generation ended without a result")
 
 
-_END = object()
+async def _complete(
+    daemon: Daemon,
+    slots: Slots,
+    model: str,
+    prompt: str,
+    params: SamplingParams,
+    version: int | None,
+    stop: tuple[str, ...],
+) -> GenerationResult:
+    try:
+        return await call(slots, lambda: _run(daemon, model, prompt, params, version, stop), "llmos-openai")
+    except Busy as exc:
+        raise _translate(exc, model) from exc
 
 
 async def _stream(
     daemon: Daemon,
+    slots: Slots,
     model: str,
     prompt: str,
     params: SamplingParams,
@@ -253,56 +268,36 @@ async def _stream(
     stop: tuple[str, ...],
     chunks: Callable[[str, str | GenerationResult], Iterator[dict[str, Any]]],
 ) -> StreamingResponse | JSONResponse:
-    """Server-sent events. One thread runs the whole generation (torch's inference mode and the
-    engine's slot belong to it) and hands events to the event loop; the response starts only
-    once the first event is in, so a bad version or prompt still gets a plain error response."""
-    loop = asyncio.get_running_loop()
-    events: asyncio.Queue[object] = asyncio.Queue()
-    cancelled = threading.Event()
+    """Server-sent events from a generation on a thread of its own (relay.py); the response starts
+    only once the first event is in, so a bad version or prompt still gets a plain error response."""
     gid = str(uuid.uuid4())
-
-    def put(item: object) -> None:
-        try:
-            loop.call_soon_threadsafe(events.put_nowait, item)
-        except RuntimeError:  # the event loop is gone (server shutting down)
-            cancelled.set()
-
-    def work() -> None:
-        gen = daemon.generate_stream(prompt, params, version, stop, generation_id=gid)
-        try:
-            for event in gen:
-                if cancelled.is_set():
-                    break
-                put(event)
-        except Exception as exc:
-            put(exc)
-        finally:
-            gen.close()  # on this thread: frees the generation slot
-            put(_END)
-
-    threading.Thread(target=work, name="llmos-stream", daemon=True).start()
-    first = await events.get()
+    try:
+        events: Relay[str | GenerationResult] = Relay(
+            slots, lambda: daemon.generate_stream(prompt, params, version, stop, generation_id=gid), "llmos-stream"
+        )
+    except Busy as exc:
+        return _translate(exc, model).response()
+    first = await events.next()
     if isinstance(first, Exception):
         return _translate(first, model).response()  # re-raises what it does not know (a 500)
 
     async def body() -> AsyncIterator[str]:
-        item: object = first
+        item: str | GenerationResult | Exception | End = first
         try:
             for chunk in chunks(gid, ""):  # the opening chunk (chat: the role)
                 yield _sse(chunk)
-            while item is not _END:
+            while not isinstance(item, End):
                 if isinstance(item, Exception):
                     log.error("streamed generation failed", exc_info=item)
                     err = {"message": f"generation failed: {type(item).__name__}", "type": "server_error"}
                     yield _sse({"error": err})
                     break
-                assert isinstance(item, str | GenerationResult)
                 for chunk in chunks(gid, item):
                     yield _sse(chunk)
-                item = await events.get()
+                item = await events.next()
             yield "data: [DONE]\n\n"
         finally:
-            cancelled.set()  # the client went away, or we are done: stop generating
+            events.cancel()  # the client went away, or we are done: stop generating
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
@@ -314,14 +309,14 @@ def _sse(obj: dict[str, Any]) -> str:
 
 # ---- routes ----------------------------------------------------------------------------------
 @router.post("/v1/completions", response_model=None, responses=_GENERATION_RESPONSES)
-async def completions(req: CompletionIn, daemon: DaemonDep) -> Any:
+async def completions(req: CompletionIn, daemon: DaemonDep, slots: SlotsDep) -> Any:
     """OpenAI's text completion: continue ``prompt``."""
     created = int(time.time())
     prompt = req.text()
     try:
         params, version = _prepare(daemon, req, prompt, COMPLETION_DEFAULT_MAX_TOKENS)
         if not req.stream:
-            r = await asyncio.to_thread(_run, daemon, req.model, prompt, params, version, req.stops())
+            r = await _complete(daemon, slots, req.model, prompt, params, version, req.stops())
             return JSONResponse(
                 {
                     "id": r.generation_id,
@@ -358,11 +353,11 @@ async def completions(req: CompletionIn, daemon: DaemonDep) -> Any:
         if include_usage:
             yield {**base, "choices": [], "usage": _usage(c)}
 
-    return await _stream(daemon, req.model, prompt, params, version, req.stops(), chunks)
+    return await _stream(daemon, slots, req.model, prompt, params, version, req.stops(), chunks)
 
 
 @router.post("/v1/chat/completions", response_model=None, responses=_GENERATION_RESPONSES)
-async def chat_completions(req: ChatIn, daemon: DaemonDep) -> Any:
+async def chat_completions(req: ChatIn, daemon: DaemonDep, slots: SlotsDep) -> Any:
     """OpenAI's chat completion: the messages are rendered with the model's chat template, or the
     plain template ('<role>: <content>' lines, then 'assistant:') when it has none."""
     created = int(time.time())
@@ -374,7 +369,7 @@ async def chat_completions(req: ChatIn, daemon: DaemonDep) -> Any:
         params, version = _prepare(daemon, req, chat.text, daemon.settings.serving.max_new_tokens_cap)
         stop = (*req.stops(), *chat.stop)
         if not req.stream:
-            r = await asyncio.to_thread(_run, daemon, req.model, chat.text, params, version, stop)
+            r = await _complete(daemon, slots, req.model, chat.text, params, version, stop)
             c = r.completion
             return JSONResponse(
                 {
@@ -418,7 +413,7 @@ async def chat_completions(req: ChatIn, daemon: DaemonDep) -> Any:
         if include_usage:
             yield {**base, "choices": [], "usage": _usage(c)}
 
-    return await _stream(daemon, req.model, chat.text, params, version, stop, chunks)
+    return await _stream(daemon, slots, req.model, chat.text, params, version, stop, chunks)
 
 
 def _models(daemon: Daemon) -> list[dict[str, Any]]:

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import math
-import queue
-import threading
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-import anyio
 from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from llmos.api.deps import AdminDep, ApiKey, AuditDep, DaemonDep, SourceLimiterDep, too_many
+from llmos.api.deps import AdminDep, ApiKey, AuditDep, DaemonDep, SlotsDep, SourceLimiterDep, too_many
+from llmos.api.relay import Busy, End, Relay, Slots, call
 from llmos.api.schemas import (
     AuditEntryOut,
     AuditOut,
@@ -117,7 +114,7 @@ def get_text(sample_id: str, daemon: DaemonDep) -> TextOut:
     )
 
 
-def _generate(req: GenerateIn, daemon: DaemonDep) -> GenerateOut | StreamingResponse:
+async def _generate(req: GenerateIn, daemon: Daemon, slots: Slots) -> GenerateOut | StreamingResponse:
     limit = daemon.settings.server.max_prompt_chars
     if len(req.prompt) > limit:
         raise HTTPException(
@@ -134,12 +131,14 @@ def _generate(req: GenerateIn, daemon: DaemonDep) -> GenerateOut | StreamingResp
     # it would round to 0 in float32 and keep nothing.
     top_p = max(req.top_p, TOP_P_FLOOR)
     params = SamplingParams(req.max_new_tokens, temperature, top_p, req.seed)
-    if req.stream:
-        return _generate_events(daemon, req.prompt, params)
     try:
-        r = daemon.generate(req.prompt, params)
+        if req.stream:
+            return await _generate_events(daemon, slots, req.prompt, params)
+        r = await call(slots, lambda: daemon.generate(req.prompt, params), "llmos-generate")
     except PromptTooLong as exc:
         raise HTTPException(422, str(exc)) from exc
+    except Busy as exc:
+        raise too_many(f"{exc} (serving.max_requests); retry later", 1.0) from exc
     c = r.completion
     return GenerateOut(
         generation_id=r.generation_id,
@@ -156,54 +155,41 @@ def _sse(data: dict[str, object], event: str | None = None) -> str:
     return f"{head}data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-def _generate_events(daemon: Daemon, prompt: str, params: SamplingParams) -> StreamingResponse:
+async def _generate_events(daemon: Daemon, slots: Slots, prompt: str, params: SamplingParams) -> StreamingResponse:
     """Server-Sent Events: {"text": delta} per chunk, then event "done" with the result. The first
     chunk is made before the response starts, so a prompt too long still gets a plain 422.
 
-    From then on the generation holds a slot of the model, so it runs to its end on a thread of its
-    own, whatever the client does: a client that goes away before or during the stream (whose
-    response is then never read to the end, or never started) cannot keep the slot and stall every
-    later generation. The stream only reads what that thread produces."""
-    events = daemon.generate_stream(prompt, params)
-    try:
-        first = next(events)
-    except PromptTooLong as exc:
-        raise HTTPException(422, str(exc)) from exc
-    chunks: queue.SimpleQueue[str | None] = queue.SimpleQueue()
-    gone = threading.Event()  # the client left: stop early
+    The generation runs on a thread of its own (relay.py). A client that goes away during the
+    stream stops it at the next chunk; one whose response never starts cannot keep its place in
+    the batch either: the generation then runs to its end (max_new_tokens at most) unread."""
+    events: Relay[str | GenerationResult] = Relay(slots, lambda: daemon.generate_stream(prompt, params), "llmos-sse")
+    first = await events.next()
+    if isinstance(first, Exception):
+        raise first
 
-    def produce() -> None:
+    async def body() -> AsyncIterator[str]:
+        item: str | GenerationResult | Exception | End = first
         try:
-            for event in itertools.chain([first], events):
-                if gone.is_set():
+            while not isinstance(item, End):
+                if isinstance(item, Exception):  # the status line is gone: say so in the stream
+                    log.error("streamed generation failed", exc_info=item)
+                    yield _sse({"detail": f"generation failed: {type(item).__name__}"}, "error")
                     break
-                if isinstance(event, GenerationResult):
-                    c = event.completion
+                if isinstance(item, GenerationResult):
+                    c = item.completion
                     done = {
-                        "generation_id": event.generation_id,
+                        "generation_id": item.generation_id,
                         "model_version": c.version,
                         "prompt_tokens": c.prompt_tokens,
                         "completion_tokens": c.completion_tokens,
                         "finish_reason": c.finish_reason,
                     }
-                    chunks.put(_sse(done, "done"))
+                    yield _sse(done, "done")
                 else:
-                    chunks.put(_sse({"text": event}))
-        except Exception as exc:  # the status line is gone: say so in the stream
-            log.exception("streamed generation failed")
-            chunks.put(_sse({"detail": f"generation failed: {type(exc).__name__}"}, "error"))
+                    yield _sse({"text": item})
+                item = await events.next()
         finally:
-            events.close()  # frees the generation slot
-            chunks.put(None)
-
-    threading.Thread(target=produce, name="llmos-sse", daemon=True).start()
-
-    async def body() -> AsyncIterator[str]:
-        try:
-            while (chunk := await anyio.to_thread.run_sync(chunks.get)) is not None:
-                yield chunk
-        finally:
-            gone.set()
+            events.cancel()
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
@@ -237,9 +223,11 @@ _GENERATE_200: dict[int | str, dict[str, Any]] = {
     tags=["generation"],
     responses={**_GENERATE_200, **error_responses(401, 422, 429)},
 )
-def get_generate(req: Annotated[GenerateQuery, Query()], daemon: DaemonDep) -> GenerateOut | StreamingResponse:
+async def get_generate(
+    req: Annotated[GenerateQuery, Query()], daemon: DaemonDep, slots: SlotsDep
+) -> GenerateOut | StreamingResponse:
     """Complete a prompt with the active model version (greedy at temperature 0)."""
-    return _generate(req, daemon)
+    return await _generate(req, daemon, slots)
 
 
 @router.post(
@@ -249,8 +237,8 @@ def get_generate(req: Annotated[GenerateQuery, Query()], daemon: DaemonDep) -> G
     tags=["generation"],
     responses={**_GENERATE_200, **error_responses(*_BODY_ERRORS)},
 )
-def post_generate(req: GenerateIn, daemon: DaemonDep) -> GenerateOut | StreamingResponse:
-    return _generate(req, daemon)
+async def post_generate(req: GenerateIn, daemon: DaemonDep, slots: SlotsDep) -> GenerateOut | StreamingResponse:
+    return await _generate(req, daemon, slots)
 
 
 @router.post(
