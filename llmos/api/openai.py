@@ -13,6 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
@@ -231,56 +232,59 @@ def _prepare(daemon: Daemon, req: _OpenAIRequest, prompt: str, default_max: int)
     return req.sampling(max_tokens), _resolve(daemon, req.model)
 
 
-def _run(
-    daemon: Daemon, model: str, prompt: str, params: SamplingParams, version: int | None, stop: tuple[str, ...]
-) -> GenerationResult:
-    try:
-        for event in daemon.generate_stream(prompt, params, version, stop):
-            if isinstance(event, GenerationResult):
-                return event
-    except (UnknownVersion, NotPinnable, CorruptCheckpoint, PromptTooLong) as exc:
-        raise _translate(exc, model) from exc
-    raise RuntimeError("generation ended without a result")
+@dataclass(frozen=True)
+class _Ask:
+    """One generation asked for through this API: answered whole, or streamed."""
+
+    daemon: Daemon
+    slots: Slots
+    model: str
+    prompt: str
+    params: SamplingParams
+    version: int | None
+    stop: tuple[str, ...]
+
+    def _events(self, gid: str | None = None) -> Iterator[str | GenerationResult]:
+        return self.daemon.generate_stream(self.prompt, self.params, self.version, self.stop, generation_id=gid)
+
+    def _run(self) -> GenerationResult:
+        try:
+            for event in self._events():
+                if isinstance(event, GenerationResult):
+                    return event
+        except (UnknownVersion, NotPinnable, CorruptCheckpoint, PromptTooLong) as exc:
+            raise _translate(exc, self.model) from exc
+        raise RuntimeError("generation ended without a result")
+
+    async def complete(self) -> GenerationResult:
+        try:
+            return await call(self.slots, self._run, "llmos-openai")
+        except Busy as exc:
+            raise _translate(exc, self.model) from exc
+
+    async def stream(
+        self, chunks: Callable[[str, str | GenerationResult], Iterator[dict[str, Any]]]
+    ) -> StreamingResponse | JSONResponse:
+        """Server-sent events from a generation on a thread of its own (relay.py); the response
+        starts only once the first event is in, so a bad version or prompt still gets a plain error
+        response."""
+        gid = str(uuid.uuid4())
+        try:
+            events: Relay[str | GenerationResult] = Relay(self.slots, lambda: self._events(gid), "llmos-stream")
+        except Busy as exc:
+            return _translate(exc, self.model).response()
+        first = await events.next()
+        if isinstance(first, Exception):
+            return _translate(first, self.model).response()  # re-raises what it does not know (a 500)
+        return _sse_response(gid, first, events, chunks)
 
 
-async def _complete(
-    daemon: Daemon,
-    slots: Slots,
-    model: str,
-    prompt: str,
-    params: SamplingParams,
-    version: int | None,
-    stop: tuple[str, ...],
-) -> GenerationResult:
-    try:
-        return await call(slots, lambda: _run(daemon, model, prompt, params, version, stop), "llmos-openai")
-    except Busy as exc:
-        raise _translate(exc, model) from exc
-
-
-async def _stream(
-    daemon: Daemon,
-    slots: Slots,
-    model: str,
-    prompt: str,
-    params: SamplingParams,
-    version: int | None,
-    stop: tuple[str, ...],
+def _sse_response(
+    gid: str,
+    first: str | GenerationResult | End,
+    events: Relay[str | GenerationResult],
     chunks: Callable[[str, str | GenerationResult], Iterator[dict[str, Any]]],
-) -> StreamingResponse | JSONResponse:
-    """Server-sent events from a generation on a thread of its own (relay.py); the response starts
-    only once the first event is in, so a bad version or prompt still gets a plain error response."""
-    gid = str(uuid.uuid4())
-    try:
-        events: Relay[str | GenerationResult] = Relay(
-            slots, lambda: daemon.generate_stream(prompt, params, version, stop, generation_id=gid), "llmos-stream"
-        )
-    except Busy as exc:
-        return _translate(exc, model).response()
-    first = await events.next()
-    if isinstance(first, Exception):
-        return _translate(first, model).response()  # re-raises what it does not know (a 500)
-
+) -> StreamingResponse:
     async def body() -> AsyncIterator[str]:
         item: str | GenerationResult | Exception | End = first
         try:
@@ -316,7 +320,7 @@ async def completions(req: CompletionIn, daemon: DaemonDep, slots: SlotsDep) -> 
     try:
         params, version = _prepare(daemon, req, prompt, COMPLETION_DEFAULT_MAX_TOKENS)
         if not req.stream:
-            r = await _complete(daemon, slots, req.model, prompt, params, version, req.stops())
+            r = await _Ask(daemon, slots, req.model, prompt, params, version, req.stops()).complete()
             return JSONResponse(
                 {
                     "id": r.generation_id,
@@ -353,7 +357,7 @@ async def completions(req: CompletionIn, daemon: DaemonDep, slots: SlotsDep) -> 
         if include_usage:
             yield {**base, "choices": [], "usage": _usage(c)}
 
-    return await _stream(daemon, slots, req.model, prompt, params, version, req.stops(), chunks)
+    return await _Ask(daemon, slots, req.model, prompt, params, version, req.stops()).stream(chunks)
 
 
 @router.post("/v1/chat/completions", response_model=None, responses=_GENERATION_RESPONSES)
@@ -369,7 +373,7 @@ async def chat_completions(req: ChatIn, daemon: DaemonDep, slots: SlotsDep) -> A
         params, version = _prepare(daemon, req, chat.text, daemon.settings.serving.max_new_tokens_cap)
         stop = (*req.stops(), *chat.stop)
         if not req.stream:
-            r = await _complete(daemon, slots, req.model, chat.text, params, version, stop)
+            r = await _Ask(daemon, slots, req.model, chat.text, params, version, stop).complete()
             c = r.completion
             return JSONResponse(
                 {
@@ -413,7 +417,7 @@ async def chat_completions(req: ChatIn, daemon: DaemonDep, slots: SlotsDep) -> A
         if include_usage:
             yield {**base, "choices": [], "usage": _usage(c)}
 
-    return await _stream(daemon, slots, req.model, chat.text, params, version, stop, chunks)
+    return await _Ask(daemon, slots, req.model, chat.text, params, version, stop).stream(chunks)
 
 
 def _models(daemon: Daemon) -> list[dict[str, Any]]:
