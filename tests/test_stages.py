@@ -545,6 +545,34 @@ def test_a_request_in_flight_finishes_on_its_version(served: tuple[ServingEngine
     assert engine.generate("Alice keeps her", GREEDY) == new
 
 
+def test_a_swap_loads_into_the_model_of_the_version_before_once_no_generation_holds_it(
+    served: tuple[ServingEngine, Registry], factory: ModelFactory
+) -> None:
+    engine, registry = served
+    m0 = engine.current().model
+    base = [tok for tok, done in engine.stream("Alice keeps her", GREEDY) if done is None]
+    snap = TrainerSnapshot(step=0, samples_seen=0, optimizer=None, rng=None)
+    two = registry.publish(factory.instance(), snap, parent=1, status=CheckpointStatus.candidate, metrics={})
+    assert registry.promote(1, expected_active=0) and engine.sync() == 1
+    m1 = engine.current().model
+    assert m1 is not m0  # the first swap has no spare model yet
+    assert registry.promote(two.version, expected_active=1) and engine.sync() == two.version
+    assert engine.current().model is m0  # version 0's model, which nobody held, now holds version 2
+    held = engine.stream("Alice keeps her", GREEDY)  # version 2's base weights, as version 0 had
+    first = [next(held) for _ in range(3)]
+
+    registry.rollback(1)
+    assert engine.sync() == 1 and engine.current().model is m1
+    assert engine.generate("Alice keeps her", SamplingParams(max_new_tokens=30)).text == " bicycle in Paris."
+    registry.rollback(two.version)
+    assert engine.sync() == two.version
+    assert engine.current().model not in (m0, m1)  # m0 is held by the request in flight: a new model
+    rest = list(held)
+    assert [tok for tok, _ in first + rest[:-1]] == base  # the swaps did not touch the held weights
+    done = rest[-1][1]
+    assert done is not None and done.version == two.version
+
+
 def test_prompt_longer_than_the_context_is_refused(served: tuple[ServingEngine, Registry]) -> None:
     engine, _ = served
     with pytest.raises(PromptTooLong):

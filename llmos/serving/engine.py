@@ -29,10 +29,14 @@ from llmos.store.tables import CheckpointStatus
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Loaded:
+    """A version's weights in a model. ``users`` and ``recycled`` change under the engine's lock."""
+
     version: int
     model: torch.nn.Module
+    users: int = 0  # generations that decode on it, or wait to
+    recycled: bool = False  # its model now holds another version's weights: take another
 
 
 class NotPinnable(ValueError):
@@ -78,6 +82,11 @@ class ServingEngine:
         )
         self._swap_lock = threading.Lock()
         self._current: Loaded | None = None
+        # The version served before the current one: once no generation holds it, the next swap
+        # loads the new weights into its model in place, instead of building a model (1.3 ms
+        # against 7.3 ms for the built-in model, time a request in flight could stall on the GIL).
+        self._spare: Loaded | None = None
+        self._use_lock = threading.Lock()
         self.tokenizer = factory.tokenizer
         self.device = factory.device
         self.last_swap_s: float | None = None
@@ -129,8 +138,20 @@ class ServingEngine:
             if self._current is not None and self._current.version == target:
                 return target
             t0 = time.perf_counter()
-            model = self._factory.instance(self._registry.weights_path(target))  # standby
-            self._current = Loaded(target, model)  # the swap: one reference
+            path = self._registry.weights_path(target)  # verified
+            spare = self._spare
+            with self._use_lock:
+                reuse = path is not None and spare is not None and spare.users == 0
+                if reuse:
+                    assert spare is not None
+                    spare.recycled = True  # a request that took it a moment ago takes the new one
+            if reuse:
+                assert spare is not None and path is not None
+                model = spare.model
+                self._factory.load_weights(model, path)  # in place: no generation holds it
+            else:
+                model = self._factory.instance(path)  # standby
+            self._spare, self._current = self._current, Loaded(target, model)  # the swap: one reference
             self.last_swap_s = time.perf_counter() - t0
             log.info("serving version %d (loaded in %.3fs)", target, self.last_swap_s)
             return target
@@ -190,8 +211,26 @@ class ServingEngine:
     def _decode(
         self, ids: list[int], params: SamplingParams, version: int | None
     ) -> Generator[tuple[int, Completion | None]]:
-        # This request finishes on this version, whatever swaps meanwhile.
-        loaded = self.pinned(version) if version is not None else self.current()
+        loaded = self._hold(version)
+        try:
+            yield from self._decode_on(loaded, ids, params)
+        finally:
+            with self._use_lock:
+                loaded.users -= 1
+
+    def _hold(self, version: int | None) -> Loaded:
+        """The version this request finishes on, whatever swaps meanwhile, counted as in use so
+        that no swap loads other weights into its model."""
+        while True:
+            loaded = self.pinned(version) if version is not None else self.current()
+            with self._use_lock:
+                if not loaded.recycled:
+                    loaded.users += 1
+                    return loaded
+
+    def _decode_on(
+        self, loaded: Loaded, ids: list[int], params: SamplingParams
+    ) -> Generator[tuple[int, Completion | None]]:
         gen = None
         if params.seed is not None and params.temperature > 0:
             gen = torch.Generator(device="cpu").manual_seed(params.seed)
