@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,7 +18,7 @@ from llmos.store import generations as generations_module
 from llmos.store.checkpoints import ACTIVE_KEY, CheckpointIndex, CheckpointRecord
 from llmos.store.db import Database
 from llmos.store.generations import GenerationLog, UnknownGeneration
-from llmos.store.queue import NewSample, SampleQueue
+from llmos.store.queue import NewSample, SampleQueue, time_ordered_ids
 from llmos.store.tables import CheckpointStatus, FeedbackRow, MetaRow, SampleRow, SampleStatus
 
 
@@ -63,6 +64,20 @@ def test_enqueue_returns_ids_of_readable_queued_rows(queue: SampleQueue) -> None
         assert abs((datetime.now(UTC) - s.created_at).total_seconds()) < 60
     assert a.seq < b.seq
     assert queue.get("00000000-0000-0000-0000-000000000000") is None
+
+
+def test_ids_are_uuid7_in_the_order_texts_arrive() -> None:
+    """Time-ordered ids land at the end of the id index (random uuid4s land all over it)."""
+    first = time_ordered_ids(1000)
+    time.sleep(0.002)
+    later = time_ordered_ids(3)
+    ids = [uuid.UUID(i) for i in first + later]
+    assert len(set(ids)) == 1003
+    assert all(
+        u.version == 7 and u.variant == uuid.RFC_4122 and str(u) == s for u, s in zip(ids, first + later, strict=True)
+    )
+    assert max(first) < min(later)
+    assert abs(int(first[0].replace("-", "")[:12], 16) / 1000 - time.time()) < 60  # the timestamp is now
 
 
 def test_idempotency_key_maps_to_one_row_within_and_across_calls(queue: SampleQueue, db: Database) -> None:
