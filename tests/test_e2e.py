@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-from conftest import LiveServer, admin_headers, make_settings, wait_for
+from conftest import LiveServer, admin_headers, make_settings, settled, wait_for
 
 PROMPT = "The capital of Zorbia"
 FACT = "Quellton"
@@ -37,11 +37,16 @@ def test_learns_a_fact_serves_it_and_rolls_back(tmp_path: Path) -> None:
             ids += r.json()["ids"]
         assert len(set(ids)) == 50
 
-        learned = wait_for(lambda: (g := greedy(c)) and FACT in g["text"] and g, timeout=60, interval=0.5)
+        first = wait_for(lambda: (g := greedy(c)) and FACT in g["text"] and g, timeout=60, interval=0.5)
         elapsed = time.monotonic() - t0
-        assert learned["model_version"] > 0
+        assert first["model_version"] > 0
+        print(f"fact reproduced {elapsed:.1f}s after the first post, by version {first['model_version']}")
+        # The posts may have come in two batches (after train.fill_wait_s the trainer takes what is
+        # there): the rest of them may still be training.
+        wait_for(lambda: settled(c, ids), timeout=90)
+        learned = greedy(c)
+        assert learned["model_version"] >= first["model_version"]
         assert learned["text"].startswith(f" is {FACT}"), learned
-        print(f"fact reproduced {elapsed:.1f}s after the first post, by version {learned['model_version']}")
 
         # Every text is accounted for: trained in a served version, or held out for evaluation.
         statuses = [c.get(f"/v1/texts/{i}").json() for i in ids]
