@@ -141,16 +141,16 @@ class ServingEngine:
             path = self._registry.weights_path(target)  # verified
             spare = self._spare
             with self._use_lock:
-                reuse = path is not None and spare is not None and spare.users == 0
-                if reuse:
-                    assert spare is not None
+                if path is None or spare is None or spare.users > 0:
+                    spare = None  # version 0 (the base) or nothing free: a new model
+                else:
                     spare.recycled = True  # a request that took it a moment ago takes the new one
-            if reuse:
-                assert spare is not None and path is not None
+            if spare is None:
+                model = self._factory.instance(path)  # standby
+            else:
+                assert path is not None
                 model = spare.model
                 self._factory.load_weights(model, path)  # in place: no generation holds it
-            else:
-                model = self._factory.instance(path)  # standby
             self._spare, self._current = self._current, Loaded(target, model)  # the swap: one reference
             self.last_swap_s = time.perf_counter() - t0
             log.info("serving version %d (loaded in %.3fs)", target, self.last_swap_s)
