@@ -120,7 +120,7 @@ class Registry:
         self.root = root
         self.index = index
         self.keep_last = keep_last
-        self._lock = threading.Lock()  # one publish / prune at a time in this process
+        self._lock = threading.Lock()  # one publish / prune / rollback at a time in this process
         self._corrupt: dict[int, str] = {}  # version -> why its files fail verify(); never served
 
     # ---- start-up -------------------------------------------------------------------------
@@ -209,14 +209,17 @@ class Registry:
         self.index.set_status(version, CheckpointStatus.rejected)
 
     def rollback(self, version: int) -> CheckpointRecord:
-        rec = self.index.get(version)
-        if rec is None:
-            raise UnknownVersion(version)
-        if rec.status is CheckpointStatus.rejected:
-            raise RejectedVersion(version)
-        self.verify(version)
-        self.index.activate(version, promote=rec.status is CheckpointStatus.candidate)
-        return rec
+        # Under the lock prune() holds: else prune could read the old active version, then delete
+        # this one just after it became active (the fuzz test found it: a 500 and a dead trainer).
+        with self._lock:
+            rec = self.index.get(version)
+            if rec is None:
+                raise UnknownVersion(version)
+            if rec.status is CheckpointStatus.rejected:
+                raise RejectedVersion(version)
+            self.verify(version)
+            self.index.activate(version, promote=rec.status is CheckpointStatus.candidate)
+            return rec
 
     def prune(self) -> list[int]:
         """Delete all but the newest ``keep_last`` checkpoints, version 0 and the active one."""

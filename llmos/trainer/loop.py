@@ -217,12 +217,12 @@ class Trainer:
             except _Interrupted:
                 if self._stop.is_set():
                     break
-                self._go_back()
+                self._recover()
             except Exception as exc:  # a daemon keeps going: report, go back, retry later
                 log.exception("trainer cycle failed")
                 self._phase = TrainerPhase.error
                 self._last_error = f"{type(exc).__name__}: {exc}"
-                self._go_back()
+                self._recover()
                 self._stop.wait(self.cfg.error_backoff_s)
         self._release()
 
@@ -489,6 +489,18 @@ class Trainer:
             self.queue.release(self._claimed + self._pending)
         self._claimed, self._pending = [], []
         self._steps_since_eval = self._passes_since_eval = 0
+
+    def _recover(self) -> None:
+        """Go back to the active version; if even that fails (its files went missing), report it
+        and try again after the back-off, instead of letting the trainer's thread die."""
+        try:
+            self._go_back()
+        except Exception as exc:
+            log.exception("trainer could not load the active version")
+            self._phase = TrainerPhase.error
+            self._last_error = f"{type(exc).__name__}: {exc}"
+            self._stop.wait(self.cfg.error_backoff_s)
+            self._reset.set()  # the next step boundary goes back again
 
     def _go_back(self) -> None:
         """Drop work in hand and continue from the active version's weights and optimizer state."""
