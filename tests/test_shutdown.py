@@ -15,6 +15,14 @@ import httpx
 import pytest
 from conftest import free_port, wait_for
 from helpers import start_server
+from prometheus_client.parser import text_string_to_metric_families
+
+
+def arrived(url: str) -> int:
+    """Generations this server has received: finished, plus in flight (decoding or waiting)."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    got = {f.name: f.samples[0].value for f in text_string_to_metric_families(text) if f.samples}
+    return int(got["llmos_generations"] + got["llmos_generations_in_flight"])
 
 
 @pytest.mark.parametrize(
@@ -48,7 +56,9 @@ def test_sigterm_finishes_requests_in_flight_releases_claims_and_exits_0(
 
         with ThreadPoolExecutor(max_workers=requests) as pool:
             futures = [pool.submit(generate, i) for i in range(requests)]  # more than run at once: a queue
-            time.sleep(0.5)
+            # Signal once the server holds every request: one still in the listen backlog (not yet
+            # accepted) is not in flight; uvicorn closes the listener at the signal, which resets it.
+            wait_for(lambda: arrived(url) == requests, timeout=30)
             proc.send_signal(signal.SIGTERM)
             signalled.set()
             t0 = time.monotonic()

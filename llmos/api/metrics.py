@@ -183,6 +183,11 @@ class DaemonCollector(Collector):
             "llmos_decode_batch_rows", "Generations in those groups (rows / batches: the mean batch size).", value=rows
         )
         yield CounterMetricFamily("llmos_decode_steps", "Forward passes of decoding.", value=steps)
+        yield GaugeMetricFamily(
+            "llmos_generations_in_flight",
+            "Generations started and not finished, those waiting for a place in a batch included.",
+            value=d.engine.in_flight,
+        )
         c = d.counters
         yield CounterMetricFamily(
             "llmos_generations", "Generations served since this process started.", value=c.generations
