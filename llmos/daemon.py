@@ -168,6 +168,7 @@ def trainer_config(settings: Settings, device: torch.device) -> TrainerConfig:
         batch_tokens=t.batch_tokens,
         batch_max_samples=t.batch_max_samples,
         fill_wait_s=t.fill_wait_s,
+        fill_quiet_s=t.fill_quiet_s,
         poll_interval_s=t.poll_interval_s,
         evaluate_every_steps=t.evaluate_every_steps,
         evaluate_every_s=t.evaluate_every_s,

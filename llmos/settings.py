@@ -135,6 +135,11 @@ class TrainSettings(_Section):
     batch_tokens: int = Field(8192, ge=64, description="Most tokens (approximated by UTF-8 bytes) claimed per batch.")
     batch_max_samples: int = Field(512, ge=1, description="Most samples claimed per batch.")
     fill_wait_s: float = Field(0.5, ge=0, description="After the first sample arrives, wait this long for more.")
+    fill_quiet_s: float = Field(
+        0.1,
+        ge=0,
+        description="...but stop waiting once no sample arrived for this long (0 = wait all of fill_wait_s).",
+    )
     passes_per_batch: int = Field(
         40,
         ge=1,

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
+from pathlib import Path
 
+from conftest import LiveServer, make_settings, settled, wait_for
 from sqlalchemy import update
 
 from llmos.store.db import Database
@@ -41,3 +44,30 @@ def test_expired_leases_return_to_the_queue_and_renewed_ones_do_not(db: Database
         SampleStatus.queued,
         SampleStatus.queued,
     ]
+
+
+def test_a_lone_post_skips_the_rest_of_the_fill_wait_and_a_steady_stream_fills_one_batch(tmp_path: Path) -> None:
+    # fill_wait_s is long: without the quiet rule a lone post would wait all of it.
+    settings = make_settings(
+        tmp_path / "data",
+        **{
+            "train.fill_wait_s": 30.0,
+            "train.fill_quiet_s": 1.0,
+            "train.passes_per_batch": 1,
+            "train.heldout_fraction": 0.0,
+            "eval.tolerance": 1e9,
+        },
+    )
+    with LiveServer(settings) as srv, srv.client() as c:
+        lone = c.post("/v1/texts", json={"text": "A lone post, trained without a long wait."}).json()["ids"]
+        wait_for(lambda: c.get(f"/v1/texts/{lone[0]}").json()["status"] != "queued", timeout=15)
+        wait_for(lambda: settled(c, lone), timeout=60)
+
+        # Posts 0.2 s apart for 1.2 s: longer than the quiet time in all, never that long between two.
+        stream = []
+        for i in range(7):
+            stream += c.post("/v1/texts", json={"text": f"Stream post {i}: one of a steady series."}).json()["ids"]
+            time.sleep(0.2)
+        wait_for(lambda: settled(c, stream), timeout=60)
+        versions = {c.get(f"/v1/texts/{sid}").json()["trained_in_version"] for sid in stream}
+        assert len(versions) == 1 and None not in versions, versions

@@ -335,9 +335,9 @@ def test_a_marked_state_comes_back_exactly(factory: ModelFactory) -> None:
 
 
 def test_early_stop_keeps_the_best_pass_and_the_gate_judges_lone_posts(tmp_path: Path) -> None:
-    """Forty passes over a batch overfit the tiny model; the early stop keeps the best pass, which
-    has the lower held-out loss, and that is the loss the gate records and the version serves. A
-    lone post then reaches serving only through the gate."""
+    """The early stop ends a batch before its forty passes and keeps the best pass on its half of
+    the held-out texts; the gate judges on the other half, and the loss it records is that of the
+    weights served. A lone post then reaches serving only through the gate."""
     pairs = [("a red boat", "on Monday"), ("two lamps", "at dawn"), ("the old map", "in May")]
     warm = [
         f"{who} {did} {what} {when}."
@@ -358,11 +358,12 @@ def test_early_stop_keeps_the_best_pass_and_the_gate_judges_lone_posts(tmp_path:
             ids = c.post("/v1/texts", json={"items": [{"text": t} for t in warm]}).json()["ids"]
             wait_for(lambda: settled(c, ids), timeout=120)
             first = next(cp for cp in c.get("/v1/checkpoints").json()["checkpoints"] if cp["version"] == 1)
-            # The held-out loss the gate recorded is that of the weights that were kept and served.
+            # The early stop and the gate watch disjoint halves of the held-out texts, and the loss
+            # the gate recorded is that of the weights that were kept and served, on its half.
             d = srv.daemon
-            recent = eval_batch(
-                [x.text for x in d.queue.heldout(64)], d.factory.tokenizer, PreprocessConfig(128, 8192, 0.0)
-            )
+            stop_half, gate_half = d.trainer.recent_halves()
+            assert stop_half and gate_half and not {x.id for x in stop_half} & {x.id for x in gate_half}
+            recent = eval_batch([x.text for x in gate_half], d.factory.tokenizer, PreprocessConfig(128, 8192, 0.0))
             served = heldout_loss(d.engine.current().model, recent, CPU, 8)
             assert first["metrics"]["heldout_loss"] == pytest.approx(served, rel=1e-5)
             verdicts = []
@@ -385,8 +386,17 @@ def test_early_stop_keeps_the_best_pass_and_the_gate_judges_lone_posts(tmp_path:
     stopped, stopped_verdicts = run(5)
     assert full["metrics"]["passes"] == 40
     assert stopped["metrics"]["passes"] < 40
-    # The kept pass generalises better than the last of forty: lower loss on the same held-out texts.
-    assert stopped["metrics"]["heldout_loss"] < full["metrics"]["heldout_loss"]
+    # Whether the kept pass generalises better than the last of forty is for the gate's half to say,
+    # and here it does not: on these templated texts the early stop's half (3 texts, one of them
+    # the hard "mayor" sentence) levels off near pass 20 while the gate's half keeps improving
+    # (session 7: held-out loss 0.34 after 25 passes against 0.18 after 40). When both runs
+    # watched the same texts, the kept pass looked better by construction: it was chosen on them.
+    print(
+        "gate's held-out loss, forty passes:",
+        full["metrics"]["heldout_loss"],
+        "early stop:",
+        stopped["metrics"]["heldout_loss"],
+    )
     # How many lone posts pass the gate depends on the CPU. With bf16 training (AVX512-BF16, earlier
     # sessions) this test asserted that the early stop served at least 2 of the 4, more than forty
     # passes did. With fp32 (an AVX2 machine, session 5) the gate refused all 4 either way

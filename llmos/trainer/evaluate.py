@@ -121,14 +121,12 @@ def evaluate(
     device: torch.device,
     train_loss: float | None,
     active_loss: float | None = None,
-    candidate_loss: float | None = None,
     anchor_sets: Mapping[str, Batch] | None = None,
     active_anchor_losses: Mapping[str, float] | None = None,
     between: Callable[[], None] | None = None,
 ) -> EvalReport:
     """Compute the measures and decide. Known active-version losses for the same sets may be
-    passed in (they do not change until the active version does), and the candidate's on the
-    recent held-out set when the trainer measured it already. ``between`` runs before each
+    passed in (they do not change until the active version does). ``between`` runs before each
     micro-batch of every measure.
 
     The anchor set comes in groups, one per source: each group must stay within the forgetting
@@ -140,7 +138,7 @@ def evaluate(
 
     cand = act = None
     if len(eval_set):
-        cand = candidate_loss if candidate_loss is not None else loss(candidate, eval_set)
+        cand = loss(candidate, eval_set)
         act = active_loss if active_loss is not None else loss(active, eval_set)
     known = active_anchor_losses or {}
     groups = {name: b for name, b in (anchor_sets or {}).items() if len(b)}

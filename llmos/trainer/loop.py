@@ -18,6 +18,7 @@ import random
 import sys
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -54,7 +55,7 @@ class TrainerConfig:
     passes_per_batch: int  # at most; fewer when the early stop says so
     batch_tokens: int
     batch_max_samples: int
-    fill_wait_s: float
+    fill_wait_s: float  # the longest wait for a burst of posts to arrive before claiming
     poll_interval_s: float
     evaluate_every_steps: int
     evaluate_every_s: float
@@ -76,6 +77,7 @@ class TrainerConfig:
     anchor_texts: tuple[str, ...] = ()  # the user's eval file, always in the anchor set
     early_stop_patience: int = 0  # passes without held-out improvement before stopping (0 = off)
     prequential_decay: float = 0.9  # running average: new = decay * old + (1 - decay) * batch
+    fill_quiet_s: float = 0.0  # ...which ends once nothing arrived for this long (0: wait fill_wait_s)
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,7 @@ class Trainer:
         self.device = factory.device
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self._arrived = threading.Event()  # set by wake(): the fill wait's sign that posts still come
         self._resume = threading.Event()
         self._resume.set()
         self._reset = threading.Event()
@@ -132,8 +135,8 @@ class Trainer:
         self._last_eval_t = time.monotonic()
         self._sets: dict[str, tuple[tuple[str, ...], Batch]] = {}  # eval sets by name, keyed by member ids
         self._active_losses: dict[tuple[str, int, tuple[str, ...]], float] = {}
-        # The training state's loss on the recent held-out set, as (set's member ids, step, loss):
-        # the early stop measures it after each pass, and the gate reads the last one.
+        # The training state's loss on the early stop's half of the recent held-out set, as (the
+        # set's member ids, step, loss): measured after each pass, once per step.
         self._recent_measured: tuple[tuple[str, ...], int, float] | None = None
         self._tokens_trained = 0
         self._last_renew = time.monotonic()
@@ -157,11 +160,13 @@ class Trainer:
         self._stop.set()
         self._resume.set()
         self._wake.set()
+        self._arrived.set()  # ends a fill wait
         if self._thread is not None:
             self._thread.join(timeout)
 
     def wake(self) -> None:
         """New data arrived: look at the queue now instead of at the next poll."""
+        self._arrived.set()
         self._wake.set()
 
     def pause(self) -> None:
@@ -297,11 +302,23 @@ class Trainer:
     def _claim(self) -> list[Sample]:
         if self.queue.depth() == 0:
             return []
-        # Give a burst of posts a moment to arrive, so one batch carries them all.
-        self._stop.wait(self.cfg.fill_wait_s)
+        self._fill_wait()
         self.queue.requeue_expired(self.cfg.lease_s)  # claims of a trainer that died or hung
         self._last_renew = time.monotonic()
         return self.queue.claim_batch(self.cfg.batch_max_samples, self.cfg.batch_tokens, self.cfg.max_per_source)
+
+    def _fill_wait(self) -> None:
+        """Give a burst of posts a moment to arrive, so that one batch carries them all: wait
+        ``fill_wait_s`` at most, and no longer than ``fill_quiet_s`` past the last arrival, so that
+        a lone post is not held the whole time."""
+        deadline = time.monotonic() + self.cfg.fill_wait_s
+        quiet = self.cfg.fill_quiet_s or self.cfg.fill_wait_s
+        self._arrived.clear()
+        while not self._stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._arrived.wait(min(quiet, left)):
+                return
+            self._arrived.clear()
 
     def _draw_replay(self, n_new: int) -> list[Sample]:
         """Enough earlier samples that they make up ``replay_ratio`` of the batch (``replay_min`` at least)."""
@@ -370,9 +387,10 @@ class Trainer:
         """The early stop for this batch, with the held-out set it watches (None: make every pass)."""
         if self.cfg.early_stop_patience <= 0 or self.cfg.passes_per_batch <= 1:
             return None
-        key, recent = self._eval_set("recent", self.queue.heldout(self.cfg.eval_max_samples))
-        if not len(recent):
+        stop_half, _gate_half = self.recent_halves()
+        if not stop_half:
             return None
+        key, recent = self._eval_set("recent:stop", stop_half)
         return EarlyStop(self._recent_loss(key, recent), self.cfg.early_stop_patience), key, recent
 
     def _recent_loss(self, key: tuple[str, ...], recent: Batch) -> float:
@@ -418,6 +436,20 @@ class Trainer:
             self._sets[name] = cached
         return cached
 
+    def recent_halves(self) -> tuple[list[Sample], list[Sample]]:
+        """The recent held-out samples in two halves fixed by their text: the early stop watches
+        the first and the gate measures the second. The pass the early stop keeps is the best on
+        its half, so that half's loss flatters it; the gate must judge on samples the choice never
+        saw. With fewer than two samples, the gate takes them all and the batch gets every pass."""
+        samples = self.queue.heldout(2 * self.cfg.eval_max_samples)
+        halves: tuple[list[Sample], list[Sample]] = ([], [])
+        for sample in samples:
+            halves[zlib.crc32(sample.text.encode()) & 1].append(sample)
+        if not halves[0] or not halves[1]:
+            return [], samples[-self.cfg.eval_max_samples :]
+        cap = self.cfg.eval_max_samples
+        return halves[0][-cap:], halves[1][-cap:]
+
     def _anchor_sets(self) -> dict[str, tuple[tuple[str, ...], Batch]]:
         """The anchor set grouped by source (the user's eval file is a group of its own)."""
         by_source: dict[str, list[Sample]] = {}
@@ -429,7 +461,7 @@ class Trainer:
         return groups
 
     def _evaluate(self, state: TrainingState) -> EvalReport:
-        recent_key, recent = self._eval_set("recent", self.queue.heldout(self.cfg.eval_max_samples))
+        recent_key, recent = self._eval_set("recent:gate", self.recent_halves()[1])
         anchors = self._anchor_sets()
         active = self.serving.current()
         cache = self._active_losses
@@ -438,7 +470,6 @@ class Trainer:
             for name, (key, _b) in anchors.items()
             if (f"anchor:{name}", active.version, key) in cache
         }
-        hit = self._recent_measured
         report = evaluate(
             state.model,
             active.model,
@@ -447,7 +478,6 @@ class Trainer:
             self.device,
             state.last_loss,
             active_loss=cache.get(("recent", active.version, recent_key)),
-            candidate_loss=hit[2] if hit is not None and hit[:2] == (recent_key, state.step) else None,
             anchor_sets={name: b for name, (_key, b) in anchors.items()},
             active_anchor_losses=known,
             between=self._between_micro_batches,
