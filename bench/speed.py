@@ -197,6 +197,23 @@ def trainer_efficiency(
         before_state = TrainingState(before, make_optimizer(before, OPT), 0)
         variants["kernels_before"] = functools.partial(run_ours, before_state, kernels_dt == "bf16")
         variants["kernels_before"]()  # warm-up
+        # The same stage without each packed text's own positions: transformers then no longer
+        # masks attention per text (the texts of a block attend to each other, as in the bare loop).
+        shared = factory.instance()
+        shared.train()
+        shared_state = TrainingState(shared, make_optimizer(shared, OPT), 0)
+        shared_mbs = [mb._replace(positions=None) for mb in mbs]
+
+        def run_shared(state: TrainingState = shared_state, bf16: bool = kernels_dt == "bf16") -> float:
+            sync(device)
+            t0 = time.perf_counter()
+            for i in range(steps):
+                optimize(state, [shared_mbs[i % len(shared_mbs)]], OPT, device, bf16)
+            sync(device)
+            return steps * BATCH * BLOCK / (time.perf_counter() - t0)
+
+        run_shared()  # warm-up
+        variants["shared_attention"] = run_shared
     res = alternate(variants, rounds)
     model = factory.instance()
     out: dict[str, Any] = {
@@ -214,6 +231,11 @@ def trainer_efficiency(
             "before_tok_s": median(res["kernels_before"]),
             "after_tok_s": median(res[f"llmos_{kernels_dt}"]),
             "ratio": median(ratios(res[f"llmos_{kernels_dt}"], res["kernels_before"])),
+        }
+        out["shared_attention"] = {
+            "dtype": kernels_dt,
+            "tok_s": median(res["shared_attention"]),
+            "vs_bare": median(ratios(res["shared_attention"], res[f"bare_{kernels_dt}"])),
         }
     for dt in dtypes:
         out[dt] = {
