@@ -168,7 +168,9 @@ class TrainSettings(_Section):
 
 
 class EvalSettings(_Section):
-    max_samples: int = Field(64, ge=1, description="Most recent held-out samples in the evaluation set.")
+    max_samples: int = Field(
+        64, ge=1, description="Most recent held-out samples in each of the early stop's and the gate's sets."
+    )
     tolerance: float = Field(
         0.02, ge=0, description="Gate: held-out loss may exceed the active version's by this fraction at most."
     )

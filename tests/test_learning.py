@@ -4,6 +4,7 @@ optimizers with exact resume, feedback as a signal, and the learning metrics."""
 from __future__ import annotations
 
 import time
+import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,11 +14,13 @@ import torch
 from conftest import LiveServer, admin_headers, make_settings, settled, wait_for
 from safetensors import safe_open
 
+from llmos.daemon import Daemon
 from llmos.model.builtin import create_tiny
 from llmos.model.loader import ModelFactory
 from llmos.registry.registry import Registry
 from llmos.store.checkpoints import CheckpointIndex
 from llmos.store.db import Database
+from llmos.store.queue import NewSample
 from llmos.store.tables import CheckpointStatus
 from llmos.trainer.evaluate import heldout_loss
 from llmos.trainer.optimize import optimize
@@ -358,11 +361,13 @@ def test_early_stop_keeps_the_best_pass_and_the_gate_judges_lone_posts(tmp_path:
             ids = c.post("/v1/texts", json={"items": [{"text": t} for t in warm]}).json()["ids"]
             wait_for(lambda: settled(c, ids), timeout=120)
             first = next(cp for cp in c.get("/v1/checkpoints").json()["checkpoints"] if cp["version"] == 1)
-            # The early stop and the gate watch disjoint halves of the held-out texts, and the loss
-            # the gate recorded is that of the weights that were kept and served, on its half.
+            # With the early stop on, it and the gate watch disjoint halves of the held-out texts
+            # (off, the gate reads them all), and the loss the gate recorded is that of the weights
+            # that were kept and served, on its texts.
             d = srv.daemon
             stop_half, gate_half = d.trainer.recent_halves()
-            assert stop_half and gate_half and not {x.id for x in stop_half} & {x.id for x in gate_half}
+            assert gate_half and not {x.id for x in stop_half} & {x.id for x in gate_half}
+            assert bool(stop_half) == (patience > 0)
             recent = eval_batch([x.text for x in gate_half], d.factory.tokenizer, PreprocessConfig(128, 8192, 0.0))
             served = heldout_loss(d.engine.current().model, recent, CPU, 8)
             assert first["metrics"]["heldout_loss"] == pytest.approx(served, rel=1e-5)
@@ -402,3 +407,37 @@ def test_early_stop_keeps_the_best_pass_and_the_gate_judges_lone_posts(tmp_path:
     # passes did. With fp32 (an AVX2 machine, session 5) the gate refused all 4 either way
     # (held-out loss 0.70 -> 0.96-1.02), so the verdicts are checked against the gate, not counted.
     print("lone posts, forty passes:", full_verdicts, "early stop:", stopped_verdicts)
+
+
+def test_the_early_stop_and_the_gate_read_disjoint_halves_of_the_recent_held_out_texts(tmp_path: Path) -> None:
+    daemons: list[Daemon] = []
+
+    def halves(heldout: list[str], **overrides: object) -> tuple[list[str], list[str]]:
+        daemon = Daemon(make_settings(tmp_path / f"data-{len(daemons)}", **overrides))
+        daemons.append(daemon)
+        daemon.queue.mark_heldout(daemon.ingest([NewSample(t) for t in heldout]))
+        stop, gate = daemon.trainer.recent_halves()
+        return [s.text for s in stop], [s.text for s in gate]
+
+    texts = [f"held-out text number {i}." for i in range(40)]
+    try:
+        stop, gate = split = halves(texts)
+        assert stop and gate and not set(stop) & set(gate)
+        assert sorted(stop + gate) == sorted(texts)  # under the cap (64 each): every text, once
+
+        # The same text in another Unicode form (NFD) or with a control character is the same
+        # eval text after normalisation: it lands in the same half.
+        forms = ["café au lait number 1.", unicodedata.normalize("NFD", "café au lait number 1.") + "\x07"]
+        with_forms = halves(texts + forms)
+        assert [sum(t in forms for t in half) for half in with_forms] in ([0, 2], [2, 0])
+
+        # At most eval.max_samples in each half: its most recent texts, oldest first.
+        capped = halves(texts, **{"eval.max_samples": 5})
+        assert capped == (stop[-5:], gate[-5:])
+
+        # While one half is empty, the gate takes them all; with the early stop off, always.
+        assert halves(gate) == ([], gate) and halves(stop) == ([], stop) and split == (stop, gate)
+        assert halves(texts, **{"train.early_stop_patience": 0, "eval.max_samples": 30}) == ([], texts[-30:])
+    finally:
+        for daemon in daemons:
+            daemon.stop()

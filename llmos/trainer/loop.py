@@ -31,7 +31,7 @@ from llmos.store.reservoir import Reservoir
 from llmos.trainer.checkpoint import checkpoint
 from llmos.trainer.evaluate import EarlyStop, EvalConfig, EvalReport, evaluate, heldout_loss
 from llmos.trainer.optimize import Penalty, optimize
-from llmos.trainer.preprocess import Batch, PreprocessConfig, eval_batch, preprocess
+from llmos.trainer.preprocess import Batch, PreprocessConfig, eval_batch, normalise, preprocess
 from llmos.trainer.regularize import RegularizationConfig, make_penalty
 from llmos.trainer.state import Mark, OptimizerConfig, TrainingState, load_state
 from llmos.trainer.swap import swap
@@ -119,7 +119,8 @@ class Trainer:
         self.device = factory.device
         self._stop = threading.Event()
         self._wake = threading.Event()
-        self._arrived = threading.Event()  # set by wake(): the fill wait's sign that posts still come
+        # Set by wake() as posts arrive, and by stop, pause and reset: what the fill wait watches.
+        self._arrived = threading.Event()
         self._resume = threading.Event()
         self._resume.set()
         self._reset = threading.Event()
@@ -171,6 +172,7 @@ class Trainer:
 
     def pause(self) -> None:
         self._resume.clear()
+        self._arrived.set()  # ends a fill wait
 
     def resume(self) -> None:
         self._resume.set()
@@ -180,6 +182,7 @@ class Trainer:
         """The active version changed under us (rollback): drop the work in hand and reload."""
         self._reset.set()
         self._wake.set()
+        self._arrived.set()  # ends a fill wait
 
     def status(self) -> TrainerStatus:
         st = self._state
@@ -303,6 +306,7 @@ class Trainer:
         if self.queue.depth() == 0:
             return []
         self._fill_wait()
+        self._step_boundary()  # nothing claimed yet: stop or reset leave nothing to give back
         self.queue.requeue_expired(self.cfg.lease_s)  # claims of a trainer that died or hung
         self._last_renew = time.monotonic()
         return self.queue.claim_batch(self.cfg.batch_max_samples, self.cfg.batch_tokens, self.cfg.max_per_source)
@@ -310,11 +314,11 @@ class Trainer:
     def _fill_wait(self) -> None:
         """Give a burst of posts a moment to arrive, so that one batch carries them all: wait
         ``fill_wait_s`` at most, and no longer than ``fill_quiet_s`` past the last arrival, so that
-        a lone post is not held the whole time."""
+        a lone post is not held the whole time. Stop, pause and reset end it at once."""
         deadline = time.monotonic() + self.cfg.fill_wait_s
         quiet = self.cfg.fill_quiet_s or self.cfg.fill_wait_s
         self._arrived.clear()
-        while not self._stop.is_set():
+        while not (self._stop.is_set() or self._reset.is_set() or not self._resume.is_set()):
             left = deadline - time.monotonic()
             if left <= 0 or not self._arrived.wait(min(quiet, left)):
                 return
@@ -385,8 +389,6 @@ class Trainer:
 
     def _early_stop(self) -> tuple[EarlyStop, tuple[str, ...], Batch] | None:
         """The early stop for this batch, with the held-out set it watches (None: make every pass)."""
-        if self.cfg.early_stop_patience <= 0 or self.cfg.passes_per_batch <= 1:
-            return None
         stop_half, _gate_half = self.recent_halves()
         if not stop_half:
             return None
@@ -437,18 +439,24 @@ class Trainer:
         return cached
 
     def recent_halves(self) -> tuple[list[Sample], list[Sample]]:
-        """The recent held-out samples in two halves fixed by their text: the early stop watches
-        the first and the gate measures the second. The pass the early stop keeps is the best on
-        its half, so that half's loss flatters it; the gate must judge on samples the choice never
-        saw. With fewer than two samples, the gate takes them all and the batch gets every pass."""
-        samples = self.queue.heldout(2 * self.cfg.eval_max_samples)
+        """The recent held-out samples the early stop watches and those the gate measures, at most
+        ``eval_max_samples`` each. With the early stop on, two halves fixed by the (normalised)
+        text: the pass the early stop keeps is the best on its half, so that half's loss flatters
+        it, and the gate must judge on texts the choice never saw. While one half is empty, and
+        with the early stop off, the gate takes them all and the early stop none."""
+        cap = self.cfg.eval_max_samples
+        if not self._early_stop_on():
+            return [], self.queue.heldout(cap)
+        samples = self.queue.heldout(2 * cap)
         halves: tuple[list[Sample], list[Sample]] = ([], [])
         for sample in samples:
-            halves[zlib.crc32(sample.text.encode()) & 1].append(sample)
+            halves[zlib.crc32(normalise(sample.text).encode()) & 1].append(sample)
         if not halves[0] or not halves[1]:
-            return [], samples[-self.cfg.eval_max_samples :]
-        cap = self.cfg.eval_max_samples
+            return [], samples[-cap:]
         return halves[0][-cap:], halves[1][-cap:]
+
+    def _early_stop_on(self) -> bool:
+        return self.cfg.early_stop_patience > 0 and self.cfg.passes_per_batch > 1
 
     def _anchor_sets(self) -> dict[str, tuple[tuple[str, ...], Batch]]:
         """The anchor set grouped by source (the user's eval file is a group of its own)."""
