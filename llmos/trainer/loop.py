@@ -552,6 +552,6 @@ class Trainer:
         self._recent_measured = None  # other weights, whatever their step
         if self.cfg.regularization.method != "none":
             # The anchor weights are the version we continue from: the model as deployed.
-            _key, anchor = self._eval_set("anchor:all", self.anchor_pool.members(), self.cfg.anchor_texts)
+            _key, anchor = self._eval_set("penalty", self.anchor_pool.members(), self.cfg.anchor_texts)
             self._penalty = make_penalty(self.cfg.regularization, model, anchor, self.device)
         log.info("trainer continues from version %d (step %d)", version, self._state.step)
