@@ -167,11 +167,11 @@ def trainer_efficiency(
         bare.train()
         bare_opt = make_optimizer(bare, OPT)
 
-        def run_ours(state: TrainingState = state, bf16: bool = bf16) -> float:
+        def run_ours(state: TrainingState = state, bf16: bool = bf16, batches: list[MicroBatch] = mbs) -> float:
             sync(device)
             t0 = time.perf_counter()
             for i in range(steps):
-                optimize(state, [mbs[i % len(mbs)]], OPT, device, bf16)
+                optimize(state, [batches[i % len(batches)]], OPT, device, bf16)
             sync(device)
             return steps * BATCH * BLOCK / (time.perf_counter() - t0)
 
@@ -203,17 +203,8 @@ def trainer_efficiency(
         shared.train()
         shared_state = TrainingState(shared, make_optimizer(shared, OPT), 0)
         shared_mbs = [mb._replace(positions=None) for mb in mbs]
-
-        def run_shared(state: TrainingState = shared_state, bf16: bool = kernels_dt == "bf16") -> float:
-            sync(device)
-            t0 = time.perf_counter()
-            for i in range(steps):
-                optimize(state, [shared_mbs[i % len(shared_mbs)]], OPT, device, bf16)
-            sync(device)
-            return steps * BATCH * BLOCK / (time.perf_counter() - t0)
-
-        run_shared()  # warm-up
-        variants["shared_attention"] = run_shared
+        variants["shared_attention"] = functools.partial(run_ours, shared_state, kernels_dt == "bf16", shared_mbs)
+        variants["shared_attention"]()  # warm-up
     res = alternate(variants, rounds)
     model = factory.instance()
     out: dict[str, Any] = {
