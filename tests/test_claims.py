@@ -6,7 +6,7 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-from conftest import LiveServer, make_settings, settled, wait_for
+from conftest import LiveServer, admin_headers, make_settings, settled, wait_for
 from sqlalchemy import update
 
 from llmos.store.db import Database
@@ -71,3 +71,21 @@ def test_a_lone_post_skips_the_rest_of_the_fill_wait_and_a_steady_stream_fills_o
         wait_for(lambda: settled(c, stream), timeout=60)
         versions = {c.get(f"/v1/texts/{sid}").json()["trained_in_version"] for sid in stream}
         assert len(versions) == 1 and None not in versions, versions
+
+
+def test_a_pause_ends_the_fill_wait_without_claiming_and_a_resume_claims_at_once(tmp_path: Path) -> None:
+    # A fill wait of 30 s that only a control action can cut short: no second post comes.
+    settings = make_settings(
+        tmp_path / "data",
+        **{"train.fill_wait_s": 30.0, "train.fill_quiet_s": 30.0, "train.passes_per_batch": 1, "eval.tolerance": 1e9},
+    )
+    with LiveServer(settings) as srv, srv.client() as c:
+        sid = c.post("/v1/texts", json={"text": "Posted just before a pause."}).json()["ids"][0]
+        time.sleep(1.0)  # the post woke the trainer: it is in its fill wait now
+        assert c.post("/v1/admin/trainer/pause", headers=admin_headers()).status_code == 200
+        wait_for(lambda: c.get("/v1/trainer").json()["state"] == "paused", timeout=10)
+        time.sleep(1.0)
+        assert c.get(f"/v1/texts/{sid}").json()["status"] == "queued"  # nothing claimed while paused
+        assert c.post("/v1/admin/trainer/resume", headers=admin_headers()).status_code == 200
+        # The wait ended at the pause: the text is claimed now, not when the 30 s run out.
+        wait_for(lambda: c.get(f"/v1/texts/{sid}").json()["status"] != "queued", timeout=15)
