@@ -421,7 +421,7 @@ def test_the_early_stop_and_the_gate_read_disjoint_halves_of_the_recent_held_out
 
     texts = [f"held-out text number {i}." for i in range(40)]
     try:
-        stop, gate = split = halves(texts)
+        stop, gate = halves(texts)
         assert stop and gate and not set(stop) & set(gate)
         assert sorted(stop + gate) == sorted(texts)  # under the cap (64 each): every text, once
 
@@ -436,7 +436,7 @@ def test_the_early_stop_and_the_gate_read_disjoint_halves_of_the_recent_held_out
         assert capped == (stop[-5:], gate[-5:])
 
         # While one half is empty, the gate takes them all; with the early stop off, always.
-        assert halves(gate) == ([], gate) and halves(stop) == ([], stop) and split == (stop, gate)
+        assert halves(gate) == ([], gate) and halves(stop) == ([], stop)
         assert halves(texts, **{"train.early_stop_patience": 0, "eval.max_samples": 30}) == ([], texts[-30:])
     finally:
         for daemon in daemons:
