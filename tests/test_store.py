@@ -390,6 +390,27 @@ def test_promotion_waits_for_a_rollback_in_progress_and_loses_to_it(db: Database
     assert one is not None and one.status is CheckpointStatus.candidate
 
 
+def test_prune_and_rollback_in_two_processes_never_leave_a_pruned_version_active(db: Database) -> None:
+    """The trainer process prunes while the API process rolls back: whichever transaction comes
+    second sees the first. A rollback that lands first keeps its version; one that comes after
+    the prune is refused, and the active version stays."""
+    index = CheckpointIndex(db)
+    for v in range(5):
+        index.add(CheckpointRecord(v, v - 1 if v else None, CheckpointStatus.promoted, f"v{v:06d}", 0, 0, {}))
+    index.activate(4)
+
+    assert index.activate(1) is True  # the rollback first: pruning keeps it
+    assert [r.version for r in index.prune(keep_last=1)] == [3, 2]
+    assert index.active_version() == 1 and index.get(1) is not None
+
+    assert index.activate(4) is True
+    assert [r.version for r in index.prune(keep_last=1)] == [1]
+    assert index.activate(1) is False  # the rollback after the prune: refused
+    assert index.activate(7) is False  # never stored
+    assert index.active_version() == 4
+    assert [r.version for r in index.list()] == [4, 0]
+
+
 # ---- SQLite specifics -----------------------------------------------------------------------
 
 

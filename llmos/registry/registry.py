@@ -209,32 +209,33 @@ class Registry:
         self.index.set_status(version, CheckpointStatus.rejected)
 
     def rollback(self, version: int) -> CheckpointRecord:
-        # Under the lock prune() holds: else prune could read the old active version, then delete
-        # this one just after it became active (the fuzz test found it: a 500 and a dead trainer).
+        # A prune must not delete this version just after it became active (the fuzz test found
+        # it: a 500 and a dead trainer). In this process the lock keeps them apart; against a
+        # trainer in another process, the index's transactions do (activate refuses a pruned
+        # version, prune keeps the active one).
         with self._lock:
             rec = self.index.get(version)
             if rec is None:
                 raise UnknownVersion(version)
             if rec.status is CheckpointStatus.rejected:
                 raise RejectedVersion(version)
-            self.verify(version)
-            self.index.activate(version, promote=rec.status is CheckpointStatus.candidate)
+            try:
+                self.verify(version)
+            except CorruptCheckpoint:
+                if self.index.get(version) is None:
+                    raise UnknownVersion(version) from None  # pruned meanwhile: its files went
+                raise
+            if not self.index.activate(version, promote=rec.status is CheckpointStatus.candidate):
+                raise UnknownVersion(version)  # pruned since the get() above, by another process
             return rec
 
     def prune(self) -> list[int]:
         """Delete all but the newest ``keep_last`` checkpoints, version 0 and the active one."""
         with self._lock:
-            records = self.index.list()
-            active = self.index.active_version()
-            keep = {0, active} | {r.version for r in records[: self.keep_last]}
-            removed = []
-            for rec in records:
-                if rec.version in keep:
-                    continue
-                self.index.mark_pruned(rec.version)
+            gone = self.index.prune(self.keep_last)
+            for rec in gone:
                 shutil.rmtree(self.root / rec.path, ignore_errors=True)
-                removed.append(rec.version)
-            return removed
+            return [rec.version for rec in gone]
 
     # ---- reading --------------------------------------------------------------------------
     def get(self, version: int) -> CheckpointRecord:

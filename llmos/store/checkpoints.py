@@ -95,9 +95,21 @@ class CheckpointIndex:
         with self._db.write() as s:
             s.execute(update(CheckpointRow).where(CheckpointRow.version == version).values(status=status.value))
 
-    def mark_pruned(self, version: int) -> None:
+    def prune(self, keep_last: int) -> tuple[CheckpointRecord, ...]:
+        """Mark all but the newest ``keep_last`` live versions pruned, version 0 and the active one
+        excepted, and return them (their files are the registry's to delete). One transaction
+        that holds the active row: a rollback in another process either lands first (and its
+        version is kept) or finds its version pruned (and fails), never in between."""
         with self._db.write() as s:
-            s.execute(update(CheckpointRow).where(CheckpointRow.version == version).values(pruned_at=utcnow()))
+            active = s.get(MetaRow, ACTIVE_KEY, with_for_update=True)
+            rows = s.scalars(
+                select(CheckpointRow).where(CheckpointRow.pruned_at.is_(None)).order_by(CheckpointRow.version.desc())
+            ).all()
+            keep = {0, int(active.value) if active else 0} | {r.version for r in rows[:keep_last]}
+            gone = [r for r in rows if r.version not in keep]
+            for r in gone:
+                r.pruned_at = utcnow()
+            return tuple(_record(r) for r in gone)
 
     def active_version(self) -> int | None:
         with self._db.read() as s:
@@ -107,13 +119,16 @@ class CheckpointIndex:
     def activate(self, version: int, expected: int | None = None, promote: bool = False) -> bool:
         """Make ``version`` active. With ``expected``, only if the active version is still that one
         (compare-and-set: a rollback in between wins over a trainer's promotion). Returns whether
-        it happened."""
+        it happened; never for a version that is not stored (or pruned)."""
         with self._db.write() as s:
             # FOR UPDATE: on PostgreSQL a plain read would let a promotion check a value that a
             # rollback is about to replace, then overwrite it. (SQLite's BEGIN IMMEDIATE serialises.)
             row = s.get(MetaRow, ACTIVE_KEY, with_for_update=True)
             if expected is not None and (row is None or int(row.value) != expected):
                 return False
+            target = s.get(CheckpointRow, version)
+            if target is None or target.pruned_at is not None:
+                return False  # pruned meanwhile (by another process): its files are going
             if row is None:
                 s.add(MetaRow(key=ACTIVE_KEY, value=str(version)))
             else:
