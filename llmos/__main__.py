@@ -1,3 +1,4 @@
 from llmos.cli import main
 
-main()
+if __name__ == "__main__":  # not when a spawned child (the trainer process) imports it
+    main()

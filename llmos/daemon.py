@@ -33,8 +33,9 @@ from llmos.store.reservoir import Reservoir
 from llmos.store.tables import SampleStatus
 from llmos.threads import ThreadBudget
 from llmos.trainer.evaluate import EvalConfig
-from llmos.trainer.loop import Trainer, TrainerConfig, TrainerStatus
+from llmos.trainer.loop import Serving, Trainer, TrainerConfig, TrainerStatus
 from llmos.trainer.preprocess import FEEDBACK_SOURCE_PREFIX, PreprocessConfig
+from llmos.trainer.process import TrainerProcess
 from llmos.trainer.regularize import RegularizationConfig
 from llmos.trainer.state import OptimizerConfig
 
@@ -203,8 +204,45 @@ def lora_spec(settings: Settings) -> LoraSpec | None:
     return LoraSpec(lo.rank, lo.alpha, lo.dropout, lo.targets)
 
 
+def model_factory(settings: Settings) -> ModelFactory:
+    device = resolve_device(settings.model.device)
+    base = resolve_base(settings.model.name_or_path, settings.data_dir, settings.model.seed)
+    return ModelFactory(base, device, lora_spec(settings), attention_kernels(settings, device))
+
+
+def open_registry(settings: Settings, db: Database) -> Registry:
+    registry = Registry(settings.data_dir / "checkpoints", CheckpointIndex(db), settings.registry.keep_last)
+    registry.open()
+    return registry
+
+
+def replay_pool(settings: Settings, db: Database) -> Reservoir:
+    """Trained samples, mixed into new batches."""
+    return Reservoir(db, "replay", settings.replay.capacity, SampleStatus.trained)
+
+
+def anchor_pool(settings: Settings, db: Database) -> Reservoir:
+    """Held-out samples: the retention measure."""
+    return Reservoir(db, "anchor", settings.eval.anchor_capacity, SampleStatus.heldout)
+
+
+def build_trainer(
+    settings: Settings, db: Database, registry: Registry, factory: ModelFactory, serving: Serving
+) -> Trainer:
+    """The trainer, in this process (runtime.trainer "thread") or in its own (llmos/trainer/process.py)."""
+    return Trainer(
+        trainer_config(settings, factory.device),
+        SampleQueue(db),
+        registry,
+        serving,
+        factory,
+        replay_pool(settings, db),
+        anchor_pool(settings, db),
+    )
+
+
 class Daemon:
-    """Owns the parts of one llmos process."""
+    """Owns the parts of one llmos process (the API process, when the trainer runs in its own)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -218,13 +256,8 @@ class Daemon:
         self.audit_log = AuditLog(self.db)
         self.queue = SampleQueue(self.db)
         self.generations = GenerationLog(self.db)
-        self.registry = Registry(
-            settings.data_dir / "checkpoints", CheckpointIndex(self.db), settings.registry.keep_last
-        )
-        self.registry.open()
-        device = resolve_device(settings.model.device)
-        base = resolve_base(settings.model.name_or_path, settings.data_dir, settings.model.seed)
-        self.factory = ModelFactory(base, device, lora_spec(settings), attention_kernels(settings, device))
+        self.registry = open_registry(settings, self.db)
+        self.factory = model_factory(settings)
         self.engine = ServingEngine(
             self.factory,
             self.registry,
@@ -233,17 +266,13 @@ class Daemon:
             threads.serving,
         )
         self.counters = ServiceCounters()
-        self.replay_pool = Reservoir(self.db, "replay", settings.replay.capacity, SampleStatus.trained)
-        self.anchor_pool = Reservoir(self.db, "anchor", settings.eval.anchor_capacity, SampleStatus.heldout)
-        self.trainer = Trainer(
-            trainer_config(settings, device),
-            self.queue,
-            self.registry,
-            self.engine,
-            self.factory,
-            self.replay_pool,
-            self.anchor_pool,
-        )
+        self.replay_pool = replay_pool(settings, self.db)
+        self.anchor_pool = anchor_pool(settings, self.db)
+        self.trainer: Trainer | TrainerProcess
+        if settings.runtime.trainer == "process":
+            self.trainer = TrainerProcess(settings, self.engine, self.queue)
+        else:
+            self.trainer = build_trainer(settings, self.db, self.registry, self.factory, self.engine)
 
     def start(self, run_trainer: bool = True) -> None:
         """Recover, load the active version and start the trainer thread (without it, a caller
@@ -255,7 +284,7 @@ class Daemon:
         self.engine.sync()
         if run_trainer:
             self.trainer.start()
-        else:
+        elif isinstance(self.trainer, Trainer):
             self.trainer.load_active()
         freeze_startup_objects()
 

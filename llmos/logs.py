@@ -88,3 +88,14 @@ def configure(level: str, fmt: LogFormat) -> None:
     hf_logging.disable_progress_bar()  # a progress bar is not an event (first start saves the built-in model)
     hf_logging.disable_default_handler()  # transformers' own stderr handler: ours formats its lines
     hf_logging.enable_propagation()
+
+
+def current_config() -> tuple[str, LogFormat]:
+    """The level and format configure() set in this process: a child process (the trainer's)
+    configures itself alike."""
+    root = logging.getLogger()
+    fmt: LogFormat = "text"
+    for h in root.handlers:
+        if isinstance(h, StderrHandler) and isinstance(h.formatter, JsonFormatter):
+            fmt = "json"
+    return logging.getLevelName(root.level).lower(), fmt

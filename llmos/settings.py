@@ -256,6 +256,12 @@ class RuntimeSettings(_Section):
         description="Seconds without a generation before the trainer takes torch_threads_idle (a steady "
         "stream of requests keeps it at torch_threads).",
     )
+    trainer: Literal["thread", "process"] = Field(
+        "thread",
+        description="Where the trainer runs: a thread of the server's process, or a process of its own "
+        "that the server starts and restarts (generation and training then do not share an "
+        "interpreter lock; see README's Limits).",
+    )
     trainer_nice: int = Field(
         0,
         ge=0,

@@ -20,12 +20,13 @@ import threading
 import time
 import zlib
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from llmos.model.loader import ModelFactory
 from llmos.registry.registry import Registry
-from llmos.serving.engine import ServingEngine
+from llmos.serving.engine import Loaded
 from llmos.store.queue import Sample, SampleQueue
 from llmos.store.reservoir import Reservoir
 from llmos.trainer.checkpoint import checkpoint
@@ -37,6 +38,22 @@ from llmos.trainer.state import Mark, OptimizerConfig, TrainingState, load_state
 from llmos.trainer.swap import swap
 
 log = logging.getLogger(__name__)
+
+
+class Serving(Protocol):
+    """What the trainer asks of serving: the engine, in one process (llmos/serving/engine.py), or
+    the trainer process's view of the API process (llmos/trainer/process.py)."""
+
+    @property
+    def in_flight(self) -> int: ...  # generations in flight: the trainer yields to them
+
+    def wait_idle(self, timeout_s: float) -> bool: ...
+
+    def quiet(self, quiet_s: float) -> bool: ...
+
+    def current(self) -> Loaded: ...  # the active version's model: what the gate compares with
+
+    def sync(self) -> int: ...  # serve the registry's active version (stage 5)
 
 
 class TrainerPhase(enum.StrEnum):
@@ -104,7 +121,7 @@ class Trainer:
         cfg: TrainerConfig,
         queue: SampleQueue,
         registry: Registry,
-        serving: ServingEngine,
+        serving: Serving,
         factory: ModelFactory,
         replay_pool: Reservoir,
         anchor_pool: Reservoir,

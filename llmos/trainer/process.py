@@ -1,0 +1,278 @@
+"""The trainer in its own process (runtime.trainer = "process").
+
+In one process, the trainer's Python (its stages, the store's SQL) and the decoding thread take
+turns on the interpreter lock, so each slows the other even on separate cores. Here the API
+process spawns a child that runs the same Trainer on its own copy of the model. The store and
+the checkpoint registry are shared, as another replica would share them; two pipes carry the
+rest:
+
+    control  API -> trainer: wake, pause, resume, reset, stop; status (answered)
+    events   trainer -> API: "promoted": the API process syncs its engine, then answers, so that
+             stage 5 returns once serving follows, as it does in one process
+
+The API process supervises the child: when it dies, what it held goes back to the queue and a new
+one starts after ``train.error_backoff_s``. A child whose API process is gone (its control pipe
+closes) stops. The child does not see the API process's generations: it never yields to them,
+and the idle thread budget (runtime.torch_threads_idle) does not apply.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import multiprocessing
+import signal
+import threading
+from dataclasses import replace
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING, Any
+
+from llmos.logs import LogFormat, configure, current_config
+from llmos.serving.engine import Loaded
+from llmos.trainer.loop import TrainerPhase, TrainerStatus
+
+if TYPE_CHECKING:
+    from llmos.model.loader import ModelFactory
+    from llmos.registry.registry import Registry
+    from llmos.serving.engine import ServingEngine
+    from llmos.settings import Settings
+    from llmos.store.queue import SampleQueue
+
+log = logging.getLogger(__name__)
+
+COMMANDS = ("wake", "pause", "resume", "request_reset")
+STATUS_TIMEOUT_S = 5.0  # an answer takes a pipe round trip; longer means the child is stuck or gone
+FOLLOW_TIMEOUT_S = 120.0  # the API process loads the promoted version before it answers
+STOP_TIMEOUT_S = 20.0  # the child finishes its step (the trainer's own stop waits 10 s)
+
+
+class TrainerProcess:
+    """The API process's handle on the trainer process: the Trainer's control surface (start,
+    stop, wake, pause, resume, request_reset, status, alive) over the pipes."""
+
+    def __init__(self, settings: Settings, engine: ServingEngine, queue: SampleQueue) -> None:
+        self._settings = settings
+        self._engine = engine
+        self._queue = queue
+        self._backoff_s = settings.train.error_backoff_s
+        self._ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked threads or locks
+        self._proc: multiprocessing.process.BaseProcess | None = None
+        self._ctrl: Connection | None = None
+        self._events: Connection | None = None
+        self._ctrl_lock = threading.Lock()  # one request (and its answer) on the control pipe at a time
+        self._seq = itertools.count(1)
+        self._paused = False  # told again to a restarted child
+        self._stopping = threading.Event()
+        self._supervisor: threading.Thread | None = None
+        self._last: TrainerStatus | None = None
+        self._ready = False  # the child has loaded the active version and obeys its control pipe
+        self._exit_error: str | None = None  # why the last child died, until a new one answers
+        self.restarts = 0
+
+    # ---- control (any thread) ---------------------------------------------------------------
+    def start(self) -> None:
+        self._spawn()
+        self._supervisor = threading.Thread(target=self._supervise, name="llmos-trainer-supervisor", daemon=True)
+        self._supervisor.start()
+
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
+        """Ask the child to finish its step, give back what it holds and exit; kill it if it does not."""
+        self._stopping.set()
+        self._send(("stop",))
+        proc = self._proc
+        if proc is not None:
+            proc.join(timeout)
+            if proc.is_alive():
+                log.error("trainer process did not stop within %.0fs; killing it", timeout)
+                proc.kill()
+                proc.join(5)
+        if self._supervisor is not None:
+            self._supervisor.join(5)
+
+    def wake(self) -> None:
+        self._send(("wake",))
+
+    def pause(self) -> None:
+        self._paused = True
+        self._send(("pause",))
+
+    def resume(self) -> None:
+        self._paused = False
+        self._send(("resume",))
+
+    def request_reset(self) -> None:
+        self._send(("request_reset",))
+
+    def status(self) -> TrainerStatus:
+        seq = next(self._seq)
+        with self._ctrl_lock:
+            conn = self._ctrl
+            try:
+                if conn is None or not self._ready:
+                    raise EOFError
+                conn.send(("status", seq))
+                while conn.poll(STATUS_TIMEOUT_S):
+                    got, st = conn.recv()
+                    if got == seq:  # an answer to an earlier request that timed out is dropped
+                        self._last = st
+                        return st  # type: ignore[no-any-return]
+            except (EOFError, OSError):
+                pass
+        last = self._last or TrainerStatus(TrainerPhase.idle, 0, None, str(self._engine.device), None)
+        running = self._proc is not None and self._proc.is_alive()
+        if self._exit_error is None and not self._ready and running:
+            return replace(last, state=TrainerPhase.idle, last_error="the trainer process is starting")
+        why = self._exit_error or "the trainer process does not answer"
+        return replace(last, state=TrainerPhase.error, last_error=why)
+
+    @property
+    def alive(self) -> bool:
+        """Running, with the active version loaded (/readyz says "trainer not running" until then)."""
+        return self._ready and self._proc is not None and self._proc.is_alive()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    # ---- the child's life -------------------------------------------------------------------
+    def _send(self, msg: tuple[Any, ...]) -> None:
+        with self._ctrl_lock:
+            try:
+                if self._ctrl is not None:
+                    self._ctrl.send(msg)
+            except (OSError, ValueError):
+                pass  # the child is gone: the supervisor starts another, told what matters (pause)
+
+    def _spawn(self) -> None:
+        ctrl, ctrl_child = self._ctx.Pipe()
+        events, events_child = self._ctx.Pipe()
+        proc = self._ctx.Process(
+            target=child_main,
+            args=(self._settings, current_config(), ctrl_child, events_child),
+            name="llmos-trainer",
+            daemon=True,  # never outlives this process
+        )
+        proc.start()
+        ctrl_child.close()  # the child's ends: closed here, so that the child's death reads as EOF
+        events_child.close()
+        with self._ctrl_lock:
+            self._proc, self._ctrl, self._events, self._ready = proc, ctrl, events, False
+        if self._paused:
+            self._send(("pause",))
+        log.info("trainer process %d started", proc.pid)
+
+    def _supervise(self) -> None:
+        """Follow the child's promotions; when it dies (not asked to), start another."""
+        while True:
+            proc, events = self._proc, self._events
+            assert proc is not None and events is not None
+            try:
+                if events.poll(0.5):
+                    kind, seq = events.recv()
+                    if kind == "ready":
+                        self._ready, self._exit_error = True, None
+                    else:  # promoted: serving follows, then the child's stage 5 returns
+                        events.send(self._follow(seq))
+                    continue
+            except (EOFError, OSError):
+                proc.join(STOP_TIMEOUT_S)  # its end closed: it exited, or is exiting
+            if proc.is_alive():
+                continue
+            if self._stopping.is_set():
+                return
+            self._exit_error = f"the trainer process exited (code {proc.exitcode}); restarting"
+            log.error("%s in %.1fs", self._exit_error, self._backoff_s)
+            if self._stopping.wait(self._backoff_s):
+                return
+            try:
+                n = self._queue.requeue_stale()  # what the dead child held goes back to the queue
+                if n:
+                    log.info("returned %d samples the trainer process held to the queue", n)
+                self._engine.sync()  # a promotion it made but could not announce
+                self._spawn()
+                self.restarts += 1
+            except Exception:
+                log.exception("could not restart the trainer process")
+
+    def _follow(self, seq: int) -> tuple[int, int | None, str | None]:
+        """Serve the version the child promoted: (seq, version, None), or (seq, None, why not)."""
+        try:
+            return seq, self._engine.sync(), None
+        except Exception as exc:  # the child's stage 5 fails with it, as in one process
+            log.exception("serving could not follow the trainer's promotion")
+            return seq, None, f"{type(exc).__name__}: {exc}"
+
+
+class ApiServing:
+    """The trainer process's view of serving (the Serving protocol of llmos/trainer/loop.py): the
+    active version read from the registry into this process's own model, and promotions announced
+    to the API process, which loads them and answers."""
+
+    in_flight = 0  # generations run in the API process: the trainer does not yield to them
+
+    def __init__(self, registry: Registry, factory: ModelFactory, events: Connection) -> None:
+        self._registry = registry
+        self._factory = factory
+        self._events = events
+        self._seq = itertools.count(1)
+        self._current: Loaded | None = None
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        return True
+
+    def quiet(self, quiet_s: float) -> bool:
+        return False  # unknown here: keep the serving budget
+
+    def current(self) -> Loaded:
+        version = self._registry.active_version()
+        if self._current is None or self._current.version != version:
+            self._current = Loaded(version, self._factory.instance(self._registry.weights_path(version)))
+        return self._current
+
+    def sync(self) -> int:
+        seq = next(self._seq)
+        self._events.send(("promoted", seq))
+        while self._events.poll(FOLLOW_TIMEOUT_S):
+            got, version, error = self._events.recv()
+            if got != seq:
+                continue  # the answer to a sync that timed out
+            if version is None:
+                raise RuntimeError(f"serving could not follow the promotion: {error}")
+            return int(version)
+        raise TimeoutError(f"the API process did not follow the promotion within {FOLLOW_TIMEOUT_S:.0f}s")
+
+
+def child_main(settings: Settings, log_config: tuple[str, LogFormat], ctrl: Connection, events: Connection) -> None:
+    """The trainer process: build the trainer from the settings, run it, obey the control pipe
+    until told to stop or until the API process is gone."""
+    # Ctrl-C reaches the whole process group: the API process decides when the trainer stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    configure(*log_config)
+    import torch
+
+    from llmos import daemon as wiring  # the same wiring as in one process (imported here: it imports this)
+    from llmos.store.db import Database
+
+    torch.set_num_threads(wiring.thread_budget(settings).serving)
+    db = Database(settings.store_url, settings.store.busy_timeout_s)
+    registry = wiring.open_registry(settings, db)
+    factory = wiring.model_factory(settings)
+    trainer = wiring.build_trainer(settings, db, registry, factory, ApiServing(registry, factory, events))
+    trainer.start()
+    wiring.freeze_startup_objects()
+    events.send(("ready", 0))
+    try:
+        while True:
+            msg = ctrl.recv()
+            if msg[0] == "status":
+                ctrl.send((msg[1], trainer.status()))
+            elif msg[0] == "stop":
+                break
+            elif msg[0] in COMMANDS:
+                getattr(trainer, msg[0])()
+    except (EOFError, OSError):
+        log.warning("the API process is gone; the trainer stops")
+    finally:
+        trainer.stop()
+        db.dispose()

@@ -1,0 +1,147 @@
+"""runtime.trainer = "process": the real `llmos serve` starts the trainer as a process of its own.
+It learns and serving follows its promotions; pause, rollback and resume reach it; killed, it is
+replaced and what it held is trained after all; SIGTERM stops it with the server, and a server
+killed outright does not leave it behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import httpx
+from conftest import ADMIN, free_port, wait_for
+from helpers import start_server
+
+PROCESS = {"LLMOS_RUNTIME__TRAINER": "process", "LLMOS_TRAIN__ERROR_BACKOFF_S": "0.5"}
+HEADERS = {"Authorization": f"Bearer {ADMIN}"}
+FACT = "The lighthouse keeper of Quellton is named Arvid."
+
+
+def children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (from /proc)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid ...: comm may hold spaces, so split after its closing parenthesis.
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            out.append(int(entry.name))
+    return out
+
+
+def trainer_pid(server: subprocess.Popen[bytes]) -> int:
+    """The trainer process: the server's child that runs llmos's trainer (multiprocessing may
+    start a helper of its own, which this skips)."""
+
+    def find() -> int | None:
+        for pid in children(server.pid):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"multiprocessing.spawn" in cmdline and b"resource_tracker" not in cmdline:
+                return pid
+        return None
+
+    wait_for(lambda: find() is not None, timeout=30, interval=0.2)
+    pid = find()
+    assert pid is not None
+    return pid
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    # A zombie has exited: only its parent's wait is missing.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def served_version(c: httpx.Client) -> int:
+    r = c.get("/generate", params={"prompt": "The lighthouse keeper", "max_new_tokens": 4})
+    assert r.status_code == 200, r.text
+    return int(r.json()["model_version"])
+
+
+def statuses(c: httpx.Client, ids: list[str]) -> list[str]:
+    return [c.get(f"/v1/texts/{i}").json()["status"] for i in ids]
+
+
+def test_the_trainer_process_learns_and_obeys_pause_rollback_and_resume(tmp_path: Path) -> None:
+    port = free_port()
+    server = start_server(tmp_path / "data", port, tmp_path / "server.log", PROCESS)
+    try:
+        pid = trainer_pid(server)
+        assert pid != server.pid
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+            ids = c.post("/v1/texts", json={"items": [{"text": FACT}] * 4}).json()["ids"]
+            wait_for(lambda: served_version(c) >= 1, timeout=60, interval=0.3)
+            first = served_version(c)
+            assert "trained" in statuses(c, ids)
+            st = c.get("/v1/trainer").json()
+            assert st["step"] > 0 and st["active_version"] >= 1 and st["last_error"] is None, st
+
+            assert c.post("/v1/admin/trainer/pause", headers=HEADERS).status_code == 200
+            wait_for(lambda: c.get("/v1/trainer").json()["state"] == "paused", timeout=10, interval=0.1)
+            later = c.post("/v1/texts", json={"text": "Arvid keeps a teal lantern."}).json()["ids"]
+            r = c.post("/v1/admin/rollback", json={"version": 0, "requeue": True}, headers=HEADERS)
+            assert r.status_code == 200, r.text
+            assert served_version(c) == 0
+            assert c.get(f"/v1/texts/{later[0]}").json()["status"] == "queued"  # paused: not trained
+
+            assert c.post("/v1/admin/trainer/resume", headers=HEADERS).status_code == 200
+            wait_for(lambda: served_version(c) > first, timeout=60, interval=0.3)
+            wait_for(lambda: statuses(c, later) == ["trained"], timeout=60, interval=0.3)
+            # Still the same trainer process: pause, rollback and resume went over its pipe.
+            assert trainer_pid(server) == pid
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(30) == 0
+    assert gone(pid), "the trainer process outlived the server's SIGTERM"
+
+
+def test_a_killed_trainer_process_is_replaced_and_its_texts_are_trained(tmp_path: Path) -> None:
+    port = free_port()
+    # Many passes: the kill finds the trainer in the middle of a batch, holding claimed texts.
+    env = {**PROCESS, "LLMOS_TRAIN__PASSES_PER_BATCH": "40", "LLMOS_TRAIN__EARLY_STOP_PATIENCE": "0"}
+    server = start_server(tmp_path / "data", port, tmp_path / "server.log", env)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+            pid = trainer_pid(server)
+            texts = [f"Entry {i}: the ferry to Quellton leaves at {i} o'clock." for i in range(30)]
+            ids = c.post("/v1/texts", json={"items": [{"text": t} for t in texts]}).json()["ids"]
+            wait_for(lambda: "training" in statuses(c, ids), timeout=30, interval=0.1)
+            os.kill(pid, signal.SIGKILL)
+
+            def replaced() -> bool:
+                return c.get("/readyz").status_code == 200 and trainer_pid(server) != pid
+
+            wait_for(lambda: c.get("/readyz").status_code == 503, timeout=10, interval=0.05)
+            r = c.get("/readyz").json()
+            assert "trainer not running" in str(r), r
+            wait_for(replaced, timeout=60, interval=0.3)
+            wait_for(lambda: all(s in {"trained", "heldout"} for s in statuses(c, ids)), timeout=180, interval=1)
+            assert server.poll() is None  # the server itself never went down
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(30) == 0
+
+
+def test_a_trainer_process_does_not_outlive_a_server_killed_outright(tmp_path: Path) -> None:
+    port = free_port()
+    server = start_server(tmp_path / "data", port, tmp_path / "server.log", PROCESS)
+    pid = trainer_pid(server)
+    server.send_signal(signal.SIGKILL)
+    server.wait(10)
+    # Its control pipe reads as closed: it stops on its own (init reaps it).
+    wait_for(lambda: gone(pid), timeout=30, interval=0.2)
