@@ -125,7 +125,8 @@ def speed_table(s: dict[str, Any]) -> list[str]:
                 f"| 5 | /generate p99 (16 tokens), trainer busy vs paused, {d['requests_per_state']} requests each — "
                 f"{name}; p50 {fmt(d['busy_p50_ms'], 1)} vs {fmt(d['paused_p50_ms'], 1)} ms, ratio "
                 f"{fmt(d['p50_ratio'])} | {fmt(d['busy_p99_ms'], 1)} ms | {fmt(d['paused_p99_ms'], 1)} ms "
-                f"| {fmt(d['p99_ratio'])} (single runs: {', '.join(fmt(r['p99_ratio']) for r in d['runs'])}) "
+                f"| {fmt(d['p99_ratio'])} (single runs: {', '.join(fmt(r['p99_ratio']) for r in d['runs'])}); "
+                f"the trainer made {fmt(d['busy_steps_per_s'], 1)} steps/s while it served "
                 f"| {GOALS['5'][0]} | {met('5', d['p99_ratio'])} |"
             )
     if "fig6" in s:
@@ -206,7 +207,7 @@ def before_after(s: dict[str, Any]) -> list[str]:
                 f"serving/engine.py, settings) | 5: p99 busy / paused (p50) | {fmt(b['p99_ratio'])} "
                 f"({fmt(b['p50_ratio'])}) | {fmt(a['p99_ratio'])} ({fmt(a['p50_ratio'])}) |"
             )
-        if len(names) == 3:
+        if len(names) >= 3:
             a, idle = s["fig5"][names[1]], s["fig5"][names[2]]
             rows.append(
                 f"| opt-in thread budget: every core for the trainer after 1 s without a generation (threads.py, "
@@ -214,6 +215,15 @@ def before_after(s: dict[str, Any]) -> list[str]:
                 f"| {fmt(a['p99_ratio'])} ({fmt(a['p50_ratio'])}) "
                 f"| {fmt(idle['p99_ratio'])} ({fmt(idle['p50_ratio'])}) |"
             )
+    process = [n for n in s.get("fig5", {}) if "own process" in n]
+    if process and len(s["fig5"]) >= 2:
+        a, p = s["fig5"][list(s["fig5"])[1]], s["fig5"][process[0]]
+        rows.append(
+            f"| the trainer in its own process (trainer/process.py, runtime.trainer = process; before: a thread) "
+            f"| 5: p99 busy / paused (p50); trainer steps/s while serving | {fmt(a['p99_ratio'])} "
+            f"({fmt(a['p50_ratio'])}); {fmt(a['busy_steps_per_s'], 1)} | {fmt(p['p99_ratio'])} "
+            f"({fmt(p['p50_ratio'])}); {fmt(p['busy_steps_per_s'], 1)} |"
+        )
     if "fig1" in s and "fp32" in s["fig1"] and "bf16" in s["fig1"] and s["fig1"].get("native_bf16", True):
         f1 = s["fig1"]
         rows.append(

@@ -552,6 +552,7 @@ def fig5(work: Path, env: dict[str, str], phases: int, per_phase: int, tag: str)
     env = {**LIMITS_OFF, "LLMOS_LIMITS__MAX_QUEUE_DEPTH": "1000000", **env}
     busy: list[float] = []
     paused: list[float] = []
+    busy_steps, busy_s = 0, 0.0
     with Server(work / f"fig5-{tag}", env) as srv, httpx.Client(timeout=60) as c:
         # Enough text to keep the trainer busy throughout (40 passes per batch by default).
         texts = short_texts(3000, seed=SEED + 5)
@@ -564,11 +565,15 @@ def fig5(work: Path, env: dict[str, str], phases: int, per_phase: int, tag: str)
             is_busy = phase % 2 == 0
             srv.admin(c, "/v1/admin/trainer/resume" if is_busy else "/v1/admin/trainer/pause")
             time.sleep(0.5)  # the pause takes effect at the next step boundary
+            step0, phase0 = c.get(srv.url + "/v1/trainer").json()["step"], time.perf_counter()
             for _ in range(per_phase):
                 t0 = time.perf_counter()
                 c.get(srv.url + "/generate", params=q).raise_for_status()
                 (busy if is_busy else paused).append(time.perf_counter() - t0)
                 time.sleep(0.01)
+            if is_busy:  # the trainer's steps while it served (a settle may fall in a phase, or not)
+                busy_steps += c.get(srv.url + "/v1/trainer").json()["step"] - step0
+                busy_s += time.perf_counter() - phase0
         status = c.get(srv.url + "/v1/trainer").json()
     return {
         "settings": {k: v for k, v in env.items() if k.startswith(("LLMOS_TRAIN", "LLMOS_RUNTIME"))},
@@ -580,6 +585,7 @@ def fig5(work: Path, env: dict[str, str], phases: int, per_phase: int, tag: str)
         "p99_ratio": percentile(busy, 99) / percentile(paused, 99),
         "requests_per_state": len(busy),
         "trainer_steps": status.get("step"),
+        "busy_steps_per_s": busy_steps / busy_s,
         "busy_ms": [1e3 * x for x in busy],
         "paused_ms": [1e3 * x for x in paused],
     }
@@ -592,6 +598,7 @@ FIG5_VARIANTS = {
     "opt-in: every core for the trainer after 1 s without a generation (runtime.torch_threads_idle = cores)": {
         "LLMOS_RUNTIME__TORCH_THREADS_IDLE": str(os.cpu_count() or 1)
     },
+    "the trainer in its own process (runtime.trainer = process)": {"LLMOS_RUNTIME__TRAINER": "process"},
 }
 
 
@@ -614,6 +621,7 @@ def fig5_compare(work: Path, rounds: int, phases: int, per_phase: int, names: li
             "busy_p50_ms": percentile(busy, 50),
             "paused_p50_ms": percentile(paused, 50),
             "requests_per_state": len(busy),
+            "busy_steps_per_s": median([r["busy_steps_per_s"] for r in rs]),
             "runs": rs,
         }
     return out
