@@ -18,10 +18,13 @@ and the idle thread budget (runtime.torch_threads_idle) does not apply.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import logging
 import multiprocessing
+import os
 import signal
+import sys
 import threading
 from dataclasses import replace
 from multiprocessing.connection import Connection
@@ -43,6 +46,7 @@ log = logging.getLogger(__name__)
 COMMANDS = ("wake", "pause", "resume", "request_reset")
 STATUS_TIMEOUT_S = 5.0  # an answer takes a pipe round trip; longer means the child is stuck or gone
 FOLLOW_TIMEOUT_S = 120.0  # the API process loads the promoted version before it answers
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 STOP_TIMEOUT_S = 20.0  # the child finishes its step (the trainer's own stop waits 10 s)
 
 
@@ -71,9 +75,12 @@ class TrainerProcess:
 
     # ---- control (any thread) ---------------------------------------------------------------
     def start(self) -> None:
-        self._spawn()
-        self._supervisor = threading.Thread(target=self._supervise, name="llmos-trainer-supervisor", daemon=True)
+        spawned = threading.Event()
+        self._supervisor = threading.Thread(
+            target=self._supervise, args=(spawned,), name="llmos-trainer-supervisor", daemon=True
+        )
         self._supervisor.start()
+        spawned.wait()
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
         """Ask the child to finish its step, give back what it holds and exit; kill it if it does not."""
@@ -148,7 +155,7 @@ class TrainerProcess:
         events, events_child = self._ctx.Pipe()
         proc = self._ctx.Process(
             target=child_main,
-            args=(self._settings, current_config(), ctrl_child, events_child),
+            args=(self._settings, current_config(), ctrl_child, events_child, os.getpid()),
             name="llmos-trainer",
             daemon=True,  # never outlives this process
         )
@@ -161,11 +168,23 @@ class TrainerProcess:
             self._send(("pause",))
         log.info("trainer process %d started", proc.pid)
 
-    def _supervise(self) -> None:
-        """Follow the child's promotions; when it dies (not asked to), start another."""
+    def _supervise(self, spawned: threading.Event) -> None:
+        """Start the child, follow its promotions, and when it dies (not asked to), start another.
+        The children are this thread's: on Linux each dies with the thread that started it (see
+        die_with_parent), and this one lives until the last child has exited."""
+        try:
+            self._spawn()
+        except Exception:
+            log.exception("could not start the trainer process")
+        finally:
+            spawned.set()
         while True:
             proc, events = self._proc, self._events
-            assert proc is not None and events is not None
+            if proc is None or events is None:  # the first start failed: try again below
+                if self._stopping.wait(self._backoff_s):
+                    return
+                self._respawn()
+                continue
             try:
                 if events.poll(0.5):
                     kind, seq = events.recv()
@@ -184,15 +203,18 @@ class TrainerProcess:
             log.error("%s in %.1fs", self._exit_error, self._backoff_s)
             if self._stopping.wait(self._backoff_s):
                 return
-            try:
-                n = self._queue.requeue_stale()  # what the dead child held goes back to the queue
-                if n:
-                    log.info("returned %d samples the trainer process held to the queue", n)
-                self._engine.sync()  # a promotion it made but could not announce
-                self._spawn()
-                self.restarts += 1
-            except Exception:
-                log.exception("could not restart the trainer process")
+            self._respawn()
+
+    def _respawn(self) -> None:
+        try:
+            n = self._queue.requeue_stale()  # what the dead child held goes back to the queue
+            if n:
+                log.info("returned %d samples the trainer process held to the queue", n)
+            self._engine.sync()  # a promotion it made but could not announce
+            self._spawn()
+            self.restarts += 1
+        except Exception:  # the store is down, say: try again after the back-off
+            log.exception("could not restart the trainer process")
 
     def _follow(self, seq: int) -> tuple[int, int | None, str | None]:
         """Serve the version the child promoted: (seq, version, None), or (seq, None, why not)."""
@@ -242,9 +264,26 @@ class ApiServing:
         raise TimeoutError(f"the API process did not follow the promotion within {FOLLOW_TIMEOUT_S:.0f}s")
 
 
-def child_main(settings: Settings, log_config: tuple[str, LogFormat], ctrl: Connection, events: Connection) -> None:
+def die_with_parent(parent: int) -> None:
+    """Linux: the kernel kills this process as soon as the thread that started it ends, however
+    the API process dies (kill -9 included), so that a new server never meets the old one's
+    trainer still at work. Elsewhere the closed control pipe stops it, after its step."""
+    if sys.platform != "linux":
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before the line above
+        os._exit(0)
+
+
+def child_main(
+    settings: Settings, log_config: tuple[str, LogFormat], ctrl: Connection, events: Connection, parent: int
+) -> None:
     """The trainer process: build the trainer from the settings, run it, obey the control pipe
     until told to stop or until the API process is gone."""
+    die_with_parent(parent)
     # Ctrl-C reaches the whole process group: the API process decides when the trainer stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
