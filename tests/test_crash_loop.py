@@ -96,7 +96,10 @@ def check_after_restart(url: str, data: Path, acked: list[str], stale_tmp: list[
 
 
 @pytest.mark.slow
-def test_kill_9_ten_times_during_ingest_and_training(tmp_path: Path) -> None:
+@pytest.mark.parametrize("trainer", ["thread", "process"])
+def test_kill_9_ten_times_during_ingest_and_training(tmp_path: Path, trainer: str) -> None:
+    """With the trainer in its own process, the kill takes it too (it dies with the server)."""
+    env = {**SERVER_ENV, "LLMOS_RUNTIME__TRAINER": trainer}
     rng = random.Random(SEED)
     data, log, port = tmp_path / "data", tmp_path / "server.log", free_port()
     url = f"http://127.0.0.1:{port}"
@@ -105,7 +108,7 @@ def test_kill_9_ten_times_during_ingest_and_training(tmp_path: Path) -> None:
     stale_tmp: list[str] = []
     versions_seen: set[int] = set()
     for round_ in range(ROUNDS):
-        proc = start_server(data, port, log, SERVER_ENV)
+        proc = start_server(data, port, log, env)
         stop = threading.Event()
         feeders = [threading.Thread(target=feed, args=(url, acked, lock, stop, w)) for w in range(3)]
         try:
@@ -129,7 +132,7 @@ def test_kill_9_ten_times_during_ingest_and_training(tmp_path: Path) -> None:
             f"kill {round_ + 1}: {len(acked)} acknowledged; versions so far {sorted(versions_seen)[-3:]}; "
             f"temporary dirs left at the kill: {stale_tmp}"
         )
-    proc = start_server(data, port, log, SERVER_ENV)
+    proc = start_server(data, port, log, env)
     try:
         check_after_restart(url, data, acked, stale_tmp)
         versions_seen |= {cp["version"] for cp in httpx.get(url + "/v1/checkpoints", timeout=10).json()["checkpoints"]}
