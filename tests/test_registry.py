@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from llmos.model.builtin import create_tiny
 from llmos.model.loader import ModelFactory
@@ -145,6 +146,31 @@ def test_weights_load_back_identically(registry: Registry, factory: ModelFactory
     assert any(not torch.equal(saved[n], base[n]) for n in saved)  # training changed something
     # The tied embedding / output matrix is still one tensor, so further training keeps them equal.
     assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
+
+
+def test_a_weights_file_that_does_not_fit_the_model_is_refused_before_anything_is_copied(
+    registry: Registry, factory: ModelFactory, tmp_path: Path
+) -> None:
+    """A swap loads into a model in place: a file with a tensor of another shape, a missing one or
+    one the model does not have is an error that names it."""
+    state = trained_state(factory, steps=1)
+    rec = registry.publish(state.model, state.snapshot(), parent=0, status=CheckpointStatus.candidate, metrics={})
+    good = registry.weights_path(rec.version)
+    assert good is not None
+    tensors = load_file(str(good))
+    name = next(n for n in tensors if n.endswith("attn.c_attn.weight"))
+    bad = {
+        "shape": ({**tensors, name: tensors[name][:, :-1].contiguous()}, rf"size mismatch for {name} \(128, 383\)"),
+        "missing": ({k: v for k, v in tensors.items() if k != name}, rf"Missing key\(s\) {name}$"),
+        "extra": ({**tensors, "bogus.weight": torch.zeros(2)}, r"Unexpected key\(s\) bogus.weight$"),
+    }
+    for what, (content, message) in bad.items():
+        model = factory.instance()
+        before = weights(model)
+        save_file(content, str(tmp_path / f"{what}.safetensors"))
+        with pytest.raises(RuntimeError, match=message):
+            factory.load_weights(model, tmp_path / f"{what}.safetensors")
+        assert all(torch.equal(before[n], t) for n, t in weights(model).items()), what  # nothing copied
 
 
 def test_optimizer_state_round_trips_and_resumes_identically(registry: Registry, factory: ModelFactory) -> None:
