@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -145,3 +146,39 @@ def test_a_trainer_process_does_not_outlive_a_server_killed_outright(tmp_path: P
     server.wait(10)
     # Its control pipe reads as closed: it stops on its own (init reaps it).
     wait_for(lambda: gone(pid), timeout=30, interval=0.2)
+
+
+SCRIPT = """
+import sys, time
+from pathlib import Path
+from llmos.daemon import Daemon
+from llmos.settings import load_settings
+
+if __name__ == "__main__":
+    overrides = {"runtime.trainer": "process", "auth.admin_token": "x" * 20}
+    settings = load_settings(None, data_dir=Path(sys.argv[1]), **overrides)
+    daemon = Daemon(settings)
+    daemon.start()
+    while not daemon.trainer.alive:
+        time.sleep(0.1)
+    print(daemon.trainer._proc.pid, flush=True)
+    # ...and the program ends without daemon.stop()
+"""
+
+
+def test_a_program_that_ends_without_stopping_the_daemon_does_not_hang_on_its_trainer_process(
+    tmp_path: Path,
+) -> None:
+    """At exit, multiprocessing terminates the trainer process (SIGTERM) and waits for it: the
+    trainer stops after its step, instead of ignoring the signal and keeping the program alive."""
+    (tmp_path / "main.py").write_text(SCRIPT)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run(
+        [sys.executable, str(tmp_path / "main.py"), str(tmp_path / "data")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert gone(int(run.stdout.strip()))

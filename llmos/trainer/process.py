@@ -71,7 +71,6 @@ class TrainerProcess:
         self._last: TrainerStatus | None = None
         self._ready = False  # the child has loaded the active version and obeys its control pipe
         self._exit_error: str | None = None  # why the last child died, until a new one answers
-        self.restarts = 0
 
     # ---- control (any thread) ---------------------------------------------------------------
     def start(self) -> None:
@@ -136,10 +135,6 @@ class TrainerProcess:
     def alive(self) -> bool:
         """Running, with the active version loaded (/readyz says "trainer not running" until then)."""
         return self._ready and self._proc is not None and self._proc.is_alive()
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
 
     # ---- the child's life -------------------------------------------------------------------
     def _send(self, msg: tuple[Any, ...]) -> None:
@@ -212,7 +207,6 @@ class TrainerProcess:
                 log.info("returned %d samples the trainer process held to the queue", n)
             self._engine.sync()  # a promotion it made but could not announce
             self._spawn()
-            self.restarts += 1
         except Exception:  # the store is down, say: try again after the back-off
             log.exception("could not restart the trainer process")
 
@@ -264,6 +258,14 @@ class ApiServing:
         raise TimeoutError(f"the API process did not follow the promotion within {FOLLOW_TIMEOUT_S:.0f}s")
 
 
+class _Stop(Exception):
+    pass
+
+
+def _stop_on_signal(_signum: int, _frame: object) -> None:
+    raise _Stop
+
+
 def die_with_parent(parent: int) -> None:
     """Linux: the kernel kills this process as soon as the thread that started it ends, however
     the API process dies (kill -9 included), so that a new server never meets the old one's
@@ -286,7 +288,9 @@ def child_main(
     die_with_parent(parent)
     # Ctrl-C reaches the whole process group: the API process decides when the trainer stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # SIGTERM (a service manager stopping the group, multiprocessing at the API process's exit):
+    # stop as when told to, after the step in hand.
+    signal.signal(signal.SIGTERM, _stop_on_signal)
     configure(*log_config)
     import torch
 
@@ -312,6 +316,8 @@ def child_main(
                 getattr(trainer, msg[0])()
     except (EOFError, OSError):
         log.warning("the API process is gone; the trainer stops")
+    except _Stop:
+        log.info("trainer process: SIGTERM; stopping")
     finally:
         trainer.stop()
         db.dispose()
