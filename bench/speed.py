@@ -628,13 +628,29 @@ def fig5_compare(work: Path, rounds: int, phases: int, per_phase: int, names: li
 
 
 # ---- figure 6: hot-swap --------------------------------------------------------------------------
-def fig6(work: Path, device: torch.device, swaps: int = 50, streams: int = 1) -> dict[str, Any]:
+def promoter(store_url: str, conn: Any) -> None:
+    """Figure 6's trainer process: promotes the versions it is sent, in a process of its own, as
+    runtime.trainer = process does (the API process then only syncs)."""
+    from llmos.store.checkpoints import CheckpointIndex
+    from llmos.store.db import Database
+
+    db = Database(store_url)
+    index = CheckpointIndex(db)
+    while (version := conn.recv()) is not None:
+        conn.send(index.activate(version, expected=index.active_version(), promote=True))
+    db.dispose()
+
+
+def fig6(
+    work: Path, device: torch.device, swaps: int = 50, streams: int = 1, trainer: str = "thread"
+) -> dict[str, Any]:
     """Generations stream without pause on ``streams`` threads while the serving engine swaps
     between two versions ``swaps`` times (each a full load of the standby, then the reference);
-    the gaps between consecutive tokens are compared with equally long windows without swaps."""
+    the gaps between consecutive tokens are compared with equally long windows without swaps.
+    ``trainer`` "process": the promotions come from another process, and this one only syncs."""
     daemon = Daemon(
         settings_for(
-            work / "fig6",
+            work / f"fig6-{trainer}",
             **{
                 "train.passes_per_batch": 2,
                 "train.heldout_fraction": 0.0,
@@ -697,15 +713,30 @@ def fig6(work: Path, device: torch.device, swaps: int = 50, streams: int = 1) ->
     swap_s: list[float] = []
     per_block = 5
 
+    conn = None
+    if trainer == "process":
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        conn, child_conn = ctx.Pipe()
+        helper = ctx.Process(target=promoter, args=(daemon.settings.store_url, child_conn), daemon=True)
+        helper.start()
+
     def swapper() -> None:
-        # Swaps run on the trainer's thread in llmos (stage 5), at the trainer's CPU priority.
+        # Swaps run on the trainer's thread in llmos (stage 5), at the trainer's CPU priority; with
+        # the trainer in its own process, on the supervisor's thread after the child promoted.
         nice = daemon.trainer.cfg.nice
-        if nice > 0 and sys.platform == "linux":
+        if nice > 0 and sys.platform == "linux" and conn is None:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
         for block in range(swaps // per_block):
             t0 = time.perf_counter()
             for i in range(per_block):
-                registry.promote(versions[(block * per_block + i) % 2], registry.active_version())
+                version = versions[(block * per_block + i) % 2]
+                if conn is not None:
+                    conn.send(version)
+                    assert conn.recv()
+                else:
+                    registry.promote(version, registry.active_version())
                 s0 = time.perf_counter()
                 engine.sync()
                 swap_s.append(time.perf_counter() - s0)
@@ -721,6 +752,9 @@ def fig6(work: Path, device: torch.device, swaps: int = 50, streams: int = 1) ->
     stop.set()
     for t in threads:
         t.join(30)
+    if conn is not None:
+        conn.send(None)
+        helper.join(30)
     daemon.stop()
 
     def within(windows: list[tuple[float, float]]) -> list[float]:
@@ -728,6 +762,7 @@ def fig6(work: Path, device: torch.device, swaps: int = 50, streams: int = 1) ->
 
     during, calm = within(swap_windows), within(calm_windows)
     return {
+        "trainer": trainer,
         "swaps": len(swap_s),
         "streams": streams,
         "max_gap_during_swaps_ms": 1e3 * max(during),
@@ -924,6 +959,8 @@ def main() -> None:
         if "6" in only:
             log("figure 6: hot-swap stalls")
             results["fig6"] = fig6(work, device, swaps=10 if q else 50)
+            log("figure 6: hot-swap stalls, promotions from another process (runtime.trainer = process)")
+            results["fig6_process"] = fig6(work, device, swaps=10 if q else 50, trainer="process")
         if True:  # over HTTP: the server takes cuda when there is one (model.device auto)
             if "4" in only:
                 log("figure 4: time to first token over HTTP")
