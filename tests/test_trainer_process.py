@@ -177,7 +177,7 @@ def test_a_program_that_ends_without_stopping_the_daemon_does_not_hang_on_its_tr
         [sys.executable, str(tmp_path / "main.py"), str(tmp_path / "data")],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=60,
         env=env,
     )
     assert run.returncode == 0, run.stderr[-2000:]
