@@ -66,6 +66,9 @@ class TrainerProcess:
         self._ctrl_lock = threading.Lock()  # one request (and its answer) on the control pipe at a time
         self._seq = itertools.count(1)
         self._paused = False  # told again to a restarted child
+        # wake() only sets this; the waker thread tells the child, one message for any number of
+        # posts: an ingest never waits on the pipe (full while a child is still starting).
+        self._wake_wanted = threading.Event()
         self._stopping = threading.Event()
         self._supervisor: threading.Thread | None = None
         self._last: TrainerStatus | None = None
@@ -80,23 +83,28 @@ class TrainerProcess:
         )
         self._supervisor.start()
         spawned.wait()
+        threading.Thread(target=self._waker, name="llmos-trainer-waker", daemon=True).start()
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
         """Ask the child to finish its step, give back what it holds and exit; kill it if it does not."""
         self._stopping.set()
-        self._send(("stop",))
-        proc = self._proc
-        if proc is not None:
-            proc.join(timeout)
-            if proc.is_alive():
-                log.error("trainer process did not stop within %.0fs; killing it", timeout)
-                proc.kill()
-                proc.join(5)
-        if self._supervisor is not None:
-            self._supervisor.join(5)
+        self._wake_wanted.set()  # ends the waker
+        while True:  # again if a restart was under way: the child it started stops too
+            proc = self._proc
+            self._send(("stop",))
+            if proc is not None:
+                proc.join(timeout)
+                if proc.is_alive():
+                    log.error("trainer process did not stop within %.0fs; killing it", timeout)
+                    proc.kill()
+                    proc.join(5)
+            if self._supervisor is not None:
+                self._supervisor.join(5)
+            if self._proc is proc:
+                return
 
     def wake(self) -> None:
-        self._send(("wake",))
+        self._wake_wanted.set()
 
     def pause(self) -> None:
         self._paused = True
@@ -144,6 +152,14 @@ class TrainerProcess:
                     self._ctrl.send(msg)
             except (OSError, ValueError):
                 pass  # the child is gone: the supervisor starts another, told what matters (pause)
+
+    def _waker(self) -> None:
+        while True:
+            self._wake_wanted.wait()
+            if self._stopping.is_set():
+                return
+            self._wake_wanted.clear()
+            self._send(("wake",))
 
     def _spawn(self) -> None:
         ctrl, ctrl_child = self._ctx.Pipe()
