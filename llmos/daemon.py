@@ -275,8 +275,8 @@ class Daemon:
             self.trainer = build_trainer(settings, self.db, self.registry, self.factory, self.engine)
 
     def start(self, run_trainer: bool = True) -> None:
-        """Recover, load the active version and start the trainer thread (without it, a caller
-        such as a benchmark drives ``trainer.cycle()`` itself)."""
+        """Recover, load the active version and start the trainer, thread or process (without it, a
+        caller such as a benchmark drives ``trainer.cycle()`` of the thread's Trainer itself)."""
         requeued = self.queue.requeue_stale()  # a previous process died holding these
         if requeued:
             log.info("returned %d samples left in training to the queue", requeued)
