@@ -69,7 +69,7 @@ def render(r: LoadReport, idle: list[float], trainer: dict[str, object], args: a
         f"| trainer at the end | step {trainer.get('step')}, active version {trainer.get('active_version')}, "
         f"queue depth {trainer.get('queue_depth')} |",
         f"| C heap in use, floor over {span} | {heap[0] / 2**20:.0f} / {heap[1] / 2**20:.0f} MiB: "
-        f"**{heap[1] / heap[0]:.3f}x** (the test's limit 1.10) |",
+        f"**{heap[1] / heap[0]:.3f}x** (the test's limit 1.15) |",
         f"| Python's live blocks, floor over {span} | {blocks[0]:,.0f} / {blocks[1]:,.0f}: "
         f"**{blocks[1] / blocks[0]:.3f}x** (limit 1.05) |",
         f"| RSS, peak over {span} | {warm / 1024:.0f} / {end / 1024:.0f} MiB: **{end / warm:.3f}x** (limit 1.30) |",
