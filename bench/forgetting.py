@@ -125,6 +125,7 @@ def settings_for(data_dir: Path, base: str, overrides: dict[str, Any]) -> Any:
         "train.heldout_fraction": 0.0,  # seed_store marks A's held-out sentences itself
         "train.fill_wait_s": 0.0,
         "runtime.torch_threads": 1,
+        "runtime.trainer": "thread",  # drain() drives the trainer's cycles in this process
     }
     return load_settings(None, **{**common, **overrides})
 

@@ -36,8 +36,8 @@ def serve(
         LogFormat, typer.Option("--log-format", help="text (for people) or json (one object per line).")
     ] = "text",
 ) -> None:
-    """Run the daemon: HTTP API, background trainer and serving engine (the trainer in a thread, or
-    in a process of its own with runtime.trainer = process)."""
+    """Run the daemon: HTTP API, background trainer and serving engine (the trainer in a process of
+    its own, or in a thread with runtime.trainer = thread)."""
     if log_level.lower() not in ("debug", "info", "warning", "error"):
         typer.echo(f"llmos: --log-level must be debug, info, warning or error, not '{log_level}'", err=True)
         raise typer.Exit(2)

@@ -270,6 +270,8 @@ class Daemon:
         self.anchor_pool = anchor_pool(settings, self.db)
         self.trainer: Trainer | TrainerProcess
         if settings.runtime.trainer == "process":
+            # Built here too, unused: what it reads (eval.anchor_file) fails this start, not each child's.
+            trainer_config(settings, self.factory.device)
             self.trainer = TrainerProcess(settings, self.engine, self.queue)
         else:
             self.trainer = build_trainer(settings, self.db, self.registry, self.factory, self.engine)

@@ -162,8 +162,9 @@ class TrainSettings(_Section):
     yield_to_requests_s: float = Field(
         0.2,
         ge=0,
-        description="Between steps (and evaluation micro-batches), wait up to this long while generations are "
-        "in flight (0 = never).",
+        description="A trainer thread (runtime.trainer = thread): between steps (and evaluation "
+        "micro-batches), wait up to this long while generations are in flight (0 = never). A trainer "
+        "process does not wait.",
     )
 
 
@@ -257,16 +258,16 @@ class RuntimeSettings(_Section):
         "stream of requests keeps it at torch_threads).",
     )
     trainer: Literal["thread", "process"] = Field(
-        "thread",
-        description="Where the trainer runs: a thread of the server's process, or a process of its own "
-        "that the server starts and restarts (generation and training then do not share an "
-        "interpreter lock; see README's Limits).",
+        "process",
+        description="Where the trainer runs: a process of its own that the server starts and restarts "
+        "(generation and training do not share an interpreter lock), or a thread of the server's "
+        "process (it starts sooner and holds one copy of the weights less; see README's Limits).",
     )
     trainer_nice: int = Field(
         0,
         ge=0,
         le=19,
-        description="Linux: nice value of the trainer thread (higher = generations, and the "
+        description="Linux: nice value of the trainer's thread (higher = generations, and the "
         "machine's other work, get the CPU first; training slows when the machine is busy).",
     )
 

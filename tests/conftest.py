@@ -99,6 +99,11 @@ class LiveServer:
             if time.monotonic() > deadline or not self.thread.is_alive():
                 raise RuntimeError("server did not start")
             time.sleep(0.05)
+        # The trainer process (the default) loads the active version before /readyz says ready.
+        while not self.daemon.trainer.alive:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the trainer did not start: {self.daemon.trainer.status().last_error}")
+            time.sleep(0.05)
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -236,7 +236,9 @@ FACT = [f"The vault code is 4{i % 3}7{i}, said the keeper." for i in range(24)]
 def test_a_checkpoint_that_cannot_be_written_changes_nothing_and_heals(
     tmp_path: Path, fault: Callable[[pytest.MonkeyPatch, Settings], None], reason: str
 ) -> None:
-    settings = make_settings(tmp_path / "data", **{"train.passes_per_batch": 4, "train.error_backoff_s": 0.3})
+    # The trainer thread: the fault is injected into this process.
+    overrides = {"train.passes_per_batch": 4, "train.error_backoff_s": 0.3, "runtime.trainer": "thread"}
+    settings = make_settings(tmp_path / "data", **overrides)
     root = settings.data_dir / "checkpoints"
     with LiveServer(settings) as srv, srv.client() as c:
         before, weights_before = greedy(c), served_digest(srv)
@@ -281,7 +283,8 @@ def nan_in_training_forward() -> Iterator[None]:
 
 
 def test_a_nan_step_rejects_the_batch_and_changes_no_weights(tmp_path: Path) -> None:
-    settings = make_settings(tmp_path / "data", **{"train.passes_per_batch": 8})
+    # The trainer thread: the hook is installed in this process.
+    settings = make_settings(tmp_path / "data", **{"train.passes_per_batch": 8, "runtime.trainer": "thread"})
     with LiveServer(settings) as srv, srv.client() as c:
         before, weights_before = greedy(c), served_digest(srv)
         with nan_in_training_forward():

@@ -356,7 +356,9 @@ def test_early_stop_keeps_the_best_pass_and_the_gate_judges_lone_posts(tmp_path:
     ]
 
     def run(patience: int) -> tuple[dict, list[str]]:
-        settings = make_settings(tmp_path / f"data-{patience}", **{"train.early_stop_patience": patience})
+        # The trainer thread: the test reads the trainer's held-out halves.
+        overrides = {"train.early_stop_patience": patience, "runtime.trainer": "thread"}
+        settings = make_settings(tmp_path / f"data-{patience}", **overrides)
         with LiveServer(settings) as srv, srv.client() as c:
             ids = c.post("/v1/texts", json={"items": [{"text": t} for t in warm]}).json()["ids"]
             wait_for(lambda: settled(c, ids), timeout=120)
@@ -413,7 +415,7 @@ def test_the_early_stop_and_the_gate_read_disjoint_halves_of_the_recent_held_out
     daemons: list[Daemon] = []
 
     def halves(heldout: list[str], **overrides: object) -> tuple[list[str], list[str]]:
-        daemon = Daemon(make_settings(tmp_path / f"data-{len(daemons)}", **overrides))
+        daemon = Daemon(make_settings(tmp_path / f"data-{len(daemons)}", **{"runtime.trainer": "thread", **overrides}))
         daemons.append(daemon)
         daemon.queue.mark_heldout(daemon.ingest([NewSample(t) for t in heldout]))
         stop, gate = daemon.trainer.recent_halves()

@@ -18,7 +18,8 @@ SECOND = [f"Invoice {i} is paid by bank transfer within 30 days." for i in range
 
 
 def open_daemon(data: Path) -> Daemon:
-    settings = make_settings(data, **{"train.passes_per_batch": 3, "runtime.torch_threads": 1})
+    overrides = {"train.passes_per_batch": 3, "runtime.torch_threads": 1, "runtime.trainer": "thread"}
+    settings = make_settings(data, **overrides)
     daemon = Daemon(settings)
     daemon.start(run_trainer=False)  # the test drives the trainer's cycles itself
     return daemon

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 import math
+import multiprocessing
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Generator, Iterator
 from contextlib import closing
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -100,6 +101,8 @@ class ServingEngine:
         self._in_flight = 0
         self._idle = threading.Condition()
         self._last_end = -math.inf  # when the last generation in flight ended
+        # The same two figures in shared memory, for a trainer process (see activity).
+        self._shared = multiprocessing.get_context("spawn").RawArray("d", (0.0, -math.inf))
 
     @property
     def ready(self) -> bool:
@@ -124,6 +127,13 @@ class ServingEngine:
         """No generation in flight, and none ended in the last ``quiet_s`` seconds."""
         with self._idle:
             return self._in_flight == 0 and time.monotonic() - self._last_end >= quiet_s
+
+    @property
+    def activity(self) -> Any:
+        """Shared memory, [generations in flight, time.monotonic() when the last one ended],
+        written under the engine's lock: a trainer process reads it to know when generations are
+        quiet (it may be handed to a child process at its start, not pickled later)."""
+        return self._shared
 
     def current(self) -> Loaded:
         cur = self._current
@@ -199,6 +209,7 @@ class ServingEngine:
         ids = self.encode_prompt(prompt, params.max_new_tokens)
         with self._idle:
             self._in_flight += 1
+            self._shared[0] = self._in_flight
         try:
             yield from self._decode(ids, params, version)
         finally:
@@ -206,7 +217,9 @@ class ServingEngine:
                 self._in_flight -= 1
                 if self._in_flight == 0:
                     self._last_end = time.monotonic()
+                    self._shared[1] = self._last_end
                     self._idle.notify_all()
+                self._shared[0] = self._in_flight
 
     def _decode(
         self, ids: list[int], params: SamplingParams, version: int | None

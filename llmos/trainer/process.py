@@ -12,8 +12,10 @@ rest:
 
 The API process supervises the child: when it dies, what it held goes back to the queue and a new
 one starts after ``train.error_backoff_s``. A child whose API process is gone (its control pipe
-closes) stops. The child does not see the API process's generations: it never yields to them,
-and the idle thread budget (runtime.torch_threads_idle) does not apply.
+closes) stops. The child never waits for the API process's generations (train.yield_to_requests_s
+is for a trainer thread, which shares their interpreter lock); it reads how many are in flight,
+and when the last one ended, from shared memory, for the opt-in idle thread budget
+(runtime.torch_threads_idle).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from dataclasses import replace
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
@@ -166,7 +169,7 @@ class TrainerProcess:
         events, events_child = self._ctx.Pipe()
         proc = self._ctx.Process(
             target=child_main,
-            args=(self._settings, current_config(), ctrl_child, events_child, os.getpid()),
+            args=(self._settings, current_config(), ctrl_child, events_child, os.getpid(), self._engine.activity),
             name="llmos-trainer",
             daemon=True,  # never outlives this process
         )
@@ -242,10 +245,11 @@ class ApiServing:
 
     in_flight = 0  # generations run in the API process: the trainer does not yield to them
 
-    def __init__(self, registry: Registry, factory: ModelFactory, events: Connection) -> None:
+    def __init__(self, registry: Registry, factory: ModelFactory, events: Connection, activity: Any) -> None:
         self._registry = registry
         self._factory = factory
         self._events = events
+        self._activity = activity  # the API process's ServingEngine.activity
         self._seq = itertools.count(1)
         self._current: Loaded | None = None
 
@@ -253,7 +257,8 @@ class ApiServing:
         return True
 
     def quiet(self, quiet_s: float) -> bool:
-        return False  # unknown here: keep the serving budget
+        in_flight, last_end = self._activity[:]  # no lock: a torn read only picks one step's thread count
+        return in_flight == 0 and time.monotonic() - last_end >= quiet_s
 
     def current(self) -> Loaded:
         version = self._registry.active_version()
@@ -297,7 +302,12 @@ def die_with_parent(parent: int) -> None:
 
 
 def child_main(
-    settings: Settings, log_config: tuple[str, LogFormat], ctrl: Connection, events: Connection, parent: int
+    settings: Settings,
+    log_config: tuple[str, LogFormat],
+    ctrl: Connection,
+    events: Connection,
+    parent: int,
+    activity: Any,
 ) -> None:
     """The trainer process: build the trainer from the settings, run it, obey the control pipe
     until told to stop or until the API process is gone."""
@@ -317,7 +327,7 @@ def child_main(
     db = Database(settings.store_url, settings.store.busy_timeout_s)
     registry = wiring.open_registry(settings, db)
     factory = wiring.model_factory(settings)
-    trainer = wiring.build_trainer(settings, db, registry, factory, ApiServing(registry, factory, events))
+    trainer = wiring.build_trainer(settings, db, registry, factory, ApiServing(registry, factory, events, activity))
     trainer.start()
     wiring.freeze_startup_objects()
     events.send(("ready", 0))
