@@ -29,6 +29,7 @@ from llmos.store.db import Database
 from llmos.store.tables import CheckpointStatus
 from llmos.trainer.optimize import optimize
 from llmos.trainer.preprocess import MicroBatch
+from llmos.trainer.process import ApiServing
 from llmos.trainer.state import OptimizerConfig, TrainingState, load_state, make_optimizer
 
 CPU = torch.device("cpu")
@@ -298,3 +299,28 @@ def test_prune_keeps_base_active_and_newest(registry: Registry, factory: ModelFa
     assert registry.prune() == []
     # New versions never reuse a pruned number.
     assert registry.publish(model, NO_STATE, parent=5, status=CheckpointStatus.candidate, metrics={}).version == 6
+
+
+def test_the_trainer_processs_gate_model_follows_the_active_version_in_place(
+    registry: Registry, factory: ModelFactory
+) -> None:
+    """runtime.trainer = process: the trainer's view of serving (ApiServing) gives the gate the
+    active version's weights, loading each newer one into the model it already holds."""
+    serving = ApiServing(registry, factory, None, None)  # type: ignore[arg-type]  # no promotions announced
+    base = serving.current()
+    assert base.version == 0
+    assert serving.current() is base  # nothing changed: nothing loaded
+    held = base.model
+    for steps in (2, 5):
+        state = trained_state(factory, steps)
+        rec = registry.publish(state.model, state.snapshot(), parent=0, status=CheckpointStatus.candidate, metrics={})
+        assert registry.promote(rec.version, registry.active_version())
+        now = serving.current()
+        assert now.version == rec.version and now.model is held  # in place
+        expected, got = weights(state.model), weights(now.model)
+        assert all(torch.equal(expected[k], got[k]) for k in expected)
+    registry.rollback(0)  # the base weights: a fresh model
+    back = serving.current()
+    assert back.version == 0
+    expected, got = weights(factory.instance()), weights(back.model)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)

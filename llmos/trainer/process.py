@@ -261,10 +261,19 @@ class ApiServing:
         return in_flight == 0 and time.monotonic() - last_end >= quiet_s
 
     def current(self) -> Loaded:
+        """The active version, for the gate. Nothing else here holds its model, so a newer version
+        is loaded into it in place (no new model per promotion)."""
         version = self._registry.active_version()
-        if self._current is None or self._current.version != version:
-            self._current = Loaded(version, self._factory.instance(self._registry.weights_path(version)))
-        return self._current
+        cur, self._current = self._current, None  # if a load below fails, the next call starts afresh
+        if cur is None or cur.version != version:
+            path = self._registry.weights_path(version)  # verified
+            if cur is None or path is None:
+                cur = Loaded(version, self._factory.instance(path))
+            else:
+                self._factory.load_weights(cur.model, path)
+                cur = Loaded(version, cur.model)
+        self._current = cur
+        return cur
 
     def sync(self) -> int:
         seq = next(self._seq)
