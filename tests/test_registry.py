@@ -324,3 +324,27 @@ def test_the_trainer_processs_gate_model_follows_the_active_version_in_place(
     assert back.version == 0
     expected, got = weights(factory.instance()), weights(back.model)
     assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_a_rollback_to_a_version_pruned_meanwhile_is_unknown_and_changes_nothing(
+    registry: Registry, factory: ModelFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process (the trainer's) prunes the version between the rollback's lookup and its
+    check of the files: the rollback answers "unknown version" (404), not "corrupt", and the
+    active version stays."""
+    model = factory.instance()
+    old = registry.publish(model, NO_STATE, parent=0, status=CheckpointStatus.candidate, metrics={})
+    for _ in range(2):
+        registry.publish(model, NO_STATE, parent=0, status=CheckpointStatus.candidate, metrics={})
+    other = Registry(registry.root, registry.index, keep_last=1)  # the other process's registry
+    verify = registry.verify
+
+    def verify_after_a_prune(version: int, names: tuple[str, ...] | None = None) -> None:
+        assert old.version in other.prune()
+        verify(version, names)
+
+    monkeypatch.setattr(registry, "verify", verify_after_a_prune)
+    with pytest.raises(UnknownVersion):
+        registry.rollback(old.version)
+    assert registry.active_version() == 0
+    assert old.version not in [r.version for r in registry.list()]

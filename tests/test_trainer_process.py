@@ -1,7 +1,7 @@
 """runtime.trainer = "process": the real `llmos serve` starts the trainer as a process of its own.
 It learns and serving follows its promotions; pause, rollback and resume reach it; killed, it is
-replaced and what it held is trained after all; SIGTERM stops it with the server, and a server
-killed outright does not leave it behind."""
+replaced and what it held is trained after all; SIGTERM stops it with the server, a server
+killed outright does not leave it behind, and neither does a stop during a replacement."""
 
 from __future__ import annotations
 
@@ -9,11 +9,15 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import httpx
-from conftest import ADMIN, free_port, wait_for
+from conftest import ADMIN, free_port, make_settings, wait_for
 from helpers import start_server
+
+from llmos.daemon import Daemon
 
 PROCESS = {"LLMOS_RUNTIME__TRAINER": "process", "LLMOS_TRAIN__ERROR_BACKOFF_S": "0.5"}
 HEADERS = {"Authorization": f"Bearer {ADMIN}"}
@@ -182,3 +186,44 @@ def test_a_program_that_ends_without_stopping_the_daemon_does_not_hang_on_its_tr
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert gone(int(run.stdout.strip()))
+
+
+def spawned_children() -> set[int]:
+    """This process's live children that multiprocessing spawned (its helpers left out)."""
+    out = set()
+    for pid in children(os.getpid()):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"multiprocessing.spawn" in cmdline and b"resource_tracker" not in cmdline and not gone(pid):
+            out.add(pid)
+    return out
+
+
+def test_a_stop_while_a_dead_trainer_process_is_being_replaced_leaves_none_behind(tmp_path: Path) -> None:
+    """The trainer process dies and, while the server is replacing it, the server stops: the
+    replacement, started after stop() began, is stopped too, and stop() returns."""
+    before = spawned_children()
+    daemon = Daemon(make_settings(tmp_path / "data", **{"train.error_backoff_s": 0.0}))
+    daemon.start()
+    wait_for(lambda: daemon.trainer.alive, timeout=60)
+    first = spawned_children() - before
+    assert len(first) == 1, first
+    # The replacement starts with returning what the dead child held to the queue: hold it there
+    # until stop() has begun.
+    replacing = threading.Event()
+    requeue_stale = daemon.queue.requeue_stale
+
+    def slow_requeue_stale() -> int:
+        replacing.set()
+        time.sleep(1.0)
+        return requeue_stale()
+
+    daemon.queue.requeue_stale = slow_requeue_stale  # type: ignore[method-assign]
+    os.kill(first.pop(), signal.SIGKILL)
+    assert replacing.wait(30)
+    t0 = time.monotonic()
+    daemon.stop()
+    assert time.monotonic() - t0 < 40
+    wait_for(lambda: not (spawned_children() - before), timeout=10)

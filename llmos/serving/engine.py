@@ -8,6 +8,7 @@ Decoding runs on one thread, in batches (serving/batch.py).
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import multiprocessing
@@ -17,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Generator, Iterator
 from contextlib import closing
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
@@ -47,6 +48,15 @@ class NotPinnable(ValueError):
         super().__init__(f"version {version} is {status}, not promoted; only promoted versions can be served")
         self.version = version
         self.status = status
+
+
+Activity = ctypes.Array[ctypes.c_double]  # see ServingEngine.activity
+
+
+def quiet(activity: Activity, quiet_s: float) -> bool:
+    """No generation in flight, and none ended in the last ``quiet_s`` seconds."""
+    in_flight, last_end = activity[:]
+    return in_flight == 0 and time.monotonic() - last_end >= quiet_s
 
 
 def pick_token(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
@@ -98,11 +108,10 @@ class ServingEngine:
         # Generation requests started and not finished (waiting for a slot included): the trainer
         # yields the CPU to them between its steps (see wait_idle), and takes more threads (opt-in)
         # only once none has run for a while (see quiet and llmos/threads.py).
-        self._in_flight = 0
         self._idle = threading.Condition()
-        self._last_end = -math.inf  # when the last generation in flight ended
-        # The same two figures in shared memory, for a trainer process (see activity).
-        self._shared = multiprocessing.get_context("spawn").RawArray("d", (0.0, -math.inf))
+        # [generations in flight, time.monotonic() when the last one ended], written under _idle;
+        # in shared memory, so that a trainer process reads them too (see activity).
+        self._activity: Activity = multiprocessing.get_context("spawn").RawArray(ctypes.c_double, (0.0, -math.inf))
 
     @property
     def ready(self) -> bool:
@@ -116,24 +125,21 @@ class ServingEngine:
 
     @property
     def in_flight(self) -> int:
-        return self._in_flight
+        return int(self._activity[0])
 
     def wait_idle(self, timeout_s: float) -> bool:
         """Block until no generation is in flight, or ``timeout_s`` passed; True when idle."""
         with self._idle:
-            return self._idle.wait_for(lambda: self._in_flight == 0, timeout_s)
+            return self._idle.wait_for(lambda: self._activity[0] == 0, timeout_s)
 
     def quiet(self, quiet_s: float) -> bool:
-        """No generation in flight, and none ended in the last ``quiet_s`` seconds."""
         with self._idle:
-            return self._in_flight == 0 and time.monotonic() - self._last_end >= quiet_s
+            return quiet(self._activity, quiet_s)
 
     @property
-    def activity(self) -> Any:
-        """Shared memory, [generations in flight, time.monotonic() when the last one ended],
-        written under the engine's lock: a trainer process reads it to know when generations are
-        quiet (it may be handed to a child process at its start, not pickled later)."""
-        return self._shared
+    def activity(self) -> Activity:
+        """What quiet() reads, in shared memory: a trainer process is handed it at its start."""
+        return self._activity
 
     def current(self) -> Loaded:
         cur = self._current
@@ -208,18 +214,15 @@ class ServingEngine:
         (one at a time), as a streaming response's worker threads do."""
         ids = self.encode_prompt(prompt, params.max_new_tokens)
         with self._idle:
-            self._in_flight += 1
-            self._shared[0] = self._in_flight
+            self._activity[0] += 1
         try:
             yield from self._decode(ids, params, version)
         finally:
             with self._idle:
-                self._in_flight -= 1
-                if self._in_flight == 0:
-                    self._last_end = time.monotonic()
-                    self._shared[1] = self._last_end
+                self._activity[0] -= 1
+                if self._activity[0] == 0:
+                    self._activity[1] = time.monotonic()
                     self._idle.notify_all()
-                self._shared[0] = self._in_flight
 
     def _decode(
         self, ids: list[int], params: SamplingParams, version: int | None

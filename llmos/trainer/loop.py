@@ -247,8 +247,8 @@ class Trainer:
                 log.exception("trainer cycle failed")
                 self._phase = TrainerPhase.error
                 self._last_error = f"{type(exc).__name__}: {exc}"
-                self._recover()
-                self._stop.wait(self.cfg.error_backoff_s)
+                if self._recover():  # (a failed go-back has waited already)
+                    self._stop.wait(self.cfg.error_backoff_s)
         self._release()
 
     def cycle(self) -> bool:
@@ -545,17 +545,20 @@ class Trainer:
         self._claimed, self._pending = [], []
         self._steps_since_eval = self._passes_since_eval = 0
 
-    def _recover(self) -> None:
-        """Go back to the active version; if even that fails (its files went missing), report it
-        and try again after the back-off, instead of letting the trainer's thread die."""
+    def _recover(self) -> bool:
+        """Go back to the active version (True); if even that fails (its files went missing),
+        report it and wait the back-off before the next try (False), instead of letting the
+        trainer's thread die."""
         try:
             self._go_back()
+            return True
         except Exception as exc:
             log.exception("trainer could not load the active version")
             self._phase = TrainerPhase.error
             self._last_error = f"{type(exc).__name__}: {exc}"
             self._stop.wait(self.cfg.error_backoff_s)
             self._reset.set()  # the next step boundary goes back again
+            return False
 
     def _go_back(self) -> None:
         """Drop work in hand and continue from the active version's weights and optimizer state."""

@@ -28,13 +28,12 @@ import os
 import signal
 import sys
 import threading
-import time
 from dataclasses import replace
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
 from llmos.logs import LogFormat, configure, current_config
-from llmos.serving.engine import Loaded
+from llmos.serving.engine import Activity, Loaded, quiet
 from llmos.trainer.loop import TrainerPhase, TrainerStatus
 
 if TYPE_CHECKING:
@@ -245,7 +244,7 @@ class ApiServing:
 
     in_flight = 0  # generations run in the API process: the trainer does not yield to them
 
-    def __init__(self, registry: Registry, factory: ModelFactory, events: Connection, activity: Any) -> None:
+    def __init__(self, registry: Registry, factory: ModelFactory, events: Connection, activity: Activity) -> None:
         self._registry = registry
         self._factory = factory
         self._events = events
@@ -257,8 +256,7 @@ class ApiServing:
         return True
 
     def quiet(self, quiet_s: float) -> bool:
-        in_flight, last_end = self._activity[:]  # no lock: a torn read only picks one step's thread count
-        return in_flight == 0 and time.monotonic() - last_end >= quiet_s
+        return quiet(self._activity, quiet_s)  # no lock: a torn read only picks one step's thread count
 
     def current(self) -> Loaded:
         """The active version, for the gate. Nothing else here holds its model, so a newer version
@@ -316,7 +314,7 @@ def child_main(
     ctrl: Connection,
     events: Connection,
     parent: int,
-    activity: Any,
+    activity: Activity,
 ) -> None:
     """The trainer process: build the trainer from the settings, run it, obey the control pipe
     until told to stop or until the API process is gone."""
