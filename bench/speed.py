@@ -601,7 +601,11 @@ def fig5(work: Path, env: dict[str, str], phases: int, per_phase: int, tag: str)
 # Before issue 4's changes the trainer did not yield to requests in flight.
 THREAD = {"LLMOS_RUNTIME__TRAINER": "thread"}
 FIG5_VARIANTS = {
-    "before (a trainer thread that does not yield)": {**THREAD, "LLMOS_TRAIN__YIELD_TO_REQUESTS_S": "0"},
+    "before (a trainer thread that does not yield, not niced)": {
+        **THREAD,
+        "LLMOS_TRAIN__YIELD_TO_REQUESTS_S": "0",
+        "LLMOS_RUNTIME__TRAINER_NICE": "0",
+    },
     "a trainer thread (runtime.trainer = thread; train.yield_to_requests_s 0.2)": THREAD,
     "opt-in: every core for the trainer thread after 1 s without a generation (runtime.torch_threads_idle = cores)": {
         **THREAD,

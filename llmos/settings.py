@@ -264,11 +264,12 @@ class RuntimeSettings(_Section):
         "process (it starts sooner and holds one copy of the weights less; see README's Limits).",
     )
     trainer_nice: int = Field(
-        0,
+        10,
         ge=0,
         le=19,
         description="Linux: nice value of the trainer's thread (higher = generations, and the "
-        "machine's other work, get the CPU first; training slows when the machine is busy).",
+        "machine's other work, get the CPU first; training slows when the machine is busy; "
+        "0 = the same priority as serving).",
     )
 
 
