@@ -40,19 +40,25 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def spawned_children(parent: int) -> set[int]:
+    """Live children of ``parent`` that multiprocessing spawned (its helpers left out)."""
+    out = set()
+    for pid in children(parent):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"multiprocessing.spawn" in cmdline and b"resource_tracker" not in cmdline and not gone(pid):
+            out.add(pid)
+    return out
+
+
 def trainer_pid(server: subprocess.Popen[bytes]) -> int:
     """The trainer process: the server's child that runs llmos's trainer (multiprocessing may
     start a helper of its own, which this skips)."""
 
     def find() -> int | None:
-        for pid in children(server.pid):
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"multiprocessing.spawn" in cmdline and b"resource_tracker" not in cmdline:
-                return pid
-        return None
+        return next(iter(spawned_children(server.pid)), None)
 
     wait_for(lambda: find() is not None, timeout=30, interval=0.2)
     pid = find()
@@ -188,27 +194,14 @@ def test_a_program_that_ends_without_stopping_the_daemon_does_not_hang_on_its_tr
     assert gone(int(run.stdout.strip()))
 
 
-def spawned_children() -> set[int]:
-    """This process's live children that multiprocessing spawned (its helpers left out)."""
-    out = set()
-    for pid in children(os.getpid()):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"multiprocessing.spawn" in cmdline and b"resource_tracker" not in cmdline and not gone(pid):
-            out.add(pid)
-    return out
-
-
 def test_a_stop_while_a_dead_trainer_process_is_being_replaced_leaves_none_behind(tmp_path: Path) -> None:
     """The trainer process dies and, while the server is replacing it, the server stops: the
     replacement, started after stop() began, is stopped too, and stop() returns."""
-    before = spawned_children()
+    before = spawned_children(os.getpid())
     daemon = Daemon(make_settings(tmp_path / "data", **{"train.error_backoff_s": 0.0}))
     daemon.start()
     wait_for(lambda: daemon.trainer.alive, timeout=60)
-    first = spawned_children() - before
+    first = spawned_children(os.getpid()) - before
     assert len(first) == 1, first
     # The replacement starts with returning what the dead child held to the queue: hold it there
     # until stop() has begun.
@@ -226,4 +219,4 @@ def test_a_stop_while_a_dead_trainer_process_is_being_replaced_leaves_none_behin
     t0 = time.monotonic()
     daemon.stop()
     assert time.monotonic() - t0 < 40
-    wait_for(lambda: not (spawned_children() - before), timeout=10)
+    wait_for(lambda: not (spawned_children(os.getpid()) - before), timeout=10)
