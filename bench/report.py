@@ -209,8 +209,8 @@ def before_after(s: dict[str, Any]) -> list[str]:
         if len(names) >= 2:
             b, a = s["fig5"][names[0]], s["fig5"][names[1]]
             rows.append(
-                f"| the trainer waits between steps while generations are in flight (trainer/loop.py, "
-                f"serving/engine.py, settings) | 5: p99 busy / paused (p50) | {fmt(b['p99_ratio'])} "
+                f"| the trainer waits between steps while generations are in flight, its thread niced "
+                f"(trainer/loop.py, serving/engine.py, settings) | 5: p99 busy / paused (p50) | {fmt(b['p99_ratio'])} "
                 f"({fmt(b['p50_ratio'])}) | {fmt(a['p99_ratio'])} ({fmt(a['p50_ratio'])}) |"
             )
         if len(names) >= 3:
