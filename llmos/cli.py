@@ -55,6 +55,10 @@ def serve(
             err=True,
         )
         raise typer.Exit(2)
+    if settings.runtime.trainer == "process":
+        from llmos.trainer import launch
+
+        launch.warm_up()  # the trainer's imports, side by side with the ones below
 
     import uvicorn
 

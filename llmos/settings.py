@@ -261,7 +261,7 @@ class RuntimeSettings(_Section):
         "process",
         description="Where the trainer runs: a process of its own that the server starts and restarts "
         "(generation and training do not share an interpreter lock), or a thread of the server's "
-        "process (it starts sooner and holds one copy of the weights less; see README's Limits).",
+        "process (it holds one copy of the weights less, and no fork server; see README's Limits).",
     )
     trainer_nice: int = Field(
         10,

@@ -18,9 +18,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 
 def start_server(
-    data_dir: Path, port: int, log: Path, extra_env: dict[str, str] | None = None, wait_ready: bool = True
+    data_dir: Path,
+    port: int,
+    log: Path,
+    extra_env: dict[str, str] | None = None,
+    wait_ready: bool = True,
+    own_group: bool = False,
 ) -> subprocess.Popen[bytes]:
-    """Start `python -m llmos serve` on a loopback port and wait until /readyz answers 200."""
+    """Start `python -m llmos serve` on a loopback port and wait until /readyz answers 200;
+    ``own_group``: in a process group of its own, as a service manager starts it."""
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("LLMOS_")},
         "HF_HUB_OFFLINE": "1",
@@ -35,6 +41,7 @@ def start_server(
         env=env,
         stdout=log.open("ab"),
         stderr=subprocess.STDOUT,
+        start_new_session=own_group,
     )
     if not wait_ready:
         return proc

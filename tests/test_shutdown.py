@@ -4,6 +4,7 @@ exits 0 within 10 s (a service manager's usual stop timeout)."""
 
 from __future__ import annotations
 
+import os
 import signal
 import sqlite3
 import threading
@@ -78,3 +79,28 @@ def test_sigterm_finishes_requests_in_flight_releases_claims_and_exits_0(
         counts = dict(db.execute("SELECT status, count(*) FROM samples GROUP BY status").fetchall())
     assert counts.get("training", 0) == 0, counts  # claims released, none left for a restart to find
     assert sum(counts.values()) == 200
+
+
+def test_sigterm_to_the_whole_process_group_stops_the_trainer_process_after_its_step(tmp_path: Path) -> None:
+    """A service manager (systemd's default KillMode) sends SIGTERM to every process of the
+    server's group at once: the fork server the trainer process comes from must not die at once
+    and take the trainer with it mid-step (die_with_parent); each finishes as when told to stop."""
+    data, log, port = tmp_path / "data", tmp_path / "server.log", free_port()
+    env = {"LLMOS_TRAIN__PASSES_PER_BATCH": "200"}
+    proc = start_server(data, port, log, extra_env=env, own_group=True)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
+            items = [{"text": f"group sample {i}: the ferry carries {i} crates."} for i in range(100)]
+            assert c.post("/v1/texts", json={"items": items}).status_code == 202
+            wait_for(lambda: c.get("/v1/trainer").json()["state"] == "training", timeout=60)
+        os.killpg(proc.pid, signal.SIGTERM)
+        rc = proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert rc == 0, log.read_text()[-3000:]
+    with sqlite3.connect(data / "llmos.db") as db:
+        counts = dict(db.execute("SELECT status, count(*) FROM samples GROUP BY status").fetchall())
+    assert counts.get("training", 0) == 0, counts  # the trainer process gave its claims back
+    assert sum(counts.values()) == 100

@@ -40,25 +40,28 @@ def children(pid: int) -> list[int]:
     return out
 
 
-def spawned_children(parent: int) -> set[int]:
-    """Live children of ``parent`` that multiprocessing spawned (its helpers left out)."""
-    out = set()
-    for pid in children(parent):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"multiprocessing.spawn" in cmdline and b"resource_tracker" not in cmdline and not gone(pid):
-            out.add(pid)
-    return out
+def cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def fork_servers(api: int) -> set[int]:
+    """The fork server the API process ``api`` starts its trainer processes from (llmos/trainer/launch.py)."""
+    return {pid for pid in children(api) if b"multiprocessing.forkserver" in cmdline(pid) and not gone(pid)}
+
+
+def trainer_processes(api: int) -> set[int]:
+    """Live trainer processes of the API process ``api``: its fork server's children."""
+    return {pid for server in fork_servers(api) for pid in children(server) if not gone(pid)}
 
 
 def trainer_pid(server: subprocess.Popen[bytes]) -> int:
-    """The trainer process: the server's child that runs llmos's trainer (multiprocessing may
-    start a helper of its own, which this skips)."""
+    """The server's trainer process."""
 
     def find() -> int | None:
-        return next(iter(spawned_children(server.pid)), None)
+        return next(iter(trainer_processes(server.pid)), None)
 
     wait_for(lambda: find() is not None, timeout=30, interval=0.2)
     pid = find()
@@ -152,10 +155,12 @@ def test_a_trainer_process_does_not_outlive_a_server_killed_outright(tmp_path: P
     port = free_port()
     server = start_server(tmp_path / "data", port, tmp_path / "server.log", PROCESS)
     pid = trainer_pid(server)
+    (fork_server,) = fork_servers(server.pid)
     server.send_signal(signal.SIGKILL)
     server.wait(10)
-    # Its control pipe reads as closed: it stops on its own (init reaps it).
-    wait_for(lambda: gone(pid), timeout=30, interval=0.2)
+    # The fork server reads its pipe to the server as closed and exits; the kernel then kills the
+    # trainer process (die_with_parent), and init reaps both.
+    wait_for(lambda: gone(fork_server) and gone(pid), timeout=30, interval=0.2)
 
 
 SCRIPT = """
@@ -197,11 +202,11 @@ def test_a_program_that_ends_without_stopping_the_daemon_does_not_hang_on_its_tr
 def test_a_stop_while_a_dead_trainer_process_is_being_replaced_leaves_none_behind(tmp_path: Path) -> None:
     """The trainer process dies and, while the server is replacing it, the server stops: the
     replacement, started after stop() began, is stopped too, and stop() returns."""
-    before = spawned_children(os.getpid())
+    before = trainer_processes(os.getpid())
     daemon = Daemon(make_settings(tmp_path / "data", **{"train.error_backoff_s": 0.0}))
     daemon.start()
     wait_for(lambda: daemon.trainer.alive, timeout=60)
-    first = spawned_children(os.getpid()) - before
+    first = trainer_processes(os.getpid()) - before
     assert len(first) == 1, first
     # The replacement starts with returning what the dead child held to the queue: hold it there
     # until stop() has begun.
@@ -219,4 +224,4 @@ def test_a_stop_while_a_dead_trainer_process_is_being_replaced_leaves_none_behin
     t0 = time.monotonic()
     daemon.stop()
     assert time.monotonic() - t0 < 40
-    wait_for(lambda: not (spawned_children(os.getpid()) - before), timeout=10)
+    wait_for(lambda: not (trainer_processes(os.getpid()) - before), timeout=10)

@@ -11,13 +11,13 @@ from __future__ import annotations
 import ctypes
 import logging
 import math
-import multiprocessing
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Generator, Iterator
 from contextlib import closing
 from dataclasses import dataclass
+from multiprocessing.sharedctypes import RawArray
 from typing import Literal
 
 import torch
@@ -111,7 +111,7 @@ class ServingEngine:
         self._idle = threading.Condition()
         # [generations in flight, time.monotonic() when the last one ended], written under _idle;
         # in shared memory, so that a trainer process reads them too (see activity).
-        self._activity: Activity = multiprocessing.get_context("spawn").RawArray(ctypes.c_double, (0.0, -math.inf))
+        self._activity: Activity = RawArray(ctypes.c_double, (0.0, -math.inf))
 
     @property
     def ready(self) -> bool:

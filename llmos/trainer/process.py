@@ -2,7 +2,8 @@
 
 In one process, the trainer's Python (its stages, the store's SQL) and the decoding thread take
 turns on the interpreter lock, so each slows the other even on separate cores. Here the API
-process spawns a child that runs the same Trainer on its own copy of the model. The store and
+process starts a child (forked from a fork server that has the imports done: launch.py) that runs
+the same Trainer on its own copy of the model. The store and
 the checkpoint registry are shared, as another replica would share them; two pipes carry the
 rest:
 
@@ -34,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from llmos.logs import LogFormat, configure, current_config
 from llmos.serving.engine import Activity, Loaded, quiet
+from llmos.trainer import launch
 from llmos.trainer.loop import TrainerPhase, TrainerStatus
 
 if TYPE_CHECKING:
@@ -61,7 +63,7 @@ class TrainerProcess:
         self._engine = engine
         self._queue = queue
         self._backoff_s = settings.train.error_backoff_s
-        self._ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked threads or locks
+        self._ctx = launch.context()  # forked from the fork server: imported once, no threads yet
         self._proc: multiprocessing.process.BaseProcess | None = None
         self._ctrl: Connection | None = None
         self._events: Connection | None = None
@@ -182,9 +184,7 @@ class TrainerProcess:
         log.info("trainer process %d started", proc.pid)
 
     def _supervise(self, spawned: threading.Event) -> None:
-        """Start the child, follow its promotions, and when it dies (not asked to), start another.
-        The children are this thread's: on Linux each dies with the thread that started it (see
-        die_with_parent), and this one lives until the last child has exited."""
+        """Start the child, follow its promotions, and when it dies (not asked to), start another."""
         try:
             self._spawn()
         except Exception:
@@ -294,18 +294,30 @@ def _stop_on_signal(_signum: int, _frame: object) -> None:
     raise _Stop
 
 
-def die_with_parent(parent: int) -> None:
-    """Linux: the kernel kills this process as soon as the thread that started it ends, however
-    the API process dies (kill -9 included), so that a new server never meets the old one's
-    trainer still at work. Elsewhere the closed control pipe stops it, after its step."""
+def die_with_parent(api: int) -> None:
+    """Linux: the kernel kills this process as soon as its parent ends, however the API process
+    dies (kill -9 included), so that a new server never meets the old one's trainer still at work.
+    The parent is the fork server, which exits when the API process is gone (with spawn, the API
+    process itself). Elsewhere the closed control pipe stops it, after its step."""
     if sys.platform != "linux":
         return
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
         return
-    if os.getppid() != parent:  # it died before the line above
+    orphaned = os.getppid() == 1 and api != 1  # the parent died before the line above
+    if orphaned or not _alive(api):
         os._exit(0)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # someone else's: the pid was reused, but a process is there
+    return True
 
 
 def child_main(
@@ -313,12 +325,12 @@ def child_main(
     log_config: tuple[str, LogFormat],
     ctrl: Connection,
     events: Connection,
-    parent: int,
+    api: int,
     activity: Activity,
 ) -> None:
     """The trainer process: build the trainer from the settings, run it, obey the control pipe
     until told to stop or until the API process is gone."""
-    die_with_parent(parent)
+    die_with_parent(api)
     # Ctrl-C reaches the whole process group: the API process decides when the trainer stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # SIGTERM (a service manager stopping the group, multiprocessing at the API process's exit):
