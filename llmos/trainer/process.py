@@ -2,10 +2,9 @@
 
 In one process, the trainer's Python (its stages, the store's SQL) and the decoding thread take
 turns on the interpreter lock, so each slows the other even on separate cores. Here the API
-process starts a child (forked from a fork server that has the imports done: launch.py) that runs
-the same Trainer on its own copy of the model. The store and
-the checkpoint registry are shared, as another replica would share them; two pipes carry the
-rest:
+process starts a child (forked from a fork server that has the imports done: launch.py) that
+runs the same Trainer on its own copy of the model. The store and the checkpoint registry are
+shared, as another replica would share them; two pipes carry the rest:
 
     control  API -> trainer: wake, pause, resume, reset, stop; status (answered)
     events   trainer -> API: "promoted": the API process syncs its engine, then answers, so that
