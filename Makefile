@@ -48,7 +48,7 @@ bench-forgetting:
 
 # Speed (issue 4): trainer, generation, serving while training, hot-swap, freshness, ingest, and
 # their growth with model size, each as a ratio against a reference measured side by side in the
-# same run; writes bench/results/RESULTS.md (10 to 16 minutes on 2 cores).
+# same run; writes bench/results/RESULTS.md (10 to 31 minutes on 2 cores, by machine).
 bench: bench-speed bench-scaling
 	$(BIN)/python bench/report.py --results bench/results --command "make bench"
 
