@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-slow test-all lint run clean bench-forgetting bench bench-speed bench-scaling
+.PHONY: install test test-slow test-all lint run clean bench-forgetting bench-teach bench bench-speed bench-scaling
 
 # One command sets everything up: a virtual environment with torch (CPU wheel unless you have
 # installed another build) and llmos with its test tools (among them the openai client and
@@ -45,6 +45,13 @@ clean:
 # Forgetting of an earlier domain while a new one streams in, per mitigation strategy (< 5 min, CPU).
 bench-forgetting:
 	$(BIN)/python bench/forgetting.py --out bench/results
+
+# What llmos learns of what users teach, per strategy, against the defaults of the commit before
+# this design (bench/results/teach.md; ~10 min, CPU).
+TEACH_BASELINE ?= d2922fd
+
+bench-teach:
+	$(BIN)/python bench/teach.py --out bench/results --baseline $(TEACH_BASELINE)
 
 # Speed (issue 4): trainer, generation, serving while training, hot-swap, freshness, ingest, and
 # their growth with model size, each as a ratio against a reference measured side by side in the

@@ -58,7 +58,13 @@ B_FACTS = 24
 VARIANTS = 6  # training sentences per fact; then one held out in llmos's store, then the probe
 B_BATCHES = 6
 
-WIDE_OPEN = {"eval.tolerance": 1e9, "eval.forgetting_budget": 1e9, "train.early_stop_patience": 0}
+WIDE_OPEN = {
+    "eval.heldout_budget": 1e9,
+    "eval.forgetting_budget": 1e9,
+    "eval.collapse.probe_prompts": [],
+    "train.early_stop_patience": 0,
+    "feedback.preference": "none",
+}
 STRATEGIES: dict[str, dict[str, Any]] = {
     "naive": {**WIDE_OPEN, "replay.enabled": False, "regularization.method": "none"},
     "replay": {**WIDE_OPEN, "replay.enabled": True},

@@ -670,7 +670,7 @@ def fig6(
                 "train.fill_wait_s": 0.0,
                 "model.device": device.type,
                 "serving.max_concurrency": streams,
-                "eval.tolerance": 1e9,
+                "eval.heldout_budget": 1e9,
             },
         )
     )

@@ -28,12 +28,15 @@ from llmos.store.audit import AuditEntry, AuditLog, AuditOutcome
 from llmos.store.checkpoints import CheckpointIndex, CheckpointRecord
 from llmos.store.db import Database
 from llmos.store.generations import Feedback, GenerationLog
+from llmos.store.preferences import PreferenceQueue
 from llmos.store.queue import NewSample, Sample, SampleQueue
 from llmos.store.reservoir import Reservoir
 from llmos.store.tables import SampleStatus
 from llmos.threads import ThreadBudget
+from llmos.trainer.collapse import CollapseConfig
 from llmos.trainer.evaluate import EvalConfig
 from llmos.trainer.loop import Serving, Trainer, TrainerConfig, TrainerStatus
+from llmos.trainer.optimize import PreferenceConfig
 from llmos.trainer.preprocess import FEEDBACK_SOURCE_PREFIX, PreprocessConfig
 from llmos.trainer.process import TrainerProcess
 from llmos.trainer.regularize import RegularizationConfig
@@ -163,7 +166,7 @@ def trainer_config(settings: Settings, device: torch.device) -> TrainerConfig:
             schedule=o.schedule,
             grad_clip=t.grad_clip,
         ),
-        eval=EvalConfig(settings.eval.tolerance, t.micro_batch, settings.eval.forgetting_budget),
+        eval=eval_config(settings),
         micro_batch=t.micro_batch,
         passes_per_batch=t.passes_per_batch,
         early_stop_patience=t.early_stop_patience,
@@ -190,7 +193,29 @@ def trainer_config(settings: Settings, device: torch.device) -> TrainerConfig:
         nice=settings.runtime.trainer_nice,
         regularization=RegularizationConfig(r.method, r.strength, r.fisher_batches),
         anchor_texts=read_anchor_file(settings.eval.anchor_file),
+        preference=preference_config(settings),
+        preference_batch=settings.feedback.preference_batch,
+        min_source_anchors=settings.eval.min_source_anchors,
     )
+
+
+def eval_config(settings: Settings) -> EvalConfig:
+    e, c = settings.eval, settings.eval.collapse
+    collapse = CollapseConfig(tuple(c.probe_prompts), c.probe_tokens, c.min_entropy, c.min_distinct, c.max_kl)
+    return EvalConfig(
+        micro_batch=settings.train.micro_batch,
+        forgetting_budget=e.forgetting_budget,
+        heldout_budget=e.heldout_budget,
+        preference_tolerance=e.preference_tolerance,
+        collapse=collapse if c.probe_prompts else None,
+    )
+
+
+def preference_config(settings: Settings) -> PreferenceConfig | None:
+    f = settings.feedback
+    if f.preference == "none":
+        return None
+    return PreferenceConfig(f.preference, f.beta, f.preference_weight, settings.train.micro_batch)
 
 
 def thread_budget(settings: Settings) -> ThreadBudget:
@@ -238,6 +263,7 @@ def build_trainer(
         factory,
         replay_pool(settings, db),
         anchor_pool(settings, db),
+        PreferenceQueue(db),
     )
 
 
@@ -255,6 +281,7 @@ class Daemon:
         self.db.create_schema()
         self.audit_log = AuditLog(self.db)
         self.queue = SampleQueue(self.db)
+        self.preferences = PreferenceQueue(self.db)
         self.generations = GenerationLog(self.db)
         self.registry = open_registry(settings, self.db)
         self.factory = model_factory(settings)
@@ -280,8 +307,11 @@ class Daemon:
         """Recover, load the active version and start the trainer, thread or process (without it, a
         caller such as a benchmark drives ``trainer.cycle()`` of the thread's Trainer itself)."""
         requeued = self.queue.requeue_stale()  # a previous process died holding these
-        if requeued:
-            log.info("returned %d samples left in training to the queue", requeued)
+        requeued_prefs = self.preferences.requeue_stale()
+        if requeued or requeued_prefs:
+            log.info(
+                "returned %d samples and %d preferences left in training to their queues", requeued, requeued_prefs
+            )
         self._leave_corrupt_active()
         self.engine.sync()
         if run_trainer:
@@ -392,20 +422,25 @@ class Daemon:
 
     def feedback(self, generation_id: str, rating: float | None, correction: str | None) -> Feedback:
         """A correction teaches (prompt + correction); a positive rating teaches (prompt + completion)
-        weighted by the rating; a negative rating is only stored."""
+        weighted by the rating; each also becomes a preference (llmos/store/generations.py), as does
+        a negative rating, which teaches nothing else."""
         sample: NewSample | None = None
         gen = self.generations.get(generation_id)
         if gen is not None:
+            cut = len(gen.prompt)  # recall reads the answer given the prompt
             if correction is not None:
                 sample = NewSample(
                     gen.prompt + correction,
                     FEEDBACK_SOURCE_PREFIX + "correction",
                     self.settings.feedback.correction_weight,
+                    prompt_chars=cut,
                 )
             elif rating is not None and rating > 0:
-                sample = NewSample(gen.prompt + gen.completion, FEEDBACK_SOURCE_PREFIX + "rating", rating)
+                sample = NewSample(
+                    gen.prompt + gen.completion, FEEDBACK_SOURCE_PREFIX + "rating", rating, prompt_chars=cut
+                )
         fb = self.generations.add_feedback(generation_id, rating, correction, sample)  # raises if unknown
-        if sample is not None:
+        if sample is not None or rating is not None:
             self.trainer.wake()
         return fb
 
@@ -419,7 +454,10 @@ class Daemon:
         self.registry.rollback(version)  # raises UnknownVersion / RejectedVersion / CorruptCheckpoint
         self.engine.sync()  # serving switches now
         self.trainer.request_reset()  # training continues from it
-        n = self.queue.requeue_outside(self.registry.lineage(version)) if requeue else 0
+        lineage = self.registry.lineage(version)
+        n = self.queue.requeue_outside(lineage) if requeue else 0
+        if requeue:
+            self.preferences.requeue_outside(lineage)
         self.counters.rollback()
         log.info("rolled back to version %d (requeued %d samples)", version, n)
         return RollbackResult(version, n)

@@ -141,18 +141,26 @@ class TrainSettings(_Section):
         description="...but stop waiting once no sample arrived for this long (0 = wait all of fill_wait_s).",
     )
     passes_per_batch: int = Field(
-        40,
+        100,
         ge=1,
-        description="Most passes over a claimed batch (a tiny model needs many); the early stop may end it sooner.",
+        description="Most passes over a claimed batch (a text needs tens of passes to be learned); the early "
+        "stop ends them once the batch is learned.",
     )
     early_stop_patience: int = Field(
         5,
         ge=0,
-        description="Stop passing over a batch after this many passes in a row that do not lower the recent "
-        "held-out loss, and go back to the best pass (0 = always make every pass).",
+        description="Passes over a batch end once it is learned (every text recalled, every preference "
+        "pair right), or after this many passes in a row that lowered its loss by less than 1% "
+        "(0 = always make every pass).",
     )
     max_sample_tokens: int = Field(8192, ge=1, description="Longer samples are rejected in preprocess.")
-    heldout_fraction: float = Field(0.1, ge=0, lt=1, description="Fraction of samples kept out of training (by hash).")
+    heldout_fraction: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="Fraction of texts (and preferences) kept out of training to measure generalisation, "
+        "chosen by hash; never a correction, a rated completion or a text sent more than once.",
+    )
     poll_interval_s: float = Field(1.0, gt=0, description="How often an idle trainer looks at the queue.")
     evaluate_every_steps: int = Field(
         0, ge=0, description="Evaluate and checkpoint after this many steps (0 = after every claimed batch)."
@@ -168,12 +176,55 @@ class TrainSettings(_Section):
     )
 
 
+class CollapseSettings(_Section):
+    probe_prompts: list[str] = Field(
+        default_factory=lambda: [
+            "The",
+            "Hello, my name is",
+            "Q: What is",
+            "1, 2, 3,",
+            "Once upon a time",
+            "It was",
+            "Today I",
+            "你好",
+        ],
+        description="Prompts every candidate continues greedily for the collapse guards (empty = no guards).",
+    )
+    probe_tokens: int = Field(32, ge=4, description="Tokens generated per probe prompt.")
+    min_entropy: float = Field(
+        0.01,
+        ge=0,
+        description="Refuse a candidate whose mean next-token entropy (nats) on the probes falls below "
+        "this, and below the active version's (0 = off).",
+    )
+    min_distinct: float = Field(
+        0.3,
+        ge=0,
+        le=1,
+        description="Refuse a candidate whose fraction of distinct 3-grams in its probe continuations falls "
+        "below this, and below the active version's (0 = off).",
+    )
+    max_kl: float = Field(
+        0.0,
+        ge=0,
+        description="Refuse a candidate whose mean KL divergence (nats per token) from the base model on "
+        "its probe continuations exceeds this, and the active version's (0 = off: the built-in model "
+        "starts from random weights, ~5 nats from anything learned; ~1-2 suits a pretrained base).",
+    )
+
+
 class EvalSettings(_Section):
     max_samples: int = Field(
-        64, ge=1, description="Most recent held-out samples in each of the early stop's and the gate's sets."
+        64,
+        ge=1,
+        description="Most texts in each measured set: recent held-out texts, texts taught since the last "
+        "checkpoint (their recall), held-out preference pairs.",
     )
-    tolerance: float = Field(
-        0.02, ge=0, description="Gate: held-out loss may exceed the active version's by this fraction at most."
+    heldout_budget: float = Field(
+        1.0,
+        ge=0,
+        description="Gate: held-out loss may exceed the active version's by this fraction (1.0 = refuse a "
+        "version that doubles it); a smaller rise is what learning new facts costs on unseen ones.",
     )
     forgetting_budget: float = Field(
         1.0,
@@ -181,12 +232,25 @@ class EvalSettings(_Section):
         description="Gate: anchor (retention) loss may exceed the active version's by this fraction "
         "(1.0 = refuse a version that doubles it; tighten for stricter retention).",
     )
+    min_source_anchors: int = Field(
+        8,
+        ge=1,
+        description="Anchors a source needs to be checked as a group of its own; sources with fewer are "
+        "checked together, so no caller can veto versions with sources of one text each.",
+    )
+    preference_tolerance: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Gate: preference accuracy on held-out pairs may fall below the active version's by this much.",
+    )
     anchor_capacity: int = Field(
         256, ge=0, description="Size of the anchor set: a reservoir sample of all held-out data ever seen."
     )
     anchor_file: Path | None = Field(
         None, description="Optional JSONL file of texts ({'text': ...}) always in the anchor set."
     )
+    collapse: CollapseSettings = CollapseSettings()
 
 
 class ReplaySettings(_Section):
@@ -277,6 +341,14 @@ class FeedbackSettings(_Section):
     correction_weight: float = Field(
         2.0, gt=0, description="Loss weight of a (prompt + correction) sample (plain text weighs 1)."
     )
+    preference: Literal["dpo", "kto", "none"] = Field(
+        "dpo",
+        description="Preference loss against the served version: dpo trains pairs (a correction over the "
+        "completion it corrects); kto trains those and lone thumbs up/down; none = only the texts train.",
+    )
+    beta: float = Field(0.1, gt=0, description="DPO/KTO beta: how far preferences may pull from the reference.")
+    preference_weight: float = Field(1.0, gt=0, description="Scale of the preference loss in its optimizer step.")
+    preference_batch: int = Field(32, ge=1, description="Most preferences claimed per batch.")
 
 
 class Settings(BaseSettings):

@@ -55,7 +55,7 @@ def test_a_lone_post_skips_the_rest_of_the_fill_wait_and_a_steady_stream_fills_o
             "train.fill_quiet_s": 1.0,
             "train.passes_per_batch": 1,
             "train.heldout_fraction": 0.0,
-            "eval.tolerance": 1e9,
+            "eval.heldout_budget": 1e9,
         },
     )
     with LiveServer(settings) as srv, srv.client() as c:
@@ -77,7 +77,12 @@ def test_a_pause_ends_the_fill_wait_without_claiming_and_a_resume_claims_at_once
     # A fill wait of 30 s that only a control action can cut short: no second post comes.
     settings = make_settings(
         tmp_path / "data",
-        **{"train.fill_wait_s": 30.0, "train.fill_quiet_s": 30.0, "train.passes_per_batch": 1, "eval.tolerance": 1e9},
+        **{
+            "train.fill_wait_s": 30.0,
+            "train.fill_quiet_s": 30.0,
+            "train.passes_per_batch": 1,
+            "eval.heldout_budget": 1e9,
+        },
     )
     with LiveServer(settings) as srv, srv.client() as c:
         sid = c.post("/v1/texts", json={"text": "Posted just before a pause."}).json()["ids"][0]

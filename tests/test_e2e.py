@@ -135,15 +135,22 @@ def test_concurrent_generation_while_versions_are_promoted(tmp_path: Path) -> No
                     r = hc.get("/generate", params={"prompt": f"stream line {k}", "max_new_tokens": 64})
                     return r.status_code, r.json().get("model_version") if r.status_code == 200 else None
 
-            v_before = c.get("/v1/trainer").json()["active_version"]
-            with ThreadPoolExecutor(max_workers=100) as pool:
-                results = list(pool.map(one, range(100)))
-            v_after = c.get("/v1/trainer").json()["active_version"]
+            # Bursts of 100 concurrent requests until a version is promoted during one (a burst
+            # takes a few seconds, a training cycle a fraction of one; on a loaded machine the
+            # first burst can end before the cycle under way does).
+            results: list[tuple[int, int | None]] = []
+            for _burst in range(5):
+                v_before = c.get("/v1/trainer").json()["active_version"]
+                with ThreadPoolExecutor(max_workers=100) as pool:
+                    results += list(pool.map(one, range(100)))
+                v_after = c.get("/v1/trainer").json()["active_version"]
+                if v_after > v_before:
+                    break
         finally:
             stop.set()
             feeder.join()
         codes = [code for code, _ in results]
-        assert codes == [200] * 100, codes
+        assert codes == [200] * len(codes), codes
         versions = {v for _, v in results}
         print("versions served during the burst:", sorted(versions))  # type: ignore[type-var]
         assert v_after > v_before, "no version was promoted during the burst"

@@ -1,10 +1,10 @@
 """Learning that lasts: the promotion gate against forgetting, LoRA end to end, the seed's
-optimizers with exact resume, feedback as a signal, and the learning metrics."""
+optimizers with exact resume, and the learning metrics. (What users teach: test_teaching.py;
+preferences: test_preference.py.)"""
 
 from __future__ import annotations
 
 import time
-import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,9 +20,7 @@ from llmos.model.loader import ModelFactory
 from llmos.registry.registry import Registry
 from llmos.store.checkpoints import CheckpointIndex
 from llmos.store.db import Database
-from llmos.store.queue import NewSample
 from llmos.store.tables import CheckpointStatus
-from llmos.trainer.evaluate import heldout_loss
 from llmos.trainer.optimize import optimize
 from llmos.trainer.preprocess import MicroBatch, PreprocessConfig, eval_batch
 from llmos.trainer.state import OptimizerConfig, TrainingState, load_state, make_optimizer
@@ -96,34 +94,6 @@ def test_learning_metrics_are_reported(tmp_path: Path) -> None:
         assert history[-1]["anchor_loss"] == newest["anchor_loss"]
         assert len(c.get("/v1/metrics/history", params={"last": 1}).json()["points"]) == 1
         assert c.get("/v1/metrics/history", params={"last": 0}).status_code == 422
-
-
-def test_feedback_weights_and_preference_pairs(tmp_path: Path) -> None:
-    with LiveServer(make_settings(tmp_path / "data")) as srv, srv.client() as c:
-        c.post("/v1/admin/trainer/pause", headers=admin_headers())
-        g = greedy(c, "Q: how do I reset it? A:")
-        gid = g["generation_id"]
-        assert c.post("/v1/feedback", json={"generation_id": gid, "rating": -1.0}).status_code == 202
-        assert srv.daemon.generations.preference_pairs() == []  # a bad rating alone teaches nothing yet
-        fb = c.post("/v1/feedback", json={"generation_id": gid, "correction": " hold the button."}).json()
-        pairs = srv.daemon.generations.preference_pairs()
-        assert len(pairs) == 1
-        assert pairs[0].chosen == " hold the button." and pairs[0].rejected == g["text"]
-        assert pairs[0].prompt == "Q: how do I reset it? A:"
-        # The correction trains as (prompt + correction), weighted above plain text.
-        with srv.daemon.db.read() as s:
-            from llmos.store.tables import FeedbackRow, SampleRow
-
-            sample_id = s.get(FeedbackRow, fb["id"]).sample_id
-            row = s.query(SampleRow).filter(SampleRow.id == sample_id).one()
-            assert row.text == "Q: how do I reset it? A: hold the button."
-            assert row.weight == 2.0
-        # A positive rating makes (prompt + completion) a sample weighted by the rating.
-        g2 = greedy(c, "Another prompt")
-        c.post("/v1/feedback", json={"generation_id": g2["generation_id"], "rating": 0.5})
-        with srv.daemon.db.read() as s:
-            rated = s.query(SampleRow).filter(SampleRow.source == "feedback:rating").one()
-            assert rated.weight == 0.5 and rated.text == "Another prompt" + g2["text"]
 
 
 @pytest.fixture(scope="module")
@@ -300,146 +270,6 @@ def test_user_eval_file_joins_the_anchor_set(tmp_path: Path) -> None:
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"txt": "typo"}\n')
-    from llmos.daemon import Daemon
 
     with pytest.raises(ValueError, match="line 2"):
         Daemon(make_settings(tmp_path / "data2", **{"eval.anchor_file": bad}))
-
-
-def test_a_marked_state_comes_back_exactly(factory: ModelFactory) -> None:
-    """The early stop goes back to its best pass: weights, optimizer moments, step and last loss,
-    as they were, so that training on from there is training on from that pass."""
-    opt = OptimizerConfig(name="adamw", lr=3e-3, warmup_steps=2)
-    micro = _stream_batches()
-    torch.manual_seed(0)
-    state = TrainingState(model=factory.instance().train(), optimizer=None, base_version=0)  # type: ignore[arg-type]
-    state.optimizer = make_optimizer(state.model, opt)
-    for i in range(5):
-        optimize(state, [micro[i % len(micro)]], opt, CPU)
-    mark = state.mark()
-    moments = {k: {n: t.clone() for n, t in v.items()} for k, v in state.optimizer.state_dict()["state"].items()}
-    last_loss = state.last_loss
-    optimize(state, [micro[5 % len(micro)]], opt, CPU)  # step 6, taken from the marked state
-    from_mark = {n: p.detach().clone() for n, p in state.model.named_parameters()}
-    for i in range(6, 12):
-        optimize(state, [micro[i % len(micro)]], opt, CPU)
-    assert any(not torch.equal(p, from_mark[n]) for n, p in state.model.named_parameters())
-
-    state.restore(mark)
-    assert state.step == 5 and state.last_loss == last_loss
-    restored = state.optimizer.state_dict()["state"]
-    assert restored.keys() == moments.keys()
-    for k, v in moments.items():
-        for n, t in v.items():
-            assert torch.equal(restored[k][n], t), (k, n)  # exp_avg, exp_avg_sq, step
-    optimize(state, [micro[5 % len(micro)]], opt, CPU)  # step 6 again: the same weights as the first time
-    for n, p in state.model.named_parameters():
-        assert torch.equal(p, from_mark[n]), n
-
-
-def test_early_stop_keeps_the_best_pass_and_the_gate_judges_lone_posts(tmp_path: Path) -> None:
-    """The early stop ends a batch before its forty passes and keeps the best pass on its half of
-    the held-out texts; the gate judges on the other half, and the loss it records is that of the
-    weights served. A lone post then reaches serving only through the gate."""
-    pairs = [("a red boat", "on Monday"), ("two lamps", "at dawn"), ("the old map", "in May")]
-    warm = [
-        f"{who} {did} {what} {when}."
-        for who in ("the clerk", "a farmer", "my aunt", "the pilot")
-        for did in ("painted", "sold", "found", "fixed")
-        for what, when in pairs
-    ][:40] + [f"the mayor counted {n} eggs after lunch." for n in ("nine", "six", "ten", "two")]
-    lone = [  # the same words, in pairs the warm-up never had
-        "the pilot sold two lamps in May.",
-        "my aunt fixed the old map on Monday.",
-        "a farmer found a red boat at dawn.",
-        "the clerk painted two lamps on Monday.",
-    ]
-
-    def run(patience: int) -> tuple[dict, list[str]]:
-        # The trainer thread: the test reads the trainer's held-out halves.
-        overrides = {"train.early_stop_patience": patience, "runtime.trainer": "thread"}
-        settings = make_settings(tmp_path / f"data-{patience}", **overrides)
-        with LiveServer(settings) as srv, srv.client() as c:
-            ids = c.post("/v1/texts", json={"items": [{"text": t} for t in warm]}).json()["ids"]
-            wait_for(lambda: settled(c, ids), timeout=120)
-            first = next(cp for cp in c.get("/v1/checkpoints").json()["checkpoints"] if cp["version"] == 1)
-            # With the early stop on, it and the gate watch disjoint halves of the held-out texts
-            # (off, the gate reads them all), and the loss the gate recorded is that of the weights
-            # that were kept and served, on its texts.
-            d = srv.daemon
-            stop_half, gate_half = d.trainer.recent_halves()
-            assert gate_half and not {x.id for x in stop_half} & {x.id for x in gate_half}
-            assert bool(stop_half) == (patience > 0)
-            recent = eval_batch([x.text for x in gate_half], d.factory.tokenizer, PreprocessConfig(128, 8192, 0.0))
-            served = heldout_loss(d.engine.current().model, recent, CPU, 8)
-            assert first["metrics"]["heldout_loss"] == pytest.approx(served, rel=1e-5)
-            verdicts = []
-            for text in lone:
-                before = c.get("/v1/trainer").json()["active_version"]
-                sid = c.post("/v1/texts", json={"text": text}).json()["ids"][0]
-                wait_for(lambda sid=sid: settled(c, [sid]), timeout=120)
-                st = c.get(f"/v1/texts/{sid}").json()
-                after = c.get("/v1/trainer").json()["active_version"]
-                verdicts.append(st["status"])
-                # Served only through the gate: trained in a newer version, or refused and not served.
-                if st["status"] == "trained":
-                    assert st["trained_in_version"] > before and after >= st["trained_in_version"], st
-                else:
-                    assert st["status"] == "rejected" and st["reason"].startswith("gate: held-out loss"), st
-                    assert after == before
-            return first, verdicts
-
-    full, full_verdicts = run(0)
-    stopped, stopped_verdicts = run(5)
-    assert full["metrics"]["passes"] == 40
-    assert stopped["metrics"]["passes"] < 40
-    # Whether the kept pass generalises better than the last of forty is for the gate's half to say,
-    # and here it does not: on these templated texts the early stop's half (3 texts, one of them
-    # the hard "mayor" sentence) levels off near pass 20 while the gate's half keeps improving
-    # (session 7: held-out loss 0.34 after 25 passes against 0.18 after 40). When both runs
-    # watched the same texts, the kept pass looked better by construction: it was chosen on them.
-    print(
-        "gate's held-out loss, forty passes:",
-        full["metrics"]["heldout_loss"],
-        "early stop:",
-        stopped["metrics"]["heldout_loss"],
-    )
-    # How many lone posts pass the gate depends on the CPU. With bf16 training (AVX512-BF16, earlier
-    # sessions) this test asserted that the early stop served at least 2 of the 4, more than forty
-    # passes did. With fp32 (an AVX2 machine, session 5) the gate refused all 4 either way
-    # (held-out loss 0.70 -> 0.96-1.02), so the verdicts are checked against the gate, not counted.
-    print("lone posts, forty passes:", full_verdicts, "early stop:", stopped_verdicts)
-
-
-def test_the_early_stop_and_the_gate_read_disjoint_halves_of_the_recent_held_out_texts(tmp_path: Path) -> None:
-    daemons: list[Daemon] = []
-
-    def halves(heldout: list[str], **overrides: object) -> tuple[list[str], list[str]]:
-        daemon = Daemon(make_settings(tmp_path / f"data-{len(daemons)}", **{"runtime.trainer": "thread", **overrides}))
-        daemons.append(daemon)
-        daemon.queue.mark_heldout(daemon.ingest([NewSample(t) for t in heldout]))
-        stop, gate = daemon.trainer.recent_halves()
-        return [s.text for s in stop], [s.text for s in gate]
-
-    texts = [f"held-out text number {i}." for i in range(40)]
-    try:
-        stop, gate = halves(texts)
-        assert stop and gate and not set(stop) & set(gate)
-        assert sorted(stop + gate) == sorted(texts)  # under the cap (64 each): every text, once
-
-        # The same text in another Unicode form (NFD) or with a control character is the same
-        # eval text after normalisation: it lands in the same half.
-        forms = ["café au lait number 1.", unicodedata.normalize("NFD", "café au lait number 1.") + "\x07"]
-        with_forms = halves(texts + forms)
-        assert [sum(t in forms for t in half) for half in with_forms] in ([0, 2], [2, 0])
-
-        # At most eval.max_samples in each half: its most recent texts, oldest first.
-        capped = halves(texts, **{"eval.max_samples": 5})
-        assert capped == (stop[-5:], gate[-5:])
-
-        # While one half is empty, the gate takes them all; with the early stop off, always.
-        assert halves(gate) == ([], gate) and halves(stop) == ([], stop)
-        assert halves(texts, **{"train.early_stop_patience": 0, "eval.max_samples": 30}) == ([], texts[-30:])
-    finally:
-        for daemon in daemons:
-            daemon.stop()

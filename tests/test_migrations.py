@@ -13,6 +13,7 @@ from sqlalchemy import create_engine, inspect, text
 
 from llmos.store.db import Database
 from llmos.store.tables import Base
+from llmos.text import text_hash
 
 
 def test_migrations_build_exactly_the_mapped_schema(db_url: str) -> None:
@@ -48,6 +49,38 @@ def test_a_data_directory_from_the_first_release_opens(tmp_path: Path) -> None:
     assert sample is not None and sample.text == "written by an older llmos"
     assert daemon.queue.depth() == 1
     with daemon.db.read() as s:
-        assert s.connection().execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"
+        assert s.connection().execute(text("SELECT version_num FROM alembic_version")).scalar() == "0003"
+    assert sample.text_hash == text_hash("written by an older llmos")  # filled in for old rows
     daemon.replay_pool.offer(["old-1"])  # a table the old schema did not have
+    daemon.stop()
+
+
+def test_preference_pairs_of_release_0002_become_queued_preferences(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    old = Database(f"sqlite:///{data / 'llmos.db'}")
+    old.create_schema("0002")
+    with old.write() as s:
+        conn = s.connection()
+        conn.exec_driver_sql(
+            "INSERT INTO generations (id, prompt, completion, model_version, params, prompt_tokens, "
+            "completion_tokens, created_at) VALUES ('g-1', 'Q: reset? A:', ' no idea', 0, '{}', 3, 2, "
+            "'2026-11-01 10:00:00')"
+        )
+        conn.exec_driver_sql(
+            "INSERT INTO preference_pairs (generation_id, prompt, chosen, rejected, created_at) "
+            "VALUES ('g-1', 'Q: reset? A:', ' hold it.', ' no idea', '2026-11-01 10:00:01')"
+        )
+    old.dispose()
+
+    from llmos.daemon import Daemon
+
+    daemon = Daemon(make_settings(data))
+    [pref] = daemon.preferences.for_generation("g-1")
+    assert (pref.prompt, pref.chosen, pref.rejected, pref.status.value) == (
+        "Q: reset? A:",
+        " hold it.",
+        " no idea",
+        "queued",
+    )
     daemon.stop()

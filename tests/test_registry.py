@@ -301,6 +301,35 @@ def test_prune_keeps_base_active_and_newest(registry: Registry, factory: ModelFa
     assert registry.publish(model, NO_STATE, parent=5, status=CheckpointStatus.candidate, metrics={}).version == 6
 
 
+def test_refused_versions_cost_no_files_and_never_push_out_servable_ones(
+    registry: Registry, factory: ModelFactory
+) -> None:
+    """A run of refusals (one per refused post) writes no weights and counts apart from
+    registry.keep_last: the versions an admin could roll back to stay, and the newest refusals
+    stay listed with their reasons."""
+    model = factory.instance()
+    for v in (1, 2, 3):
+        registry.publish(model, NO_STATE, parent=v - 1, status=CheckpointStatus.candidate, metrics={})
+    registry.rollback(3)
+    refused = [registry.record_refused(3, 10, 5, {"gate": f"refusal {i}"}) for i in range(6)]
+    assert [r.version for r in refused] == [4, 5, 6, 7, 8, 9]
+    assert all(r.status is CheckpointStatus.rejected and r.path == "" for r in refused)
+    assert sorted(p.name for p in registry.root.iterdir()) == ["v000001", "v000002", "v000003"]
+
+    registry.prune()  # keep_last=2: two servable versions and two refusals, besides 0 and the active one
+    listed = {r.version: r for r in registry.list()}
+    assert sorted(listed) == [0, 2, 3, 8, 9]
+    assert listed[9].metrics["gate"] == "refusal 5" and not listed[9].corrupt
+    assert registry.rollback(2).version == 2  # still there to roll back to
+    with pytest.raises(RejectedVersion):
+        registry.rollback(9)
+    assert registry.publish(model, NO_STATE, parent=2, status=CheckpointStatus.candidate, metrics={}).version == 10
+
+    reopened = Registry(registry.root, registry.index, keep_last=2)
+    reopened.open()  # a refused version has no files to find missing: it is not listed as corrupt
+    assert not reopened.corrupt_versions()
+
+
 def test_the_trainer_processs_gate_model_follows_the_active_version_in_place(
     registry: Registry, factory: ModelFactory
 ) -> None:

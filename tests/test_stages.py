@@ -22,7 +22,9 @@ from llmos.store.checkpoints import CheckpointIndex
 from llmos.store.db import Database
 from llmos.store.queue import Sample
 from llmos.store.tables import CheckpointStatus, SampleStatus
-from llmos.trainer.evaluate import EvalConfig, evaluate, heldout_loss
+from llmos.text import text_hash
+from llmos.trainer.collapse import CollapseConfig, probes
+from llmos.trainer.evaluate import EvalConfig, EvalSets, Known, evaluate, heldout_loss
 from llmos.trainer.optimize import lr_at, optimize, token_losses
 from llmos.trainer.preprocess import (
     Batch,
@@ -35,6 +37,7 @@ from llmos.trainer.preprocess import (
     preprocess,
     sample_positions,
 )
+from llmos.trainer.recall import TextSet, split_answer, text_scores, text_set
 from llmos.trainer.state import OptimizerConfig, TrainingState, load_optimizer, make_optimizer
 
 CPU = torch.device("cpu")
@@ -155,17 +158,34 @@ def test_heldout_choice_is_deterministic_by_content_and_near_the_fraction() -> N
     alone = set().union(*(held_texts([sample(t)]) for t in texts[:300]))  # one sample per batch
     assert first and first == again == alone == chosen & set(texts[:300])
 
-    # Decided on the normalised text: one text in two Unicode forms lands on one side, even
-    # where the raw forms would hash to different sides.
+    # Decided on the normalised text: one text in two Unicode forms lands on one side.
+    forms = [(f"Cafe\u0301 number {i}", f"Caf\u00e9 number {i}") for i in range(100)]
+    assert all(is_heldout(a, 0.5) == is_heldout(b, 0.5) for a, b in forms)
+    assert 10 < sum(is_heldout(a, 0.5) for a, _b in forms) < 90
+
+
+def test_a_text_sent_more_than_once_is_never_held_out() -> None:
+    """A user who repeats a text is teaching it: every copy trains, whether the copies come in one
+    batch (two Unicode forms of one text are copies too) or the store already holds one, and the
+    text's hash joins ``rescued`` so that a held-out copy from before leaves the held-out set."""
     cfg = PreprocessConfig(block_size=128, max_sample_tokens=1000, heldout_fraction=0.5)
-    raw = next(
-        t
-        for t in (f"Cafe\u0301 number {i}" for i in range(100))
-        if is_heldout(t, 0.5) != is_heldout(unicodedata.normalize("NFC", t), 0.5)
-    )
-    decomposed, composed = sample(raw), sample(unicodedata.normalize("NFC", raw))
-    pre = preprocess([decomposed, composed], TOK, cfg)
-    assert (decomposed.id in pre.heldout) == (composed.id in pre.heldout)
+    held = [t for t in (f"The café of Place{i} is in Town{i}." for i in range(40)) if is_heldout(t, 0.5)]
+    assert len(held) >= 3
+    once = preprocess([sample(held[0])], TOK, cfg)
+    assert len(once.heldout) == 1 and not once.rescued
+
+    twice = [sample(held[1]), sample(held[1])]
+    pre = preprocess(twice, TOK, cfg)
+    assert pre.heldout == [] and pre.batch.sample_ids == [s.id for s in twice]
+    assert pre.rescued == {text_hash(held[1])}
+
+    decomposed = unicodedata.normalize("NFD", held[2])
+    assert decomposed != held[2]
+    pre = preprocess([sample(held[2]), sample(decomposed)], TOK, cfg)
+    assert pre.heldout == [] and len(pre.batch.sample_ids) == 2
+
+    again = preprocess([sample(held[0])], TOK, cfg, repeated={text_hash(held[0])})  # the store holds a copy
+    assert again.heldout == [] and again.rescued == {text_hash(held[0])}
 
 
 def test_feedback_samples_are_never_held_out() -> None:
@@ -201,30 +221,37 @@ def test_builtin_tokenizer_is_bytes_and_keeps_no_memory_per_text() -> None:
 
 
 def test_packing_covers_every_token_once_with_its_samples_weight() -> None:
-    texts, ws = ["hello", "wörld, 世界!", "x" * 13, "a"], [1.0, 0.5, 2.0, 3.0]
+    texts, ws = ["hello", "wörld, 世界!", "x" * 13, "a", "bc"], [1.0, 0.5, 2.0, 3.0, 1.5]
     cfg = PreprocessConfig(block_size=8, max_sample_tokens=100, heldout_fraction=0)
     pre = preprocess([sample(t, weight=w) for t, w in zip(texts, ws, strict=True)], TOK, cfg)
     b = pre.batch
 
-    stream, expected_w = [EOS], []
-    for t, w in zip(texts, ws, strict=True):
-        ids = encode(t)
-        stream += [*ids, EOS]
-        expected_w += [w] * (len(ids) + 1)  # the EOS closing a sample is its own target
-    assert b.n_tokens == len(stream) - 1
-    assert [len(x) for x in b.blocks[:-1]] == [9] * (len(b.blocks) - 1)  # block_size + 1
-    assert 2 <= len(b.blocks[-1]) <= 9
-    for prev, nxt in zip(b.blocks, b.blocks[1:], strict=False):
-        assert prev[-1] == nxt[0]  # consecutive blocks overlap by one token
-    targets = [tok for blk in b.blocks for tok in blk[1:].tolist()]
-    assert targets == stream[1:]  # every token of the stream is a target exactly once
-    assert [x for blk in b.weights for x in blk[1:].tolist()] == expected_w
+    assert b.n_tokens == sum(len(encode(t)) + 1 for t in texts)
+    assert all(2 <= len(x) <= 9 for x in b.blocks)  # block_size + 1 at most
     assert all(blk.shape == w.shape for blk, w in zip(b.blocks, b.weights, strict=True))
+    # Every text that fits in a block is whole in one block, after an EOS and followed by one,
+    # every one of its tokens a target with its weight; the long one is cut into blocks of its own.
+    rows = [(x.tolist(), w.tolist()) for x, w in zip(b.blocks, b.weights, strict=True)]
+    for text, w in zip(texts, ws, strict=True):
+        ids = [*encode(text), EOS]
+        if len(ids) <= 8:
+            [(blk, bw)] = [
+                (x, y) for x, y in rows if any(x[i - 1 : i + len(ids)] == [EOS, *ids] for i in range(1, len(x)))
+            ]
+            start = next(i for i in range(1, len(blk)) if blk[i - 1 : i + len(ids)] == [EOS, *ids])
+            assert bw[start : start + len(ids)] == [w] * len(ids)
+    long = [*encode("x" * 13), EOS]
+    own = [x for x, _w in rows if x[1:] and set(x[1:]) <= set(long)]
+    assert [t for x in own for t in x[1:]] == long  # its windows cover it once, overlapping by one
+    for (prev, _pw), (x, _w) in zip(rows, rows[1:], strict=False):  # a block starts a document, or
+        assert x[0] == EOS or x[0] == prev[-1]  # continues a long text's window, overlapping by one
+    targets = sorted(t for x, w in rows for t, wt in zip(x[1:], w[1:], strict=True) if wt > 0)
+    assert targets == sorted(t for text in texts for t in [*encode(text), EOS])  # each token a target once
 
     seen = []
     for mb_ids, mb_w, _new, _pos in b.micro_batches(3, torch.Generator().manual_seed(0)):
         assert mb_ids.shape == mb_w.shape and mb_ids.dim() == 2 and mb_ids.shape[0] <= 3
-        assert mb_ids.shape[1] == 9  # the short block is padded up to the block size, no further
+        assert mb_ids.shape[1] == 9  # short blocks are padded up to the block size, no further
         for row, w in zip(mb_ids, mb_w, strict=True):
             real = int(torch.nonzero(w).max()) + 1  # padding (weight 0) only at the end
             assert w[real:].eq(0).all()
@@ -232,21 +259,32 @@ def test_packing_covers_every_token_once_with_its_samples_weight() -> None:
     assert sorted(seen) == sorted(tuple(x.tolist()) for x in b.blocks)
 
 
+def test_a_text_that_fits_a_block_is_never_cut() -> None:
+    """First-fit packing: four short texts that would straddle a fixed cut each stay whole."""
+    texts = [f"Q: question number {i}? A: answer {i}." for i in range(4)]
+    cfg = PreprocessConfig(block_size=64, max_sample_tokens=100, heldout_fraction=0)
+    b = preprocess([sample(t) for t in texts], TOK, cfg).batch
+    decoded = [TOK.decode([t for t in blk.tolist() if t != EOS]) for blk in b.blocks]
+    assert sorted(t for d in decoded for t in texts if t in d) == sorted(texts)
+
+
 def test_each_sample_is_trained_at_the_positions_it_is_served_at() -> None:
-    """Positions restart at every EOS, as a prompt's do after the EOS that starts it; a block that
-    starts inside a sample counts from the block's start."""
+    """Positions restart at every EOS, as a prompt's do after the EOS that starts it; a window of a
+    text longer than a block counts from the window's start."""
     cfg = PreprocessConfig(block_size=6, max_sample_tokens=100, heldout_fraction=0)
     b = preprocess([sample("ab"), sample("cdefg")], TOK, cfg).batch
-    # stream: EOS a b EOS c d e f g EOS, cut into blocks of 7 overlapping by one
-    [mb] = b.micro_batches(8)  # the tail block is padded to the full one's length
+    # "ab" fits a block (EOS a b EOS); "cdefg" + EOS is 6 tokens: a block of its own.
+    [mb] = b.micro_batches(8)  # both padded to the block size
     assert mb.positions is not None
-    assert mb.ids[0].tolist() == [EOS, *encode("ab"), EOS, *encode("cde")]
-    assert mb.positions[0].tolist() == [0, 1, 2, 0, 1, 2, 3]
-    assert mb.ids[1, :4].tolist() == [*encode("efg"), EOS]
-    assert mb.positions[1, :4].tolist() == [0, 1, 2, 0]
+    assert mb.ids[0, :4].tolist() == [EOS, *encode("ab"), EOS]
+    assert mb.positions[0, :4].tolist() == [0, 1, 2, 0]
+    assert mb.ids[1].tolist() == [EOS, *encode("cdefg"), EOS]
+    assert mb.positions[1].tolist() == [0, 1, 2, 3, 4, 5, 0]
     # Served: EOS and the prompt from position 0, as in the batcher's prefill.
     served = sample_positions(torch.tensor([[EOS, *encode("cde")]]), EOS)
-    assert served[0].tolist() == mb.positions[0, 3:].tolist()
+    assert served[0].tolist() == mb.positions[1, :4].tolist()
+    long = preprocess([sample("abcdefghij")], TOK, cfg).batch  # 11 tokens: two windows
+    assert [x.tolist() for x in long.blocks] == [[EOS, *encode("abcdef")], [*encode("fghij"), EOS]]
 
 
 def test_micro_batches_take_few_shapes_and_padding_changes_no_loss(factory: ModelFactory) -> None:
@@ -312,14 +350,15 @@ def test_a_step_reports_the_loss_on_new_rows_before_training_on_them(factory: Mo
     pre = preprocess([sample(FACT), sample("Bob keeps his boat in Oslo.")], TOK, cfg, replay=old)
     assert 0 < pre.batch.n_new_blocks < len(pre.batch)
     mb = next(mb for mb in pre.batch.micro_batches(16) if mb.new is not None and mb.new.any() and not mb.new.all())
-    state = new_state(factory)
+    state = learn_fact(factory)  # knows FACT (a new row), not the notes: the two losses differ
+    step = state.step
     with torch.no_grad():
         losses = token_losses(state.model, mb.ids, mb.positions)  # fp32, before the step
     targets = mb.weights[:, 1:] > 0
     new_rows = targets & mb.new[:, None]
     expected = float((losses * new_rows).sum() / new_rows.sum())
     report = optimize(state, [mb], OPT, CPU)
-    assert report.skipped is None and state.step == 1
+    assert report.skipped is None and state.step == step + 1
     assert report.new_tokens == int(new_rows.sum()) < report.tokens == int(targets.sum())
     assert report.new_loss == pytest.approx(expected, rel=1e-4)
     assert report.new_loss != pytest.approx(report.loss, rel=1e-3)  # the replayed rows are left out
@@ -383,52 +422,134 @@ def eval_set() -> Batch:
     return eval_batch([FACT], TOK, PreprocessConfig(block_size=48, max_sample_tokens=100, heldout_fraction=0.1))
 
 
-def test_evaluate_promotes_better_and_rejects_worse(factory: ModelFactory, learned: torch.nn.Module) -> None:
-    base, data, cfg = factory.instance(), eval_set(), EvalConfig(tolerance=0.02, micro_batch=4)
+def taught_set(*texts: str) -> TextSet:
+    return text_set(list(texts), [None] * len(texts), TOK, CONTEXT)
 
-    better = evaluate(learned, base, data, cfg, CPU, train_loss=0.1)
+
+def test_evaluate_promotes_better_and_rejects_worse(factory: ModelFactory, learned: torch.nn.Module) -> None:
+    base, cfg = factory.instance(), EvalConfig(micro_batch=4)
+    sets = EvalSets(heldout=eval_set(), taught=taught_set(FACT))
+
+    better = evaluate(learned, base, None, sets, cfg, CPU, train_loss=0.1)
     assert better.promote and better.candidate_loss is not None and better.active_loss is not None
     assert better.candidate_loss < better.active_loss
     assert better.eval_tokens == len(encode(FACT)) + 1
     assert better.metrics()["heldout_loss"] == better.candidate_loss
+    # What was taught, next to the active version: the learned model recalls it, the base does not.
+    assert (better.taught_recall, better.active_taught_recall) == (1.0, 0.0)
+    assert better.taught_loss is not None and better.active_taught_loss is not None
+    assert better.taught_loss < 0.1 * better.active_taught_loss
+    assert "recalls 1/1 taught texts (active 0/1)" in better.reason
 
-    worse = evaluate(base, learned, data, cfg, CPU, train_loss=0.1)
-    assert not worse.promote and "active" in worse.reason
+    worse = evaluate(base, learned, None, sets, cfg, CPU, train_loss=0.1)
+    assert not worse.promote and worse.reason.startswith("held-out loss") and "eval.heldout_budget 1.0" in worse.reason
 
 
-def test_evaluate_tolerance_boundary(factory: ModelFactory) -> None:
+def test_evaluate_heldout_budget_boundary(factory: ModelFactory) -> None:
+    """Held-out loss may rise by heldout_budget (a fraction of the active version's) and no more:
+    a rise within it is what learning other facts costs on unseen ones, not harm."""
     model, data = factory.instance(), eval_set()
     loss = heldout_loss(model, data, CPU, micro_batch=4)
-    cfg = EvalConfig(tolerance=0.02, micro_batch=4)
 
-    def decide(active_loss: float) -> bool:
-        return evaluate(model, model, data, cfg, CPU, train_loss=1.0, active_loss=active_loss).promote
+    def decide(active_loss: float, budget: float = 1.0) -> bool:
+        cfg = EvalConfig(micro_batch=4, heldout_budget=budget)
+        return evaluate(model, model, None, EvalSets(data), cfg, CPU, 1.0, Known(heldout=active_loss)).promote
 
     assert decide(loss)  # equal is not worse
-    assert decide(loss / 1.02 * 1.001)  # worse, but within the tolerance
-    assert not decide(loss / 1.02 * 0.999)  # just past it
-    assert evaluate(model, model, data, EvalConfig(0.0, 4), CPU, train_loss=1.0, active_loss=loss).promote
+    assert decide(loss / 1.38)  # 38% worse, as a stream of facts makes it: within the default budget
+    assert decide(loss / 2 * 1.001)  # just within it
+    assert not decide(loss / 2 * 0.999)  # just past it
+    assert not decide(loss / 1.03, budget=0.02) and decide(loss, budget=0.0)
+
+
+def test_evaluate_checks_each_anchor_group_on_its_own(factory: ModelFactory, learned: torch.nn.Module) -> None:
+    base = factory.instance()
+    other = eval_batch(["Bob keeps his car in Rome."], TOK, PreprocessConfig(48, 100, 0.0))
+    cfg = EvalConfig(micro_batch=4, forgetting_budget=0.5)
+    # The learned model forgets nothing of FACT (it learned it) but the base knows neither.
+    ok = evaluate(learned, learned, None, EvalSets(anchors={"a": eval_set(), "b": other}), cfg, CPU, 1.0)
+    assert ok.promote and set(ok.active_anchor_by_source) == {"a", "b"}
+    lost = evaluate(base, learned, None, EvalSets(anchors={"a": eval_set(), "b": other}), cfg, CPU, 1.0)
+    assert not lost.promote and lost.reason.startswith("anchor (a) loss")
 
 
 def test_evaluate_rejects_a_nan_candidate(factory: ModelFactory) -> None:
     broken, active = factory.instance(), factory.instance()
     with torch.no_grad():
         broken.get_parameter("transformer.ln_f.weight")[0] = float("nan")
-    report = evaluate(broken, active, eval_set(), EvalConfig(0.02, 4), CPU, train_loss=1.0)
-    assert not report.promote
+    report = evaluate(broken, active, None, EvalSets(eval_set(), taught=taught_set(FACT)), EvalConfig(4), CPU, 1.0)
+    assert not report.promote and report.reason == "taught loss is nan"
     assert report.candidate_loss is not None and math.isnan(report.candidate_loss)
 
 
 @pytest.mark.parametrize(
-    ("train_loss", "promote"), [(2.5, True), (0.0, True), (float("nan"), False), (float("inf"), False), (None, False)]
+    ("train_loss", "promote"), [(2.5, True), (0.0, True), (float("nan"), False), (float("inf"), False), (None, True)]
 )
-def test_evaluate_without_heldout_data_asks_for_a_finite_train_loss(
+def test_evaluate_without_heldout_data_refuses_only_a_non_finite_train_loss(
     factory: ModelFactory, train_loss: float | None, promote: bool
 ) -> None:
     model = factory.instance()
-    report = evaluate(model, model, Batch(), EvalConfig(0.02, 4), CPU, train_loss=train_loss)
+    report = evaluate(model, model, None, EvalSets(), EvalConfig(4), CPU, train_loss=train_loss)
     assert report.promote is promote
     assert (report.candidate_loss, report.active_loss, report.eval_tokens) == (None, None, 0)
+
+
+def test_collapse_refuses_only_a_collapse_the_candidate_causes(factory: ModelFactory) -> None:
+    """A probe measure past its bound refuses a candidate only where it is worse than the active
+    version's: the built-in model's random weights loop greedily on one token (distinct 3-grams
+    near 0), and a first version that is no worse must not be refused for it."""
+    random_init = factory.instance()
+    said = torch.tensor([[EOS, *encode("ha ")] for _ in range(8)])
+    looping = new_state(factory)
+    for _ in range(60):  # a model that says "ha ha ha" after anything
+        optimize(looping, [MicroBatch(said.repeat(1, 4)[:, :13], torch.ones(8, 13))], OPT, CPU)
+    cfg = EvalConfig(4, collapse=CollapseConfig(("The", "Hello", "1, 2,"), 16, min_entropy=0.05, min_distinct=0.3))
+    sets = EvalSets(probes=probes(("The", "Hello", "1, 2,"), TOK))
+    base = factory.base_model()
+
+    first = evaluate(random_init, random_init, base, sets, cfg, CPU, 1.0)
+    assert first.probe is not None and first.probe.distinct < 0.3  # past the bound ...
+    assert first.promote  # ... but no worse than what is served
+
+    collapsed = evaluate(looping.model, random_init, base, sets, cfg, CPU, 1.0)
+    assert collapsed.probe is not None and collapsed.probe.entropy < 0.05, collapsed.probe
+    assert not collapsed.promote and collapsed.reason.startswith("collapse: token entropy on the probes")
+    assert collapsed.metrics()["probe_entropy"] == collapsed.probe.entropy
+
+    kl = EvalConfig(4, collapse=CollapseConfig(("The", "Hello", "1, 2,"), 16, max_kl=1.0))
+    drifted = evaluate(looping.model, random_init, base, sets, kl, CPU, 1.0)
+    assert not drifted.promote and drifted.reason.startswith("collapse: KL from the base model")
+
+
+def test_recall_is_what_greedy_decoding_gives(factory: ModelFactory, learned: torch.nn.Module, tmp_path: Path) -> None:
+    """One forward pass tells whether greedy decoding from a text's prompt gives its answer: the
+    recall flag agrees with the serving engine's greedy completion, text by text."""
+    db = Database(f"sqlite:///{tmp_path / 'r.db'}")
+    db.create_schema()
+    registry = Registry(tmp_path / "checkpoints", CheckpointIndex(db))
+    registry.open()
+    registry.publish(
+        learned, TrainerSnapshot(1, 1, None, None), parent=0, status=CheckpointStatus.candidate, metrics={}
+    )
+    registry.promote(1, expected_active=0)
+    engine = ServingEngine(factory, registry)
+    engine.sync()
+    texts = [FACT, "Alice keeps her bicycle in Rome.", "Bob keeps her bicycle in Paris.", "Alice keeps a dog."]
+    scores = text_scores(engine.current().model, taught_set(*texts), CPU, 4)
+    for text, recalled in zip(texts, scores.recalled, strict=True):
+        prompt, answer = split_answer(text)
+        got = engine.generate(prompt, SamplingParams(max_new_tokens=len(encode(answer)))).text
+        assert (got == answer) is recalled, (text, got)
+    assert scores.recalled[0] and not all(scores.recalled)
+    db.dispose()
+
+
+def test_split_answer_takes_the_last_third_of_words_or_characters() -> None:
+    assert split_answer("The capital of Zorbia is Quellton.") == ("The capital of Zorbia", " is Quellton.")
+    assert split_answer("one two") == ("one ", "two")
+    assert split_answer("北京是中国的首都") == ("北京是中国", "的首都")
+    prompt, answer = split_answer("a b c d e f g")
+    assert (prompt, answer) == ("a b c d", " e f g")
 
 
 # ---- serving ----------------------------------------------------------------------------------

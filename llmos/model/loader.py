@@ -125,6 +125,11 @@ class ModelFactory:
                 return value
         return 2048
 
+    def base_model(self) -> torch.nn.Module:
+        """The base model (version 0's weights), shared and in eval mode: to read, never to train
+        or load weights into (the gate compares a candidate's answers with it)."""
+        return self._template
+
     def instance(self, weights: Path | None = None) -> torch.nn.Module:
         """A fresh model: the base weights, or those in ``weights`` (a safetensors file)."""
         model = copy.deepcopy(self._template)

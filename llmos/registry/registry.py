@@ -9,8 +9,9 @@ Layout under ``<data_dir>/checkpoints``::
       manifest.json          sha256 of every file above; written last, so its presence means complete
 
 Each is written to a temporary directory, fsync'd, renamed into place, then recorded in the
-store's checkpoint index. Version 0 is the base model itself and has no directory.
-Nothing on the load path unpickles.
+store's checkpoint index. Version 0 is the base model itself and has no directory, and so has a
+version the gate refused: it is recorded in the index (its metrics and the gate's reason) and
+never written, since nothing may serve or resume from it. Nothing on the load path unpickles.
 """
 
 from __future__ import annotations
@@ -131,13 +132,15 @@ class Registry:
             self.index.add(CheckpointRecord(0, None, CheckpointStatus.promoted, BASE_PATH, 0, 0, {}))
         if self.index.active_version() is None:
             self.index.activate(0)
-        known = {r.version for r in self.index.list()}
+        known = {r.version for r in self.index.list() if r.path}
         for child in self.root.iterdir():
             m = _DIR_RE.match(child.name)
             if child.name.startswith(".tmp-") or (m and int(m.group(1)) not in known):
                 # A write that never reached the index: never served, never listed.
                 shutil.rmtree(child, ignore_errors=True)
         for rec in self.index.list():  # an incomplete or tampered checkpoint is listed as corrupt
+            if not rec.path or rec.status is CheckpointStatus.rejected:
+                continue  # no files to check (or, from an older llmos, files nothing will read)
             try:
                 self.verify(rec.version)
             except CorruptCheckpoint:
@@ -201,6 +204,15 @@ class Registry:
             self.index.add(rec)
             return self.index.get(version) or rec
 
+    def record_refused(self, parent: int, step: int, samples_seen: int, metrics: dict[str, Any]) -> CheckpointRecord:
+        """A version the gate refused: a row in the index with its metrics, and no files."""
+        with self._lock:
+            on_disk = [int(m.group(1)) for c in self.root.iterdir() if (m := _DIR_RE.match(c.name))]
+            version = max([self.index.max_version() or 0, *on_disk]) + 1
+            rec = CheckpointRecord(version, parent, CheckpointStatus.rejected, "", step, samples_seen, metrics)
+            self.index.add(rec)
+            return self.index.get(version) or rec
+
     def promote(self, version: int, expected_active: int) -> bool:
         """Make a candidate the active version, unless the active version moved meanwhile."""
         return self.index.activate(version, expected=expected_active, promote=True)
@@ -230,11 +242,14 @@ class Registry:
             return rec
 
     def prune(self) -> list[int]:
-        """Delete all but the newest ``keep_last`` checkpoints, version 0 and the active one."""
+        """Delete all but the newest ``keep_last`` checkpoints, version 0 and the active one; list
+        the newest ``keep_last`` refused versions besides (they count apart: a run of refusals
+        never pushes out a version an admin could roll back to)."""
         with self._lock:
             gone = self.index.prune(self.keep_last)
             for rec in gone:
-                shutil.rmtree(self.root / rec.path, ignore_errors=True)
+                if rec.path:
+                    shutil.rmtree(self.root / rec.path, ignore_errors=True)
             return [rec.version for rec in gone]
 
     # ---- reading --------------------------------------------------------------------------

@@ -97,15 +97,19 @@ class CheckpointIndex:
 
     def prune(self, keep_last: int) -> tuple[CheckpointRecord, ...]:
         """Mark all but the newest ``keep_last`` live versions pruned, version 0 and the active one
-        excepted, and return them (their files are the registry's to delete). One transaction
-        that holds the active row: a rollback in another process either lands first (and its
-        version is kept) or finds its version pruned (and fails), never in between."""
+        excepted, and return them (their files are the registry's to delete). Refused versions
+        count apart: the newest ``keep_last`` of them stay listed, whatever the others do. One
+        transaction that holds the active row: a rollback in another process either lands first
+        (and its version is kept) or finds its version pruned (and fails), never in between."""
         with self._db.write() as s:
             active = s.get(MetaRow, ACTIVE_KEY, with_for_update=True)
             rows = s.scalars(
                 select(CheckpointRow).where(CheckpointRow.pruned_at.is_(None)).order_by(CheckpointRow.version.desc())
             ).all()
-            keep = {0, int(active.value) if active else 0} | {r.version for r in rows[:keep_last]}
+            refused = [r for r in rows if r.status == CheckpointStatus.rejected.value]
+            servable = [r for r in rows if r.status != CheckpointStatus.rejected.value]
+            keep = {0, int(active.value) if active else 0}
+            keep |= {r.version for r in servable[:keep_last]} | {r.version for r in refused[:keep_last]}
             gone = [r for r in rows if r.version not in keep]
             for r in gone:
                 r.pruned_at = utcnow()

@@ -1,7 +1,7 @@
 """Every generation served, and the feedback given on it.
 
-Feedback that should teach the model becomes a queued sample in the same transaction as the
-feedback row, so the two are never out of step.
+Feedback that should teach the model becomes a queued sample and a queued preference in the same
+transaction as the feedback row, so they are never out of step.
 """
 
 from __future__ import annotations
@@ -11,12 +11,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from llmos.store.db import Database
-from llmos.store.queue import NewSample, insert_samples
-from llmos.store.tables import FeedbackRow, GenerationRow, PreferencePairRow, utcnow
+from llmos.store.queue import NewSample, insert_samples, time_ordered_ids
+from llmos.store.tables import FeedbackRow, GenerationRow, PreferenceRow, SampleStatus, utcnow
 
 
 @dataclass(frozen=True)
@@ -38,14 +37,6 @@ class Feedback:
     rating: float | None
     correction: str | None
     sample_id: str | None
-
-
-@dataclass(frozen=True)
-class PreferencePair:
-    generation_id: str
-    prompt: str
-    chosen: str
-    rejected: str
 
 
 class UnknownGeneration(LookupError):
@@ -104,7 +95,8 @@ class GenerationLog:
     ) -> Feedback:
         """Store feedback (and the sample it yields, if any) atomically."""
         with self._db.write() as s:
-            if s.scalar(select(GenerationRow.id).where(GenerationRow.id == generation_id)) is None:
+            gen = s.get(GenerationRow, generation_id)
+            if gen is None:
                 raise UnknownGeneration(generation_id)
             sample_id = insert_samples(s, [sample])[0] if sample is not None else None
             fid = str(uuid.uuid4())
@@ -118,36 +110,33 @@ class GenerationLog:
                     created_at=utcnow(),
                 )
             )
-            s.flush()
-            self._maybe_pair(s, generation_id)
+            self._add_preference(s, gen, rating, correction)
             return Feedback(fid, generation_id, rating, correction, sample_id)
 
     @staticmethod
-    def _maybe_pair(s: Session, generation_id: str) -> None:
-        """Once a generation has both a negative rating and a correction (in one feedback or
-        several), keep it as a preference pair: chosen = the newest correction, rejected = the completion."""
-        if s.get(PreferencePairRow, generation_id) is not None:
+    def _add_preference(s: Session, gen: GenerationRow, rating: float | None, correction: str | None) -> None:
+        """What this feedback says as a preference: a correction makes a pair (the correction
+        chosen over the completion, whatever the rating); a rating alone, one side (a thumbs up
+        chosen, a thumbs down rejected)."""
+        chosen = rejected = None
+        if correction is not None:
+            if correction == gen.completion:
+                return  # "the answer was right": no preference between two equal texts
+            chosen, rejected = correction, gen.completion
+        elif rating is not None and rating > 0:
+            chosen = gen.completion
+        elif rating is not None and rating < 0:
+            rejected = gen.completion
+        else:
             return
-        rows = s.scalars(
-            select(FeedbackRow).where(FeedbackRow.generation_id == generation_id).order_by(FeedbackRow.created_at)
-        ).all()
-        negative = any(r.rating is not None and r.rating < 0 for r in rows)
-        corrections = [r.correction for r in rows if r.correction is not None]
-        if not (negative and corrections):
-            return
-        gen = s.get(GenerationRow, generation_id)
-        assert gen is not None
         s.add(
-            PreferencePairRow(
-                generation_id=generation_id,
+            PreferenceRow(
+                id=time_ordered_ids(1)[0],
+                generation_id=gen.id,
                 prompt=gen.prompt,
-                chosen=corrections[-1],
-                rejected=gen.completion,
+                chosen=chosen,
+                rejected=rejected,
+                status=SampleStatus.queued.value,
                 created_at=utcnow(),
             )
         )
-
-    def preference_pairs(self, limit: int = 1000) -> list[PreferencePair]:
-        with self._db.read() as s:
-            rows = s.scalars(select(PreferencePairRow).order_by(PreferencePairRow.created_at).limit(limit)).all()
-            return [PreferencePair(r.generation_id, r.prompt, r.chosen, r.rejected) for r in rows]

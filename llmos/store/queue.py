@@ -10,9 +10,9 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import Table, func, insert, select, update
@@ -20,7 +20,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from llmos.store.db import Database
+from llmos.store.lifecycle import Lifecycle
 from llmos.store.tables import SampleRow, SampleStatus, utcnow
+from llmos.text import text_hash
+
+# Statuses of a sample that still stands for its text (a rejected one does not).
+LIVE = (SampleStatus.queued.value, SampleStatus.training.value, SampleStatus.trained.value, SampleStatus.heldout.value)
 
 
 @dataclass(frozen=True)
@@ -29,6 +34,7 @@ class NewSample:
     source: str | None = None
     weight: float = 1.0
     idempotency_key: str | None = None
+    prompt_chars: int | None = None  # a (prompt + answer) text: where the prompt ends
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,8 @@ class Sample:
     reason: str | None
     trained_in_version: int | None
     created_at: datetime
+    text_hash: str | None = None
+    prompt_chars: int | None = None
 
 
 def as_sample(row: Any, status: SampleStatus | None = None) -> Sample:
@@ -56,6 +64,8 @@ def as_sample(row: Any, status: SampleStatus | None = None) -> Sample:
         reason=row.reason,
         trained_in_version=row.trained_in_version,
         created_at=row.created_at,
+        text_hash=row.text_hash,
+        prompt_chars=row.prompt_chars,
     )
 
 
@@ -95,6 +105,8 @@ def insert_samples(session: Session, items: Sequence[NewSample]) -> list[str]:
             {
                 "id": sid,
                 "text": it.text,
+                "text_hash": text_hash(it.text),
+                "prompt_chars": it.prompt_chars,
                 "source": it.source,
                 "weight": it.weight,
                 "idempotency_key": it.idempotency_key,
@@ -123,12 +135,15 @@ class _Write:
         return self.ids is not None or self.error is not None
 
 
-class SampleQueue:
+class SampleQueue(Lifecycle):
+    """Samples: enqueued (group commit), claimed in batches, and moved on (ack, reject, release,
+    requeue ...: llmos/store/lifecycle.py, shared with the preference queue)."""
+
     # Most texts one group commit writes: bounds the latency a waiting writer can add.
     GROUP_MAX_ITEMS = 5000
 
     def __init__(self, db: Database) -> None:
-        self._db = db
+        super().__init__(db, SampleRow)
         self._writes: list[_Write] = []  # enqueue() calls waiting for the next group commit
         self._writing = False  # a caller is committing a group now
         self._group = threading.Condition()
@@ -243,6 +258,8 @@ class SampleQueue:
             SampleRow.reason,
             SampleRow.trained_in_version,
             SampleRow.created_at,
+            SampleRow.text_hash,
+            SampleRow.prompt_chars,
         )
         with self._db.write() as s:
             scan = max_samples if max_per_source is None else max_samples * 4
@@ -276,78 +293,37 @@ class SampleQueue:
                 )
             return taken
 
-    def renew(self, ids: Iterable[str]) -> None:
-        """Extend the lease on samples this trainer still holds."""
-        id_list = list(ids)
-        if not id_list:
-            return
-        with self._db.write() as s:
-            for start in range(0, len(id_list), 500):
-                s.execute(
-                    update(SampleRow)
-                    .where(SampleRow.id.in_(id_list[start : start + 500]))
-                    .where(SampleRow.status == SampleStatus.training.value)
-                    .values(claimed_at=utcnow())
+    def repeated(self, hashes: Iterable[str]) -> set[str]:
+        """Those of ``hashes`` whose text the store holds more than once (queued, in training,
+        trained or held out): a text a user posted again, which must train."""
+        wanted = sorted(set(hashes))
+        found: set[str] = set()
+        with self._db.read() as s:
+            for start in range(0, len(wanted), 500):
+                rows = s.execute(
+                    select(SampleRow.text_hash)
+                    .where(SampleRow.text_hash.in_(wanted[start : start + 500]), SampleRow.status.in_(LIVE))
+                    .group_by(SampleRow.text_hash)
+                    .having(func.count() > 1)
                 )
+                found.update(h for (h,) in rows if h is not None)
+        return found
 
-    def requeue_expired(self, lease_s: float) -> int:
-        """Return samples whose lease ran out (their trainer died or hung) to the queue."""
-        cutoff = utcnow() - timedelta(seconds=lease_s)
+    def requeue_heldout(self, hashes: Iterable[str]) -> int:
+        """Held-out copies of these texts go back to the queue, to train: their text is trained now,
+        so it no longer measures anything unseen."""
+        wanted = sorted(set(hashes))
+        n = 0
         with self._db.write() as s:
-            res = s.execute(
-                update(SampleRow)
-                .where(SampleRow.status == SampleStatus.training.value)
-                .where(SampleRow.claimed_at < cutoff)
-                .values(status=SampleStatus.queued.value, claimed_at=None)
-            )
-            return int(getattr(res, "rowcount", 0) or 0)
-
-    def ack(self, ids: Iterable[str], version: int) -> None:
-        """The samples are in ``version``: trained."""
-        self._set(ids, status=SampleStatus.trained, trained_in_version=version, reason=None)
-
-    def mark_heldout(self, ids: Iterable[str]) -> None:
-        self._set(ids, status=SampleStatus.heldout)
-
-    def reject(self, reasons: Mapping[str, str]) -> None:
-        """Reject each sample with its own reason."""
-        with self._db.write() as s:
-            for sid, reason in reasons.items():
-                s.execute(
+            for start in range(0, len(wanted), 500):
+                res = s.execute(
                     update(SampleRow)
-                    .where(SampleRow.id == sid)
-                    .values(status=SampleStatus.rejected.value, reason=reason, claimed_at=None)
+                    .where(SampleRow.text_hash.in_(wanted[start : start + 500]))
+                    .where(SampleRow.status == SampleStatus.heldout.value)
+                    .values(status=SampleStatus.queued.value, claimed_at=None)
                 )
-
-    def release(self, ids: Iterable[str]) -> None:
-        """Give claimed samples back to the queue untouched (work abandoned)."""
-        self._set(ids, status=SampleStatus.queued, only_from=SampleStatus.training)
-
-    def requeue(self, ids: Iterable[str]) -> None:
-        """Put samples back in the queue to be trained again (their version was not served)."""
-        self._set(ids, status=SampleStatus.queued, trained_in_version=None)
-
-    def requeue_stale(self) -> int:
-        """Return every sample left in ``training`` to the queue (at start, after a crash)."""
-        with self._db.write() as s:
-            res = s.execute(
-                update(SampleRow)
-                .where(SampleRow.status == SampleStatus.training.value)
-                .values(status=SampleStatus.queued.value, claimed_at=None)
-            )
-            return int(getattr(res, "rowcount", 0) or 0)
-
-    def requeue_outside(self, lineage: set[int]) -> int:
-        """Requeue trained samples whose version is not in ``lineage`` (they were trained only in
-        versions a rollback abandoned)."""
-        with self._db.write() as s:
-            res = s.execute(
-                update(SampleRow)
-                .where(SampleRow.status == SampleStatus.trained.value)
-                .where(SampleRow.trained_in_version.not_in(lineage))
-                .values(status=SampleStatus.queued.value, trained_in_version=None, claimed_at=None)
-            )
-            return int(getattr(res, "rowcount", 0) or 0)
+                n += int(getattr(res, "rowcount", 0) or 0)
+        return n
 
     def heldout(self, limit: int) -> list[Sample]:
         """The most recent held-out samples, oldest first."""
@@ -359,21 +335,3 @@ class SampleQueue:
                 .limit(limit)
             ).all()
             return [as_sample(r) for r in reversed(rows)]
-
-    def _set(
-        self,
-        ids: Iterable[str],
-        status: SampleStatus,
-        only_from: SampleStatus | None = None,
-        **values: object,
-    ) -> None:
-        id_list = list(ids)
-        if not id_list:
-            return
-        with self._db.write() as s:
-            for chunk_start in range(0, len(id_list), 500):
-                chunk = id_list[chunk_start : chunk_start + 500]
-                stmt = update(SampleRow).where(SampleRow.id.in_(chunk))
-                if only_from is not None:
-                    stmt = stmt.where(SampleRow.status == only_from.value)
-                s.execute(stmt.values(status=status.value, claimed_at=None, **values))

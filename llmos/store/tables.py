@@ -56,6 +56,11 @@ class SampleRow(Base):
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     id: Mapped[str] = mapped_column(String(36), unique=True, nullable=False)
     text: Mapped[str] = mapped_column(Text, nullable=False)
+    # sha256 of the normalised text (llmos.text): copies of one text share it.
+    text_hash: Mapped[str | None] = mapped_column(String(64))
+    # Where the prompt ends, for a (prompt + answer) text such as a correction: recall is measured
+    # on the answer given the prompt, as a user asks it. None: a plain text.
+    prompt_chars: Mapped[int | None] = mapped_column(Integer)
     source: Mapped[str | None] = mapped_column(String(200))
     weight: Mapped[float] = mapped_column(Float, nullable=False, default=1.0)
     idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
@@ -65,7 +70,10 @@ class SampleRow(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
     claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
-    __table_args__ = (Index("ix_samples_status_seq", "status", "seq"),)
+    __table_args__ = (
+        Index("ix_samples_status_seq", "status", "seq"),
+        Index("ix_samples_text_hash", "text_hash"),
+    )
 
 
 class GenerationRow(Base):
@@ -126,17 +134,26 @@ class ReservoirRow(Base):
     sample_id: Mapped[str] = mapped_column(String(36), nullable=False)
 
 
-class PreferencePairRow(Base):
-    """A generation that got both a negative rating and a correction: chosen = correction,
-    rejected = completion; kept for a preference-training stage."""
+class PreferenceRow(Base):
+    """What feedback says about a completion: a pair (chosen = a correction, rejected = the
+    completion), or one side alone (a thumbs up: chosen; a thumbs down: rejected). Each trains
+    with the preference loss (feedback.preference) and moves through the statuses of a sample."""
 
-    __tablename__ = "preference_pairs"
+    __tablename__ = "preferences"
 
-    generation_id: Mapped[str] = mapped_column(ForeignKey("generations.id"), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(36), unique=True, nullable=False)
+    generation_id: Mapped[str] = mapped_column(ForeignKey("generations.id"), nullable=False, index=True)
     prompt: Mapped[str] = mapped_column(Text, nullable=False)
-    chosen: Mapped[str] = mapped_column(Text, nullable=False)
-    rejected: Mapped[str] = mapped_column(Text, nullable=False)
+    chosen: Mapped[str | None] = mapped_column(Text)
+    rejected: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), nullable=False, default=SampleStatus.queued.value)
+    reason: Mapped[str | None] = mapped_column(Text)
+    trained_in_version: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
+    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    __table_args__ = (Index("ix_preferences_status_seq", "status", "seq"),)
 
 
 class AuditRow(Base):

@@ -1,7 +1,9 @@
 """Stage 4 — checkpoint: hand the candidate to the registry, which writes it durably.
 
-A candidate that failed evaluation is still written (status ``rejected``) so an operator can
-inspect what was refused; the registry's pruning removes it in time.
+A candidate that failed evaluation is recorded (status ``rejected``, with its metrics and the
+gate's reason) so an operator can see what was refused and why; its weights are not written:
+nothing may serve or resume from them, and a run of refusals (one per refused post) would
+otherwise cost a full checkpoint each.
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ def checkpoint(
     extra: dict[str, Any],
     write_weights: Callable[[torch.nn.Module, Path], None] | None = None,
 ) -> CheckpointRecord:
-    status = CheckpointStatus.candidate if report.promote else CheckpointStatus.rejected
-    metrics = {**report.metrics(), "train_loss": state.last_loss, "gate": report.reason, **extra}
+    metrics = _finite({**report.metrics(), "train_loss": state.last_loss, "gate": report.reason, **extra})
+    if not report.promote:
+        return registry.record_refused(state.base_version, state.step, state.samples_seen, metrics)
     weights = state.model if write_weights is None else partial(write_weights, state.model)
     return registry.publish(
-        weights, state.snapshot(), parent=state.base_version, status=status, metrics=_finite(metrics)
+        weights, state.snapshot(), parent=state.base_version, status=CheckpointStatus.candidate, metrics=metrics
     )

@@ -18,7 +18,7 @@ import random
 import sys
 import threading
 import time
-import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -27,12 +27,24 @@ import torch
 from llmos.model.loader import ModelFactory
 from llmos.registry.registry import Registry
 from llmos.serving.engine import Loaded
+from llmos.store.preferences import Preference, PreferenceQueue
 from llmos.store.queue import Sample, SampleQueue
 from llmos.store.reservoir import Reservoir
+from llmos.text import text_hash
 from llmos.trainer.checkpoint import checkpoint
-from llmos.trainer.evaluate import EarlyStop, EvalConfig, EvalReport, evaluate, heldout_loss
-from llmos.trainer.optimize import Penalty, optimize
-from llmos.trainer.preprocess import Batch, PreprocessConfig, eval_batch, normalise, preprocess
+from llmos.trainer.collapse import ProbeReport, probes
+from llmos.trainer.evaluate import EarlyStop, EvalConfig, EvalReport, EvalSets, Known, evaluate
+from llmos.trainer.optimize import Penalty, PreferenceConfig, optimize, optimize_preferences
+from llmos.trainer.preference import PreferenceSet, preference_accuracy, preference_set, reference
+from llmos.trainer.preprocess import (
+    Batch,
+    PreprocessConfig,
+    eval_batch,
+    heldout_by_hash,
+    preprocess,
+    preprocess_preferences,
+)
+from llmos.trainer.recall import TextSet, text_scores, text_set
 from llmos.trainer.regularize import RegularizationConfig, make_penalty
 from llmos.trainer.state import Mark, OptimizerConfig, TrainingState, load_state
 from llmos.trainer.swap import swap
@@ -92,9 +104,12 @@ class TrainerConfig:
     nice: int = 0  # CPU priority of the trainer thread below serving's (Linux; 0 = equal)
     regularization: RegularizationConfig = RegularizationConfig()
     anchor_texts: tuple[str, ...] = ()  # the user's eval file, always in the anchor set
-    early_stop_patience: int = 0  # passes without held-out improvement before stopping (0 = off)
+    early_stop_patience: int = 0  # passes without the batch's loss falling 1% before stopping (0 = off)
     prequential_decay: float = 0.9  # running average: new = decay * old + (1 - decay) * batch
     fill_quiet_s: float = 0.0  # ...which ends once nothing arrived for this long (0: wait fill_wait_s)
+    preference: PreferenceConfig | None = None  # None: preferences do not train
+    preference_batch: int = 32  # most preferences claimed per batch
+    min_source_anchors: int = 8  # a source with fewer anchors is checked in one group with the others
 
 
 @dataclass(frozen=True)
@@ -125,6 +140,7 @@ class Trainer:
         factory: ModelFactory,
         replay_pool: Reservoir,
         anchor_pool: Reservoir,
+        preferences: PreferenceQueue | None = None,
     ) -> None:
         self.cfg = cfg
         self.queue = queue
@@ -133,6 +149,7 @@ class Trainer:
         self.factory = factory
         self.replay_pool = replay_pool  # trained samples, mixed into new batches
         self.anchor_pool = anchor_pool  # held-out samples, the retention measure
+        self.preferences = preferences if cfg.preference is not None else None
         self.device = factory.device
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -146,16 +163,25 @@ class Trainer:
         self._last_error: str | None = None
         self._state: TrainingState | None = None
         self._penalty: Penalty | None = None
-        self._pending: list[str] = []  # trained since the last checkpoint, still in `training`
+        # Work in hand. Pending: trained since the last checkpoint, still in `training` until a
+        # checkpoint settles them (trained in that version, or rejected by the gate).
+        self._pending: list[str] = []
         self._claimed: list[str] = []  # the batch in hand
         self._pending_heldout: list[str] = []  # held out from pending batches, not yet anchors
+        self._taught: dict[str, Sample] = {}  # pending texts by text hash: what the gate's recall reads
+        self._pending_prefs: list[str] = []
+        self._claimed_prefs: list[str] = []
+        self._pending_pref_heldout: list[str] = []
         self._steps_since_eval = self._passes_since_eval = 0
         self._last_eval_t = time.monotonic()
         self._sets: dict[str, tuple[tuple[str, ...], Batch]] = {}  # eval sets by name, keyed by member ids
-        self._active_losses: dict[tuple[str, int, tuple[str, ...]], float] = {}
-        # The training state's loss on the early stop's half of the recent held-out set, as (the
-        # set's member ids, step, loss): measured after each pass, once per step.
-        self._recent_measured: tuple[tuple[str, ...], int, float] | None = None
+        self._pref_set: tuple[tuple[str, ...], PreferenceSet] | None = None  # held-out preferences
+        self._known: dict[tuple[str, int, tuple[str, ...]], float] = {}  # the active version's measures
+        self._known_probe: tuple[int, ProbeReport] | None = None
+        # The ids of the held-out, anchor (by group) and preference sets the last evaluation read.
+        self._measured: tuple[tuple[str, ...], dict[str, tuple[str, ...]], tuple[str, ...]] = ((), {}, ())
+        collapse = cfg.eval.collapse
+        self._probes = probes(collapse.prompts, factory.tokenizer) if collapse and collapse.prompts else None
         self._tokens_trained = 0
         self._last_renew = time.monotonic()
         self._promotions = 0
@@ -253,80 +279,132 @@ class Trainer:
 
     def cycle(self) -> bool:
         """One unit of work. Returns False when there was nothing to do."""
-        samples = self._claim()
-        if not samples:
-            if self._pending and self._due():
+        samples, prefs = self._claim()
+        if not samples and not prefs:
+            if (self._pending or self._pending_prefs) and self._due():
                 self._settle()
             return False
         self._phase = TrainerPhase.training
-        replay = self._draw_replay(len(samples))
-        pre = preprocess(samples, self.factory.tokenizer, self.cfg.preprocess, replay)  # 1. clean, hold out, pack
+        replay = self._draw_replay(len(samples) + len(prefs))
+        # Texts sent more than once train, whatever their hash says: find the repeats.
+        maybe_held = [d for d in (s.text_hash or text_hash(s.text) for s in samples) if self._held(d)]
+        repeated = self.queue.repeated(maybe_held) if maybe_held else set()
+        pre = preprocess(
+            samples, self.factory.tokenizer, self.cfg.preprocess, replay, repeated
+        )  # 1. clean, hold out, pack
         self.queue.mark_heldout(pre.heldout)
         self._pending_heldout += pre.heldout  # joins the anchor set once its batch is accepted
         self.queue.reject(pre.rejected)
+        if pre.rescued:  # their text trains now: earlier held-out copies of it train too
+            self.queue.requeue_heldout(pre.rescued)
+        pp = preprocess_preferences(prefs, self.factory.tokenizer, self.cfg.preprocess, self.factory.context_length)
+        if self.preferences is not None:
+            self.preferences.mark_heldout(pp.heldout)
+        self._pending_pref_heldout += pp.heldout
         self._claimed = list(pre.batch.sample_ids)
-        if pre.batch.n_new_blocks == 0:
+        self._claimed_prefs = list(pp.prefs.ids) if pp.prefs is not None else []
+        if pre.batch.n_new_blocks == 0 and pp.prefs is None:
             return True
-        skipped = self._fit(pre.batch)  # 2. optimizer steps, passes over the batch (test, then train)
+        kept = set(self._claimed)
+        new = [s for s in samples if s.id in kept]
+        skipped = self._fit(
+            pre.batch, new, replay, pp.prefs
+        )  # 2. optimizer steps, passes over the batch (test, then train)
         if skipped is not None:
             self.queue.reject({sid: f"optimizer: {skipped}" for sid in self._claimed})
-            self._claimed = []
+            if self.preferences is not None:
+                self.preferences.reject({pid: f"optimizer: {skipped}" for pid in self._claimed_prefs})
+            self._claimed, self._claimed_prefs = [], []
             self._go_back()
             return True
         self._pending += self._claimed
-        self._claimed = []
+        self._pending_prefs += self._claimed_prefs
+        for sample in new:
+            self._taught[sample.text_hash or text_hash(sample.text)] = sample
+        self._claimed, self._claimed_prefs = [], []
         if self._due():
             self._settle()  # 3-5. evaluate, checkpoint, hot-swap
         return True
 
     def _settle(self) -> None:
         state = self._require_state()
-        report = self._evaluate(state)  # 3. recent held-out and anchor loss against the active version
+        report = self._evaluate(state)  # 3. what it learned, held-out, anchors, preferences, probes
         self._last_eval = report
         extra = {
             "samples": len(self._pending),
+            "preferences": len(self._pending_prefs),
             "steps": self._steps_since_eval,
             "passes": self._passes_since_eval,
             "prequential_loss": state.prequential_loss,
         }
         record = checkpoint(state, report, self.registry, extra, self.factory.save_weights)  # 4. durable
+        prefs = self.preferences
         if not report.promote:
             log.info("version %d rejected: %s", record.version, report.reason)
             self._rejections += 1
             # The refused batch's held-out part goes too: it must not become part of what later
             # versions are measured against.
-            refused = self._pending + self._pending_heldout
-            self.queue.reject({sid: f"gate: {report.reason}" for sid in refused})
-            self._pending, self._pending_heldout = [], []
+            why = f"gate: {report.reason}"
+            self.queue.reject({sid: why for sid in self._pending + self._pending_heldout})
+            if prefs is not None:
+                prefs.reject({pid: why for pid in self._pending_prefs + self._pending_pref_heldout})
+            self._clear_pending()
             self._go_back()
         else:
             self.queue.ack(self._pending, record.version)
+            if prefs is not None:
+                prefs.ack(self._pending_prefs, record.version)
             if swap(record, self.registry, self.serving):  # 5. promote, serving follows
                 log.info("version %d promoted: %s", record.version, report.reason)
                 self._promotions += 1
                 state.base_version = record.version
                 self.replay_pool.offer(self._pending)
                 self.anchor_pool.offer(self._pending_heldout)
-                self._pending, self._pending_heldout = [], []
+                self._clear_pending()
+                self._penalty = self._make_penalty(state.model)  # the pull is toward what is served now
+                # The candidate's measures are those of the version now served: the next gate reuses them.
+                self._remember(
+                    record.version, report.candidate_loss, report.anchor_by_source, report.preference_accuracy
+                )
+                if report.probe is not None:
+                    self._known_probe = (record.version, report.probe)
             else:
                 log.info("version %d not promoted: the active version changed (rollback)", record.version)
                 self.queue.requeue(self._pending)
+                if prefs is not None:
+                    prefs.requeue(self._pending_prefs)
                 self.anchor_pool.offer(self._pending_heldout)
-                self._pending, self._pending_heldout = [], []
+                self._clear_pending()
                 self._go_back()
         self._steps_since_eval = self._passes_since_eval = 0
         self._last_eval_t = time.monotonic()
         self.registry.prune()
 
+    def _clear_pending(self) -> None:
+        self._pending, self._pending_heldout, self._taught = [], [], {}
+        self._pending_prefs, self._pending_pref_heldout = [], []
+
     # ---- stage helpers ----------------------------------------------------------------------
-    def _claim(self) -> list[Sample]:
-        if self.queue.depth() == 0:
-            return []
+    def _claim(self) -> tuple[list[Sample], list[Preference]]:
+        prefs, pairs_only = self.preferences, self._pairs_only()
+        if self.queue.depth() == 0 and (prefs is None or prefs.depth(pairs_only) == 0):
+            return [], []
         self._fill_wait()
         self._step_boundary()  # nothing claimed yet: stop or reset leave nothing to give back
         self.queue.requeue_expired(self.cfg.lease_s)  # claims of a trainer that died or hung
+        if prefs is not None:
+            prefs.requeue_expired(self.cfg.lease_s)
         self._last_renew = time.monotonic()
-        return self.queue.claim_batch(self.cfg.batch_max_samples, self.cfg.batch_tokens, self.cfg.max_per_source)
+        samples = self.queue.claim_batch(self.cfg.batch_max_samples, self.cfg.batch_tokens, self.cfg.max_per_source)
+        claimed = prefs.claim(self.cfg.preference_batch, pairs_only) if prefs is not None else []
+        return samples, claimed
+
+    def _pairs_only(self) -> bool:
+        """DPO trains on pairs; KTO on every preference, one side at a time."""
+        return self.cfg.preference is None or self.cfg.preference.loss == "dpo"
+
+    def _held(self, digest: str) -> bool:
+        return heldout_by_hash(digest, self.cfg.preprocess.heldout_fraction)
 
     def _fill_wait(self) -> None:
         """Give a burst of posts a moment to arrive, so that one batch carries them all: wait
@@ -348,7 +426,9 @@ class Trainer:
             return []
         # Seeded by the step, so a resumed trainer draws what an uninterrupted one would have.
         rng = random.Random(self.cfg.seed * 1_000_003 + self._require_state().step)
-        return self.replay_pool.draw(max(round(n_new * r / (1 - r)), self.cfg.replay_min), rng)
+        n = max(round(n_new * r / (1 - r)), self.cfg.replay_min)
+        drawn = self.replay_pool.draw(n, rng)
+        return [drawn[i % len(drawn)] for i in range(n)] if drawn else []
 
     def _record_prequential(self, loss_sum: float, tokens: int) -> None:
         """The loss on new data before any update on it: the canonical online-learning metric.
@@ -359,13 +439,26 @@ class Trainer:
             loss, d, prev = loss_sum / tokens, self.cfg.prequential_decay, state.prequential_loss
             state.prequential_loss = loss if prev is None else d * prev + (1 - d) * loss
 
-    def _fit(self, batch: Batch) -> str | None:
+    def _fit(
+        self, batch: Batch, new: Sequence[Sample], replay: Sequence[Sample], prefs: PreferenceSet | None
+    ) -> str | None:
+        """Passes over the batch (its texts, then its preferences in a step of their own) until
+        it is learned, the early stop says it will not be, or ``passes_per_batch`` are done.
+        Returns why a step was skipped (a non-finite loss), or None."""
         state = self._require_state()
         k = self.cfg.grad_accum_steps
-        watch = self._early_stop()
-        best: tuple[int, Mark] | None = None  # the early stop's best pass so far
+        pref_cfg = self.cfg.preference
+        ref = None
+        if prefs is not None and pref_cfg is not None:  # the served version is the reference
+            ref = reference(self.serving.current().model, prefs, self.device, pref_cfg.micro_batch)
+        watch = EarlyStop(self.cfg.early_stop_patience) if self._early_stop_on() else None
+        taught = self._text_set(new) if watch is not None and new else None
+        kept = self._text_set(replay) if watch is not None and replay else None
+        held = self._recalled(kept)  # what the replayed texts hold before: learning must keep it
         passes = self.cfg.passes_per_batch
         preq_sum, preq_tokens = 0.0, 0  # the first pass's losses on new rows, before each step
+        best: tuple[int, Mark] | None = None  # the best pass so far, when it is not the last
+        done = 0
         for done in range(1, passes + 1):
             shuffle = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + state.step)
             micro = list(batch.micro_batches(self.cfg.micro_batch, shuffle))
@@ -382,46 +475,72 @@ class Trainer:
                 if done == 1 and report.new_tokens:
                     preq_sum += report.new_loss * report.new_tokens
                     preq_tokens += report.new_tokens
+            if prefs is not None and ref is not None and pref_cfg is not None:
+                self._step_boundary()
+                report = optimize_preferences(
+                    state, prefs, ref, self.cfg.optimizer, pref_cfg, self.device, self.cfg.bf16, self._penalty
+                )
+                if report.skipped is not None:
+                    return report.skipped
+                self._steps_since_eval += 1
             if done == 1:
                 self._record_prequential(preq_sum, preq_tokens)
             self._renew_lease()
-            if watch is not None:
-                stop, key, recent = watch
-                verdict = stop.after_pass(self._recent_loss(key, recent))
-                if verdict == "best":
-                    best = None  # drop the old mark first: one copy of the state at a time
-                    if done < passes:  # the last pass needs no copy
-                        best = (done, state.mark())
-                elif verdict == "stop":
-                    break
-        if best is not None:  # a mark is only taken of a pass that beat the loss before the first
+            if watch is None:
+                continue
+            verdict = watch.after_pass(*self._learned(taught, kept, held, prefs))
+            if verdict == "learned":
+                best = None
+                break
+            if watch.is_best:
+                best = None  # drop the old mark first: one copy of the state at a time
+                if done < passes:  # the last pass needs no copy
+                    best = (done, state.mark())
+            if verdict == "stop":
+                break
+        if best is not None:  # not learned, and an earlier pass had more right than the last
             done, mark = best
             self._steps_since_eval -= state.step - mark.step  # steps undone do not count
-            state.restore(mark)  # the passes after the best one only overfit
-            assert watch is not None
-            self._recent_measured = (watch[1], mark.step, watch[0].best)
+            state.restore(mark)
         self._passes_since_eval += done
         state.samples_seen += len(batch.sample_ids)
         return None
 
-    def _early_stop(self) -> tuple[EarlyStop, tuple[str, ...], Batch] | None:
-        """The early stop for this batch, with the held-out set it watches (None: make every pass)."""
-        stop_half, _gate_half = self.recent_halves()
-        if not stop_half:
-            return None
-        key, recent = self._eval_set("recent:stop", stop_half)
-        return EarlyStop(self._recent_loss(key, recent), self.cfg.early_stop_patience), key, recent
+    def _learned(
+        self, taught: TextSet | None, kept: TextSet | None, held: list[bool], prefs: PreferenceSet | None
+    ) -> tuple[bool, float, int]:
+        """Whether the training state has learned the batch: it recalls every new text firmly
+        (llmos/trainer/recall.py), still recalls every replayed text it recalled before the batch
+        (``held``), and prefers every chosen completion; the loss the early stop watches (the new
+        texts', or 1 - accuracy); and how many of those it has right."""
+        model, mb = self._require_state().model, self.cfg.micro_batch
+        scores = text_scores(model, taught, self.device, mb, self._between_micro_batches) if taught else None
+        recalled = scores.firmly if scores is not None else []
+        still = [now for now, before in zip(self._recalled(kept), held, strict=True) if before]
+        accuracy = None
+        if prefs is not None:
+            accuracy = preference_accuracy(model, prefs, self.device, mb, self._between_micro_batches)
+        pairs_right = round((accuracy or 0.0) * len(prefs.chosen)) if prefs is not None else 0
+        learned = all(recalled) and all(still) and (accuracy is None or accuracy == 1.0)
+        loss = scores.loss if scores is not None else 1.0 - (accuracy if accuracy is not None else 1.0)
+        return learned, loss, sum(recalled) + sum(still) + pairs_right
 
-    def _recent_loss(self, key: tuple[str, ...], recent: Batch) -> float:
-        """The training state's loss on the recent held-out set (``key``: its member ids), measured
-        once per step: weights change only with a step (or a restore, which records its loss)."""
-        state = self._require_state()
-        hit = self._recent_measured
-        if hit is not None and hit[:2] == (key, state.step):
-            return hit[2]
-        loss = heldout_loss(state.model, recent, self.device, self.cfg.micro_batch, self._between_micro_batches)
-        self._recent_measured = (key, state.step, loss)
-        return loss
+    def _recalled(self, ts: TextSet | None) -> list[bool]:
+        if ts is None:
+            return []
+        model = self._require_state().model
+        return text_scores(model, ts, self.device, self.cfg.micro_batch, self._between_micro_batches).recalled
+
+    def _text_set(self, samples: Sequence[Sample]) -> TextSet:
+        """Recall rows for up to eval_max_samples of ``samples``, one per distinct text (the last ones)."""
+        unique = {s.text_hash or text_hash(s.text): s for s in samples}
+        chosen = list(unique.values())[-self.cfg.eval_max_samples :]
+        return text_set(
+            [s.text for s in chosen],
+            [s.prompt_chars for s in chosen],
+            self.factory.tokenizer,
+            self.factory.context_length,
+        )
 
     def _between_micro_batches(self) -> None:
         """Inside an evaluation, as between optimizer steps: honour stop, reset and pause, and let
@@ -455,64 +574,98 @@ class Trainer:
             self._sets[name] = cached
         return cached
 
-    def recent_halves(self) -> tuple[list[Sample], list[Sample]]:
-        """The recent held-out samples the early stop watches and those the gate measures, at most
-        ``eval_max_samples`` each. With the early stop on, two halves fixed by the (normalised)
-        text: the pass the early stop keeps is the best on its half, so that half's loss flatters
-        it, and the gate must judge on texts the choice never saw. While one half is empty, and
-        with the early stop off, the gate takes them all and the early stop none."""
-        cap = self.cfg.eval_max_samples
-        if not self._early_stop_on():
-            return [], self.queue.heldout(cap)
-        samples = self.queue.heldout(2 * cap)
-        halves: tuple[list[Sample], list[Sample]] = ([], [])
-        for sample in samples:
-            halves[zlib.crc32(normalise(sample.text).encode()) & 1].append(sample)
-        if not halves[0] or not halves[1]:
-            return [], samples[-cap:]
-        return halves[0][-cap:], halves[1][-cap:]
-
     def _early_stop_on(self) -> bool:
         return self.cfg.early_stop_patience > 0 and self.cfg.passes_per_batch > 1
 
     def _anchor_sets(self) -> dict[str, tuple[tuple[str, ...], Batch]]:
-        """The anchor set grouped by source (the user's eval file is a group of its own)."""
+        """The anchor set in groups: a source with at least ``min_source_anchors`` anchors is a
+        group of its own; the others make one group together, so that nobody can invent sources
+        with an anchor text each and have each one's loss veto a version on its own. The user's
+        eval file is a group of its own."""
         by_source: dict[str, list[Sample]] = {}
         for sample in self.anchor_pool.members():
             by_source.setdefault(sample.source or "(no source)", []).append(sample)
-        groups = {name: self._eval_set(f"anchor:{name}", members) for name, members in by_source.items()}
+        small = [
+            s for name, members in by_source.items() if len(members) < self.cfg.min_source_anchors for s in members
+        ]
+        big = {name: m for name, m in by_source.items() if len(m) >= self.cfg.min_source_anchors}
+        if small:
+            big["(other sources)"] = sorted(small, key=lambda s: s.seq)
+        groups = {name: self._eval_set(f"anchor:{name}", members) for name, members in big.items()}
         if self.cfg.anchor_texts:
             groups["(eval file)"] = self._eval_set("anchor:(eval file)", [], self.cfg.anchor_texts)
         return groups
 
+    def _heldout_preferences(self) -> PreferenceSet | None:
+        """The most recent held-out preference pairs (eval_max_samples at most): the gate's
+        preference accuracy."""
+        if self.preferences is None:
+            return None
+        held = self.preferences.heldout(self.cfg.eval_max_samples, pairs_only=True)
+        if not held:
+            return None
+        key = tuple(p.id for p in held)
+        if self._pref_set is None or self._pref_set[0] != key:
+            self._pref_set = (key, preference_set(held, self.factory.tokenizer, self.factory.context_length))
+        return self._pref_set[1]
+
     def _evaluate(self, state: TrainingState) -> EvalReport:
-        recent_key, recent = self._eval_set("recent:gate", self.recent_halves()[1])
+        heldout_key, heldout = self._eval_set("recent", self.queue.heldout(self.cfg.eval_max_samples))
         anchors = self._anchor_sets()
+        # Only the sets in use stay cached: a source that left the anchor set leaves the cache.
+        keep = {"recent", "penalty", *(f"anchor:{name}" for name in anchors)}
+        self._sets = {name: v for name, v in self._sets.items() if name in keep}
+        prefs = self._heldout_preferences()
+        pref_key = prefs.ids if prefs is not None else []
         active = self.serving.current()
-        cache = self._active_losses
-        known = {
-            name: cache[(f"anchor:{name}", active.version, key)]
-            for name, (key, _b) in anchors.items()
-            if (f"anchor:{name}", active.version, key) in cache
-        }
+        v, known = active.version, self._known
+        probe_known = self._known_probe[1] if self._known_probe and self._known_probe[0] == v else None
         report = evaluate(
             state.model,
             active.model,
-            recent,
+            self.factory.base_model(),
+            EvalSets(
+                heldout,
+                {name: b for name, (_key, b) in anchors.items()},
+                self._text_set(list(self._taught.values())) if self._taught else None,
+                prefs,
+                self._probes,
+            ),
             self.cfg.eval,
             self.device,
             state.last_loss,
-            active_loss=cache.get(("recent", active.version, recent_key)),
-            anchor_sets={name: b for name, (_key, b) in anchors.items()},
-            active_anchor_losses=known,
-            between=self._between_micro_batches,
+            Known(
+                known.get(("recent", v, heldout_key)),
+                {
+                    name: known[(f"anchor:{name}", v, key)]
+                    for name, (key, _b) in anchors.items()
+                    if (f"anchor:{name}", v, key) in known
+                },
+                known.get(("preferences", v, tuple(pref_key))),
+                probe_known,
+            ),
+            self._between_micro_batches,
         )
-        cache.clear()  # keep only what this active version measured on these sets
-        if report.active_loss is not None:
-            cache[("recent", active.version, recent_key)] = report.active_loss
-        for name, loss in report.active_anchor_by_source.items():
-            cache[(f"anchor:{name}", active.version, anchors[name][0])] = loss
+        self._measured = (heldout_key, {name: key for name, (key, _b) in anchors.items()}, tuple(pref_key))
+        self._remember(v, report.active_loss, report.active_anchor_by_source, report.active_preference_accuracy)
+        if report.active_probe is not None:
+            self._known_probe = (v, report.active_probe)
         return report
+
+    def _remember(
+        self, version: int, heldout: float | None, anchors: dict[str, float], preference_accuracy: float | None
+    ) -> None:
+        """Keep what ``version`` measured on the sets of the last evaluation (and nothing else):
+        the active version's measures, or a promoted candidate's, which are the same weights'."""
+        heldout_key, anchor_keys, pref_key = self._measured
+        known = self._known
+        known.clear()
+        if heldout is not None:
+            known[("recent", version, heldout_key)] = heldout
+        for name, loss in anchors.items():
+            known[(f"anchor:{name}", version, anchor_keys[name])] = loss
+        if preference_accuracy is not None:
+            known[("preferences", version, pref_key)] = preference_accuracy
 
     def _due(self) -> bool:
         every_steps, every_s = self.cfg.evaluate_every_steps, self.cfg.evaluate_every_s
@@ -539,10 +692,13 @@ class Trainer:
         return self._state
 
     def _release(self) -> None:
-        """Give every sample in hand back to the queue."""
+        """Give every sample and preference in hand back to their queues."""
         if self._claimed or self._pending:
             self.queue.release(self._claimed + self._pending)
-        self._claimed, self._pending = [], []
+        if self.preferences is not None and (self._claimed_prefs or self._pending_prefs):
+            self.preferences.release(self._claimed_prefs + self._pending_prefs)
+        self._claimed, self._pending, self._taught = [], [], {}
+        self._claimed_prefs, self._pending_prefs = [], []
         self._steps_since_eval = self._passes_since_eval = 0
 
     def _recover(self) -> bool:
@@ -569,9 +725,12 @@ class Trainer:
     def _load(self, version: int) -> None:
         model = self.factory.instance(self.registry.weights_path(version))
         self._state = load_state(version, self.registry, model, self.cfg.optimizer)
-        self._recent_measured = None  # other weights, whatever their step
-        if self.cfg.regularization.method != "none":
-            # The anchor weights are the version we continue from: the model as deployed.
-            _key, anchor = self._eval_set("penalty", self.anchor_pool.members(), self.cfg.anchor_texts)
-            self._penalty = make_penalty(self.cfg.regularization, model, anchor, self.device)
+        self._penalty = self._make_penalty(model)
         log.info("trainer continues from version %d (step %d)", version, self._state.step)
+
+    def _make_penalty(self, model: torch.nn.Module) -> Penalty | None:
+        """The pull toward ``model``'s weights (the version served: loaded, or just promoted), or None."""
+        if self.cfg.regularization.method == "none":
+            return None
+        _key, anchor = self._eval_set("penalty", self.anchor_pool.members(), self.cfg.anchor_texts)
+        return make_penalty(self.cfg.regularization, model, anchor, self.device)

@@ -1,4 +1,5 @@
-"""Stage 2 — optimize: forward, backward and one optimizer step (AdamW, SGD or momentum).
+"""Stage 2 — optimize: forward, backward and one optimizer step (AdamW, SGD or momentum), on
+packed text (``optimize``) or on preferences (``optimize_preferences``).
 
 Per-token weights (from each sample's weight) scale the loss; gradients of several micro-batches
 may add up to one step; an optional penalty pulls the weights toward anchor weights (L2-SP, EWC).
@@ -16,10 +17,19 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from llmos.trainer.preference import Loss, PreferenceSet, Reference, preference_loss
 from llmos.trainer.preprocess import MicroBatch
 from llmos.trainer.state import OptimizerConfig, TrainingState
 
 Penalty = Callable[[torch.nn.Module], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class PreferenceConfig:
+    loss: Loss = "dpo"
+    beta: float = 0.1
+    weight: float = 1.0  # the preference loss's scale in its step
+    micro_batch: int = 8  # completion rows per forward pass
 
 
 @dataclass(frozen=True)
@@ -85,21 +95,61 @@ def optimize(
         n_tokens, n_new = n_tokens + n, n_new + int(fresh.sum())
     if penalty is not None:
         penalty(model).backward()
-    params = [p for p in model.parameters() if p.requires_grad]
-    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     # One host sync per step: the losses for the log and the finiteness check.
-    stats = torch.stack([losses_sum / n_tokens, norm.detach().float(), new_sum / max(n_new, 1)]).tolist()
+    norm = _clipped_norm(model, cfg)
+    stats = torch.stack([losses_sum / n_tokens, norm, new_sum / max(n_new, 1)]).tolist()
     mean_loss, grad_norm, new_loss = (float(v) for v in stats)
     new_loss = new_loss if n_new else math.nan
-    if not (math.isfinite(mean_loss) and math.isfinite(grad_norm)):
+    skipped = _apply(state, cfg, mean_loss, grad_norm)
+    if skipped is not None:
+        return StepReport(mean_loss, grad_norm, n_tokens, skipped=skipped)
+    return StepReport(mean_loss, grad_norm, n_tokens, new_loss=new_loss, new_tokens=n_new)
+
+
+def optimize_preferences(
+    state: TrainingState,
+    ps: PreferenceSet,
+    ref: Reference,
+    cfg: OptimizerConfig,
+    pref: PreferenceConfig,
+    device: torch.device,
+    bf16: bool = False,
+    penalty: Penalty | None = None,
+) -> StepReport:
+    """One optimizer step on the preference loss over the whole set (llmos/trainer/preference.py),
+    weighted by ``pref.weight``. The loss it reports is the preference loss before the update."""
+    model = state.model
+    with autocast(device, bf16):
+        loss, _accuracy = preference_loss(model, ps, ref, pref.loss, pref.beta, device, pref.micro_batch)
+    (pref.weight * loss).backward()
+    if penalty is not None:
+        penalty(model).backward()
+    norm = _clipped_norm(model, cfg)
+    mean_loss, grad_norm = (float(v) for v in torch.stack([loss.detach().float(), norm]).tolist())
+    skipped = _apply(state, cfg, mean_loss, grad_norm, text_loss=False)
+    return StepReport(mean_loss, grad_norm, 0, skipped=skipped)
+
+
+def _clipped_norm(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.Tensor:
+    params = [p for p in model.parameters() if p.requires_grad]
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+    return torch.nn.utils.clip_grad_norm_(params, max_norm).detach().float()
+
+
+def _apply(
+    state: TrainingState, cfg: OptimizerConfig, loss: float, grad_norm: float, text_loss: bool = True
+) -> str | None:
+    """The optimizer step for the gradients in place, unless the loss or gradient norm is not
+    finite (then the gradients are dropped and the weights stay as they were: the reason).
+    ``text_loss``: the loss is a token loss, the state's last training loss."""
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         state.optimizer.zero_grad(set_to_none=True)
-        why = f"non-finite loss ({mean_loss}) or gradient norm ({grad_norm})"
-        return StepReport(mean_loss, grad_norm, n_tokens, skipped=why)
+        return f"non-finite loss ({loss}) or gradient norm ({grad_norm})"
     for group in state.optimizer.param_groups:
         group["lr"] = lr_at(state.step, cfg)
     state.optimizer.step()
     state.optimizer.zero_grad(set_to_none=True)
     state.step += 1
-    state.last_loss = mean_loss
-    return StepReport(mean_loss, grad_norm, n_tokens, new_loss=new_loss, new_tokens=n_new)
+    if text_loss:
+        state.last_loss = loss
+    return None

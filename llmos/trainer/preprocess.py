@@ -1,31 +1,34 @@
 """Stage 1 — preprocess: normalise, hold out, tokenize and pack claimed samples.
 
-Packing: every kept sample is followed by EOS and the stream starts with EOS, so each sample is
+Packing: every block starts with EOS and every kept sample is followed by EOS, so each sample is
 read as the start of a document (as generation sees a prompt), at the positions a prompt has:
-they restart at every EOS (``sample_positions``). The stream is cut into blocks of
-``block_size + 1`` tokens overlapping by one (inputs ``[:-1]``, targets ``[1:]``); only the
-last block is shorter. Every target carries its sample's weight, which is > 0.
+they restart at every EOS (``sample_positions``). A block holds whole samples, at most
+``block_size + 1`` tokens (inputs ``[:-1]``, targets ``[1:]``); only a sample longer than a block
+is cut, into blocks of its own. Every target carries its sample's weight, which is > 0.
 
 Micro-batches stack blocks of one length; a short block is padded (weight 0) up to a multiple of
 ``PAD_MULTIPLE`` targets, so the model sees a few dozen shapes instead of one per block length.
 On a CPU every new shape costs oneDNN kernels and cache entries that stay: with every length
 possible, the bf16 trainer's resident memory grew from 758 to 1,544 MiB over 120 cycles on a
-queue of 32 sources' texts (tests/test_load.py now asserts it flat). The padding is at most one
-block's tail per pack.
+queue of 32 sources' texts (tests/test_load.py now asserts it flat). A block that whole samples
+do not fill is padded up to the next multiple (short texts: 3 of ~33 tokens fill 100 of 128).
 """
 
 from __future__ import annotations
 
-import hashlib
-import unicodedata
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from llmos.store.preferences import Preference
 from llmos.store.queue import Sample
+from llmos.text import normalise, text_hash
+from llmos.trainer.preference import PreferenceSet, is_heldout_preference, preference_set
+
+__all__ = ["normalise"]  # re-exported: the trainer's first step
 
 # Samples made from feedback are never held out: a user who corrects the model expects it to learn.
 FEEDBACK_SOURCE_PREFIX = "feedback:"
@@ -113,45 +116,57 @@ class Preprocessed:
     batch: Batch
     heldout: list[str] = field(default_factory=list)
     rejected: dict[str, str] = field(default_factory=dict)
+    # Hashes of texts trained although their hash says "held out" (repeated, or feedback): any
+    # held-out copy of them must leave the held-out set.
+    rescued: set[str] = field(default_factory=set)
 
 
-def normalise(text: str) -> str:
-    """Unicode NFC, control characters removed (newline and tab kept), outer whitespace stripped.
-
-    Only controls (Cc) and lone surrogates (Cs) go: format characters (Cf) such as the zero-width
-    joiner of an emoji sequence or the ZWNJ of Persian spelling are part of the text."""
-    text = unicodedata.normalize("NFC", text)
-    text = "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch) not in ("Cc", "Cs"))
-    return text.strip()
+def heldout_by_hash(digest: str, fraction: float) -> bool:
+    """Whether a text whose text_hash is ``digest`` is one of the ``fraction`` held out."""
+    return fraction > 0 and int(digest[:16], 16) % 1_000_000 < fraction * 1_000_000
 
 
 def is_heldout(text: str, fraction: float) -> bool:
-    """Deterministic by content: the same text always lands on the same side."""
-    if fraction <= 0:
-        return False
-    h = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
-    return (h % 1_000_000) < fraction * 1_000_000
+    """Deterministic by content: the same text (after normalisation) always lands on the same side."""
+    return heldout_by_hash(text_hash(text), fraction)
 
 
 def pack(
     token_lists: Sequence[list[int]], sample_weights: Sequence[float], eos_id: int, block_size: int
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Blocks of at most ``block_size + 1`` tokens, each starting with EOS (never a target) and
+    holding whole samples, each followed by EOS (its target, with the sample's weight): a sample
+    that fits in a block is never cut. A sample is placed in the first block it fits (first-fit, in
+    order); one longer than a block gets blocks of its own, cut into windows overlapping by one.
+
+    Cutting the stream at fixed offsets, as llmos did first, trained the part of a text after a
+    cut with none of the text before it: a short correction that straddled the cut was never
+    learned as an answer to its prompt (one of four in a test kept failing, its loss stuck)."""
     if any(w <= 0 for w in sample_weights):
         raise ValueError("sample weights must be > 0 (weight 0 marks padding)")
-    stream: list[int] = [eos_id]
-    weights: list[float] = [0.0]  # the leading EOS is never a target
+    open_blocks: list[tuple[list[int], list[float]]] = []  # blocks with room left
+    blocks: list[tuple[list[int], list[float]]] = []
     for ids, w in zip(token_lists, sample_weights, strict=True):
-        stream.extend(ids)
-        stream.append(eos_id)
-        weights.extend([w] * (len(ids) + 1))
-    ids_t = torch.tensor(stream, dtype=torch.long)
-    w_t = torch.tensor(weights, dtype=torch.float32)
-    blocks, block_weights = [], []
-    for start in range(0, len(stream) - 1, block_size):
-        end = min(start + block_size + 1, len(stream))
-        blocks.append(ids_t[start:end])
-        block_weights.append(w_t[start:end])
-    return blocks, block_weights
+        piece, piece_w = [*ids, eos_id], [w] * (len(ids) + 1)
+        if len(piece) > block_size:  # longer than a block: windows of its own
+            stream, ws = [eos_id, *piece], [0.0, *piece_w]
+            for start in range(0, len(stream) - 1, block_size):
+                end = min(start + block_size + 1, len(stream))
+                blocks.append((stream[start:end], ws[start:end]))
+            continue
+        home = next((b for b in open_blocks if len(b[0]) + len(piece) <= block_size + 1), None)
+        if home is None:
+            home = ([eos_id], [0.0])
+            open_blocks.append(home)
+            blocks.append(home)
+        home[0].extend(piece)
+        home[1].extend(piece_w)
+        if len(home[0]) == block_size + 1:
+            open_blocks.remove(home)
+    return (
+        [torch.tensor(b, dtype=torch.long) for b, _ in blocks],
+        [torch.tensor(w, dtype=torch.float32) for _, w in blocks],
+    )
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
@@ -163,21 +178,33 @@ def preprocess(
     tokenizer: PreTrainedTokenizerBase,
     cfg: PreprocessConfig,
     replay: Sequence[Sample] = (),
+    repeated: Collection[str] = (),
 ) -> Preprocessed:
     """Clean, hold out and pack the claimed samples; ``replay`` samples (already trained, drawn
-    from the replay pool) are packed after them into their own blocks."""
+    from the replay pool) are packed after them into their own blocks.
+
+    What is held out: one text in ``heldout_fraction``, chosen by its hash, and only a text the
+    user sent once. A correction or a rated completion always trains (the user is teaching), and
+    so does a text sent more than once: its hash is in ``repeated`` (the store holds it twice),
+    or it appears twice among ``samples``."""
     out = Preprocessed(batch=Batch())
     token_lists: list[list[int]] = []
     weights: list[float] = []
-    for s in samples:
+    digests = [s.text_hash or text_hash(s.text) for s in samples]
+    copies: dict[str, int] = {}
+    for d in digests:
+        copies[d] = copies.get(d, 0) + 1
+    for s, digest in zip(samples, digests, strict=True):
         text = normalise(s.text)
         if not text:
             out.rejected[s.id] = "empty after normalisation"
             continue
-        from_feedback = (s.source or "").startswith(FEEDBACK_SOURCE_PREFIX)
-        if not from_feedback and is_heldout(text, cfg.heldout_fraction):
-            out.heldout.append(s.id)
-            continue
+        if heldout_by_hash(digest, cfg.heldout_fraction):
+            taught = (s.source or "").startswith(FEEDBACK_SOURCE_PREFIX)
+            if not (taught or digest in repeated or copies[digest] > 1):
+                out.heldout.append(s.id)
+                continue
+            out.rescued.add(digest)
         ids = encode(tokenizer, text)
         if len(ids) > cfg.max_sample_tokens:
             out.rejected[s.id] = f"too long: {len(ids)} tokens > train.max_sample_tokens={cfg.max_sample_tokens}"
@@ -216,3 +243,20 @@ def eval_batch(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, cfg: Pr
         batch.blocks, batch.weights = pack(token_lists, [1.0] * len(token_lists), eos, cfg.block_size)
         batch.n_tokens = sum(len(t) + 1 for t in token_lists)
     return batch
+
+
+@dataclass
+class PreprocessedPreferences:
+    prefs: PreferenceSet | None  # None: nothing left to train
+    heldout: list[str] = field(default_factory=list)
+
+
+def preprocess_preferences(
+    prefs: Sequence[Preference], tokenizer: PreTrainedTokenizerBase, cfg: PreprocessConfig, max_tokens: int
+) -> PreprocessedPreferences:
+    """Hold out ``heldout_fraction`` of the claimed preferences (by a hash of their content), for
+    the gate's preference accuracy; the rest become completion rows to train on."""
+    held = {p.id for p in prefs if is_heldout_preference(p, cfg.heldout_fraction)}
+    kept = [p for p in prefs if p.id not in held]
+    prefs_set = preference_set(kept, tokenizer, max_tokens) if kept else None
+    return PreprocessedPreferences(prefs_set, [p.id for p in prefs if p.id in held])

@@ -1,7 +1,7 @@
 """All mutable training state in one object: what a checkpoint saves and a resume restores.
 
 Only the optimize stage mutates it; the loop replaces it whole when it goes back to a version,
-or restores a mark of it (the early stop's best pass).
+or restores a mark of it (the early stop's best pass, when a batch is not learned in full).
 """
 
 from __future__ import annotations
