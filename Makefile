@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-slow test-all lint run clean bench-forgetting bench-teach bench bench-speed bench-scaling
+.PHONY: install test test-slow test-all lint run clean dashboard-screenshot bench-forgetting bench-teach bench bench-speed bench-scaling
 
 # One command sets everything up: a virtual environment with torch (CPU wheel unless you have
 # installed another build) and llmos with its test tools (among them the openai client and
@@ -31,6 +31,10 @@ test-slow:
 
 # Both tiers. The store tests also run on PostgreSQL when LLMOS_TEST_POSTGRES_URL is set.
 test-all: test test-slow
+
+# Refresh README's picture of the dashboard (the browser test, its screenshot kept).
+dashboard-screenshot:
+	LLMOS_DASHBOARD_SCREENSHOT=docs/dashboard.png $(BIN)/python -m pytest -q tests/test_dashboard.py
 
 lint:
 	$(BIN)/ruff check llmos tests
