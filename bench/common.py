@@ -66,6 +66,18 @@ def machine() -> dict[str, Any]:
     }
 
 
+def commit() -> str:
+    """The commit the working tree is at, with "+" when tracked files differ from it."""
+    try:
+        sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+        )
+    except OSError:
+        return "?"
+    return sha.stdout.strip() + ("+" if dirty.stdout.strip() else "")
+
+
 # ---- statistics ----------------------------------------------------------------------------------
 def median(xs: Sequence[float]) -> float:
     return float(statistics.median(xs)) if xs else float("nan")

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import shutil
 import sys
@@ -211,10 +210,12 @@ def write_results(runs: list[Run], out: Path, elapsed: float) -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows = [r.row() for r in runs]
     naive = next(r for r in rows if r["strategy"] == "naive")
+    from common import commit, cpu_model
+
     lines = [
         "# Forgetting: domain A learned, then domain B streamed through the trainer",
         "",
-        f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {platform.processor() or platform.machine()}, "
+        f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC at commit {commit()} on {cpu_model()}, "
         f"{os.cpu_count()} cores, torch {torch.__version__}, CPU, seed {SEED}; whole run {elapsed:.0f} s.",
         "Command: `make bench-forgetting` (python bench/forgetting.py --out bench/results).",
         "",

@@ -220,19 +220,8 @@ def pretrain(work: Path) -> Path:
 
 
 # ---- the report ----------------------------------------------------------------------------------
-def commit() -> str:
-    try:
-        sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-        dirty = subprocess.run(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
-        )
-        return sha.stdout.strip() + ("+" if dirty.stdout.strip() else "")
-    except OSError:
-        return "?"
-
-
 def write(rows: list[dict[str, Any]], out: Path, elapsed: float, baseline: str | None) -> None:
-    from common import machine
+    from common import commit, machine
 
     out.mkdir(parents=True, exist_ok=True)
     m = machine()
