@@ -182,9 +182,9 @@ def run(name: str, base: Path, data_dir: Path, overrides: dict[str, Any]) -> dic
     row["preference_before"] = sum(c > r for c, r in zip(pairs_chosen, pairs_rejected, strict=True)) / len(qs)
     drain(d)
     row["corrections"] = recalled(d, qs) / len(qs)
-    row["unrelated_changed"] = sum(
-        x != y for x, y in zip(unrelated, [greedy(d, p, 16) for p, _ in corpus], strict=True)
-    ) / len(corpus)
+    changed = [x != greedy(d, p, 16) for x, (p, _) in zip(unrelated, a + corpus, strict=True)]
+    row["unrelated_changed"] = sum(changed[: len(a)]) / len(a)  # the facts taught before
+    row["base_changed"] = sum(changed[len(a) :]) / len(corpus)  # what the base model knew
     pairs_chosen = logps(d, qs)
     pairs_rejected = logps(d, [(p, s) for (p, _a), s in zip(qs, served, strict=True)])
     row["preference_after"] = sum(c > r for c, r in zip(pairs_chosen, pairs_rejected, strict=True)) / len(qs)
