@@ -67,11 +67,13 @@ def machine() -> dict[str, Any]:
 
 
 def commit() -> str:
-    """The commit the working tree is at, with "+" when tracked files differ from it."""
+    """The commit the working tree is at, with "+" when tracked files other than results differ from it."""
     try:
         sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
         dirty = subprocess.run(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results"],
+            capture_output=True,
+            text=True,
         )
     except OSError:
         return "?"

@@ -260,9 +260,14 @@ def write(rows: list[dict[str, Any]], out: Path, elapsed: float, baseline: str |
         ("facts ≥ 7/8 after two postings", default["facts"][1] >= 7, f"{default['facts'][1]}/8"),
         ("≥ 90% of corrections adopted", default["corrections"] >= 0.9, f"{default['corrections']:.0%}"),
         (
-            "≤ 5% of unrelated answers changed",
+            "≤ 5% of unrelated answers changed: the facts taught before",
             default["unrelated_changed"] <= 0.05,
             f"{default['unrelated_changed']:.0%}",
+        ),
+        (
+            "≤ 5% of unrelated answers changed: the base corpus (which llmos never saw)",
+            default["base_changed"] <= 0.05,
+            f"{default['base_changed']:.0%}",
         ),
         ("forgetting ≤ 0.1× naive's", f_ratio <= 0.1, f"{f_ratio:.2f}×"),
     ]
