@@ -67,11 +67,23 @@ def machine() -> dict[str, Any]:
 
 
 def commit() -> str:
-    """The commit the working tree is at, with "+" when tracked files other than results differ from it."""
+    """The commit the working tree is at, with "+" when the code measured (llmos/, bench/ but its
+    results, pyproject.toml) differs from it."""
     try:
         sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
         dirty = subprocess.run(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results"],
+            [
+                "git",
+                "-C",
+                str(ROOT),
+                "status",
+                "--porcelain",
+                "--",
+                "llmos",
+                "bench",
+                ":!bench/results",
+                "pyproject.toml",
+            ],
             capture_output=True,
             text=True,
         )
