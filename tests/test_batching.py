@@ -205,3 +205,57 @@ def test_a_failing_forward_pass_fails_every_row_of_its_batch_and_the_worker_goes
     assert batcher.rows == 2 and batcher.cohorts == 1  # it had joined the failing batch
     again = list(batcher.decode(model, [eos, 65], SamplingParams(max_new_tokens=3), 3, None))
     assert again[-1] in ("stop", "length") and len(again) <= 4
+
+
+class _Widths(torch.nn.Module):
+    """The model, recording the attention width (the mask's columns: cached history + new
+    tokens) of every forward pass."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.widths: list[int] = []
+
+    def forward(self, **kw: Any) -> Any:
+        self.widths.append(int(kw["attention_mask"].shape[1]))
+        return self.inner(**kw)
+
+
+def test_overlapping_requests_attend_only_to_their_own_history(tmp_path: Path) -> None:
+    """Four clients send requests back to back, so that the batch never empties, for hundreds of
+    decoding steps. Each step attends at most to the longest history among the rows decoding then
+    (a row's EOS, prompt and tokens so far), never to the tokens of requests that already ended,
+    and every request gets what it gets alone."""
+    from llmos.model.builtin import create_tiny
+    from llmos.model.loader import ModelFactory
+    from llmos.serving.batch import Batcher
+    from llmos.serving.engine import pick_token
+    from llmos.serving.types import SamplingParams
+
+    factory = ModelFactory(str(create_tiny(tmp_path / "tiny")), torch.device("cpu"))
+    tok, model = factory.tokenizer, factory.instance()
+    eos = tok.eos_token_id
+    words = ("lamp", "boat", "tall chair")
+    prompts = [f"Request {i}: the {words[i % 3]} is" for i in range(96)]
+    budgets = [8 + (i * 7) % 17 for i in range(len(prompts))]  # 8 to 24 new tokens
+    greedy = SamplingParams(temperature=0.0)
+
+    def run(batcher: Batcher, m: torch.nn.Module, i: int) -> list[int]:
+        seq = [eos, *tok.encode(prompts[i], add_special_tokens=False)]
+        return [t for t in batcher.decode(m, seq, greedy, budgets[i], None) if isinstance(t, int)]
+
+    alone = Batcher(torch.device("cpu"), eos, 1, pick_token)
+    expected = [run(alone, model, i) for i in range(len(prompts))]
+
+    spy = _Widths(model)
+    batched = Batcher(torch.device("cpu"), eos, 4, pick_token)
+
+    def client(k: int) -> list[tuple[int, list[int]]]:
+        return [(i, run(batched, spy, i)) for i in range(k, len(prompts), 4)]
+
+    with ThreadPoolExecutor(4) as pool:
+        got = dict(pair for result in pool.map(client, range(4)) for pair in result)
+    assert [got[i] for i in range(len(prompts))] == expected
+    longest = max(len(tok.encode(p, add_special_tokens=False)) + 1 + b for p, b in zip(prompts, budgets, strict=True))
+    assert batched.steps >= 300 and batched.cohorts < len(prompts) / 2, (batched.steps, batched.cohorts)
+    assert max(spy.widths) <= longest, (max(spy.widths), longest)
