@@ -66,10 +66,16 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         for version in (0, active):
             r = http.post("/v1/admin/rollback", json={"version": version}, headers=admin_headers())
             assert r.status_code == 200, r.text
-        # The trainer continues from the active version again (it reloads after each rollback);
-        # then pause it, so nothing moves while the tests look.
+        # The trainer continues from the active version again (it reloads after each rollback:
+        # its step is the active version's before it has seen them, so wait for both); then pause
+        # it, so nothing moves while the tests look.
         step = next(c["step"] for c in http.get("/v1/checkpoints").json()["checkpoints"] if c["version"] == active)
-        wait_for(lambda: http.get("/v1/trainer").json()["step"] == step, timeout=30)
+
+        def reloaded() -> bool:
+            t = http.get("/v1/trainer").json()
+            return not t["reloading"] and t["step"] == step
+
+        wait_for(reloaded, timeout=30)
         assert http.post("/v1/admin/trainer/pause", headers=admin_headers()).status_code == 200
         yield Run(srv, http, ids, generated, active)
 

@@ -112,6 +112,13 @@ def test_the_trainer_process_learns_and_obeys_pause_rollback_and_resume(tmp_path
             assert r.status_code == 200, r.text
             assert served_version(c) == 0
             assert c.get(f"/v1/texts/{later[0]}").json()["status"] == "queued"  # paused: not trained
+            # Until the trainer has gone back, it says so: never the old version's step as if current.
+            seen = [c.get("/v1/trainer").json()]
+            while seen[-1]["reloading"]:
+                assert len(seen) < 300, "the trainer never reloaded after the rollback"
+                time.sleep(0.05)
+                seen.append(c.get("/v1/trainer").json())
+            assert all(st["reloading"] or st["step"] == 0 for st in seen), seen
 
             assert c.post("/v1/admin/trainer/resume", headers=HEADERS).status_code == 200
             wait_for(lambda: served_version(c) > first, timeout=60, interval=0.3)

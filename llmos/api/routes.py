@@ -326,6 +326,7 @@ def get_trainer(daemon: DaemonDep) -> TrainerOut:
         active_version=active,
         device=st.device,
         last_error=st.last_error,
+        reloading=st.reloading,
     )
 
 

@@ -191,6 +191,7 @@ class TrainerOut(BaseModel):
     device: str
     last_error: str | None = None
     prequential_loss: float | None = None  # running average of loss on new data before training on it
+    reloading: bool = False  # after a rollback, until the trainer continues from the active version
 
 
 class MetricsPoint(BaseModel):

@@ -124,6 +124,7 @@ class TrainerStatus:
     promotions: int = 0
     rejections: int = 0
     last_eval: EvalReport | None = None
+    reloading: bool = False  # a rollback was asked for and the trainer has not yet reloaded
 
 
 class _Interrupted(Exception):
@@ -158,6 +159,8 @@ class Trainer:
         self._resume = threading.Event()
         self._resume.set()
         self._reset = threading.Event()
+        # Rollbacks asked for, and how many of them the state now reflects (see status().reloading).
+        self._resets_asked = self._resets_done = 0
         self._thread: threading.Thread | None = None
         self._phase = TrainerPhase.idle
         self._last_error: str | None = None
@@ -223,6 +226,7 @@ class Trainer:
 
     def request_reset(self) -> None:
         """The active version changed under us (rollback): drop the work in hand and reload."""
+        self._resets_asked += 1
         self._reset.set()
         self._wake.set()
         self._arrived.set()  # ends a fill wait
@@ -241,6 +245,7 @@ class Trainer:
             promotions=self._promotions,
             rejections=self._rejections,
             last_eval=self._last_eval,
+            reloading=self._resets_done < self._resets_asked,
         )
 
     @property
@@ -719,8 +724,12 @@ class Trainer:
     def _go_back(self) -> None:
         """Drop work in hand and continue from the active version's weights and optimizer state."""
         self._reset.clear()
+        # Every rollback counted here was committed before it was asked: the read below sees it.
+        # (One asked after the clear sets the flag again: the trainer goes back once more.)
+        asked = self._resets_asked
         self._release()
         self._load(self.registry.active_version())
+        self._resets_done = asked
 
     def _load(self, version: int) -> None:
         model = self.factory.instance(self.registry.weights_path(version))
