@@ -291,6 +291,8 @@ class Daemon:
             settings.serving.max_concurrency,
             settings.serving.pinned_versions,
             threads.serving,
+            settings.serving.kv_cache_tokens,
+            settings.serving.prefill_chunk_tokens,
         )
         self.counters = ServiceCounters()
         self.replay_pool = replay_pool(settings, self.db)

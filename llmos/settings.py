@@ -276,13 +276,27 @@ class RegistrySettings(_Section):
 
 class ServingSettings(_Section):
     max_concurrency: int = Field(
-        8,
+        32,
         ge=1,
-        description="Generations decoded at once, batched into one forward pass per token; others wait for "
-        "a place in the batch.",
+        description="Generations decoded at once, batched into one forward pass per token (per width class: "
+        "see README); others wait for a place in the batch.",
     )
     max_new_tokens_cap: int = Field(
         1024, ge=1, description="Largest max_new_tokens a request may ask for (422 past it)."
+    )
+    kv_cache_tokens: int = Field(
+        0,
+        ge=0,
+        description="KV cache the generations in progress may take, in token positions: each its prompt "
+        "and max_new_tokens, decoding or waiting; past it a request gets 429 with Retry-After, and a batch "
+        "admits a row only while its rows times its longest fit. 0 = 2 x max_concurrency x the model's context "
+        "(a full batch decoding, as much again waiting).",
+    )
+    prefill_chunk_tokens: int = Field(
+        64,
+        ge=0,
+        description="Prompts longer than this run this many tokens at a time, one chunk between two decoding "
+        "steps, so that a long prompt does not stall the batch's tokens (0 = a prompt runs whole).",
     )
     max_requests: int = Field(
         256,

@@ -67,15 +67,33 @@ def rss_kib(pid: int) -> int:
     raise AssertionError(f"no VmRSS for pid {pid}")
 
 
+def tree_rss_kib(pid: int) -> int:
+    """Resident set size of a process and all its descendants (the fork server and the trainer
+    process of `llmos serve`), summed; a process that ends meanwhile counts 0."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            total += rss_kib(p)
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, AssertionError):
+            continue
+    return total
+
+
 # ---- load ---------------------------------------------------------------------------------------
 
 
 @dataclass
 class LoadReport:
     """What a load run saw. Memory comes as series of (seconds since the start, value): ``rss_kib``
-    (VmRSS from /proc, 4 times a second), and from /metrics once a second ``heap_in_use`` (bytes
-    of C heap handed out and not freed), ``heap_free`` (what glibc's arenas hold free) and
-    ``python_blocks``."""
+    (VmRSS of the server process, from /proc, 4 times a second) and ``tree_rss_kib`` (the same
+    summed over the server and its descendants: the fork server and the trainer process), and from
+    /metrics once a second ``heap_in_use`` (bytes of C heap handed out and not freed), ``heap_free``
+    (what glibc's arenas hold free), ``python_blocks``, and the counters ``generated_tokens`` and
+    ``attended_positions`` (what decoding attended to). ``latency_<op>``: each request's seconds,
+    at the time it started."""
 
     clients: int
     duration_s: float
@@ -117,6 +135,7 @@ def run_load(
     warmup_s: float = 15.0,
     ingest_share: float = 0.7,
     seed: int = 0,
+    new_tokens: int = 16,
 ) -> LoadReport:
     """One client per key, each in its own thread with its own connection, for ``warmup_s`` and
     then ``duration_s`` more: ingest (1-4 texts, its own source) or greedy generation (16 tokens),
@@ -132,13 +151,15 @@ def run_load(
             if ok:
                 report.requests[op] = report.requests.get(op, 0) + 1
                 report.latencies_s.setdefault(op, []).append(latency)
+                report.series.setdefault(f"latency_{op}", []).append((time.monotonic() - latency - t0, latency))
             else:
                 report.errors.append(f"{op}: {what}")
 
     def client(n: int, key: str) -> None:
         rng = random.Random(seed * 1000 + n)
         i = 0
-        with httpx.Client(base_url=url, timeout=120, headers={"Authorization": f"Bearer {key}"}) as c:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}  # "": a server without API keys
+        with httpx.Client(base_url=url, timeout=120, headers=headers) as c:
             while time.monotonic() < deadline:
                 i += 1
                 start = time.monotonic()
@@ -159,16 +180,20 @@ def run_load(
                                 report.texts_acknowledged += k
                     else:
                         op = "generate"
-                        r = c.get("/generate", params={"prompt": f"the tide at Korvel {i}", "max_new_tokens": 16})
+                        params = {"prompt": f"the tide at Korvel {i}", "max_new_tokens": new_tokens}
+                        r = c.get("/generate", params=params)
                     record(op, r.is_success, f"{r.status_code} {r.text[:200]}", time.monotonic() - start)
                 except httpx.HTTPError as exc:
                     record(op, False, f"{type(exc).__name__}: {exc}", time.monotonic() - start)
 
     rss = report.series.setdefault("rss_kib", [])
+    tree = report.series.setdefault("tree_rss_kib", [])
 
     def sample_rss(stop: threading.Event) -> None:
         while not stop.is_set():
-            rss.append((time.monotonic() - t0, rss_kib(pid)))
+            t = time.monotonic() - t0
+            rss.append((t, rss_kib(pid)))
+            tree.append((t, tree_rss_kib(pid)))
             stop.wait(0.25)
 
     def sample_heap(stop: threading.Event) -> None:
@@ -203,4 +228,8 @@ def memory_metrics(text: str) -> dict[str, float]:
                 out[f"heap_{s.labels['kind']}"] = s.value
             elif s.name == "llmos_python_allocated_blocks":
                 out["python_blocks"] = s.value
+            elif s.name == "llmos_generated_tokens_total":
+                out["generated_tokens"] = s.value
+            elif s.name == "llmos_decode_attended_positions_total":
+                out["attended_positions"] = s.value
     return out

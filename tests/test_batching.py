@@ -259,3 +259,138 @@ def test_overlapping_requests_attend_only_to_their_own_history(tmp_path: Path) -
     longest = max(len(tok.encode(p, add_special_tokens=False)) + 1 + b for p, b in zip(prompts, budgets, strict=True))
     assert batched.steps >= 300 and batched.cohorts < len(prompts) / 2, (batched.steps, batched.cohorts)
     assert max(spy.widths) <= longest, (max(spy.widths), longest)
+
+
+class _Passes(torch.nn.Module):
+    """The model, recording every forward pass: (rows, new tokens per row, attention width)."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.passes: list[tuple[int, int, int]] = []
+
+    def forward(self, **kw: Any) -> Any:
+        ids, mask = kw["input_ids"], kw["attention_mask"]
+        self.passes.append((int(ids.shape[0]), int(ids.shape[1]), int(mask.shape[1])))
+        return self.inner(**kw)
+
+
+def test_a_long_prompt_runs_in_chunks_between_the_steps_of_the_rows_decoding(tmp_path: Path) -> None:
+    """Three streams are decoding when a 2,000-token prompt arrives. It runs 256 tokens at a time,
+    with a decoding step of the streams between two chunks (they get a token each time), instead of
+    one pass of 2,000 tokens that every stream waits for; and every request, the long one too, gets
+    what it gets alone."""
+    from llmos.model.builtin import create_tiny
+    from llmos.model.loader import ModelFactory
+    from llmos.serving.batch import Batcher
+    from llmos.serving.engine import pick_token
+    from llmos.serving.types import SamplingParams
+
+    factory = ModelFactory(str(create_tiny(tmp_path / "long", n_positions=2304)), torch.device("cpu"))
+    tok, model = factory.tokenizer, factory.instance()
+    eos = tok.eos_token_id
+    greedy = SamplingParams(temperature=0.0)
+    streams = [[eos, *tok.encode(f"Stream {i}: the tide", add_special_tokens=False)] for i in range(3)]
+    text = " ".join(f"line {n} of the manual says the lamp is teal." for n in range(60))
+    long = [eos, *tok.encode(text, add_special_tokens=False)][:2000]
+    assert len(long) == 2000
+
+    def run(batcher: Batcher, m: torch.nn.Module, seq: list[int], budget: int, on_token: Any = None) -> list[int]:
+        out = []
+        for t in batcher.decode(m, seq, greedy, budget, None):
+            if isinstance(t, int):
+                out.append(t)
+                if on_token is not None:
+                    on_token()
+        return out
+
+    alone = Batcher(torch.device("cpu"), eos, 1, pick_token)
+    expected = [run(alone, model, s, 150) for s in streams] + [run(alone, model, long, 6)]
+
+    spy = _Passes(model)
+    batcher = Batcher(torch.device("cpu"), eos, 8, pick_token, chunk=256)
+    flowing = threading.Barrier(4)
+    counts = [0, 0, 0]
+
+    def stream(i: int) -> list[int]:
+        def tick() -> None:
+            counts[i] += 1
+            if counts[i] == 5:
+                flowing.wait()
+
+        return run(batcher, spy, streams[i], 150, tick)
+
+    with ThreadPoolExecutor(3) as pool:
+        running = [pool.submit(stream, i) for i in range(3)]
+        flowing.wait()  # each stream has its first 5 tokens
+        got_long = run(batcher, spy, long, 6)
+        got = [f.result() for f in running]
+    assert got + [got_long] == expected
+    chunks = [i for i, (rows, new, _width) in enumerate(spy.passes) if new > 1 and rows == 1 and _width > 30]
+    assert len(chunks) == 8, spy.passes  # 2,000 tokens, 256 at a time
+    assert all(spy.passes[i][1] <= 256 for i in chunks)
+    # Between two chunks, a step of the streams: each of them got a token meanwhile.
+    for a, b in zip(chunks, chunks[1:], strict=False):
+        assert any(rows >= 3 and new == 1 for rows, new, _w in spy.passes[a + 1 : b]), spy.passes[a : b + 1]
+
+
+def test_a_batch_admits_rows_while_its_cache_fits_the_kv_budget(tmp_path: Path) -> None:
+    """Eight requests at once, each needing 50 cache positions (prompt and budget), with a budget
+    of 160: at most three decode together, the others wait for room, and each gets what it gets
+    alone."""
+    from llmos.model.builtin import create_tiny
+    from llmos.model.loader import ModelFactory
+    from llmos.serving.batch import Batcher
+    from llmos.serving.engine import pick_token
+    from llmos.serving.types import SamplingParams
+
+    factory = ModelFactory(str(create_tiny(tmp_path / "tiny")), torch.device("cpu"))
+    tok, model = factory.tokenizer, factory.instance()
+    eos = tok.eos_token_id
+    seqs = [[eos, *tok.encode(f"Ask {i}: the tide", add_special_tokens=False)] for i in range(8)]
+    budgets = [50 - len(s) for s in seqs]
+    greedy = SamplingParams(temperature=0.0)
+
+    def run(batcher: Batcher, m: torch.nn.Module, i: int) -> list[int]:
+        return [t for t in batcher.decode(m, seqs[i], greedy, budgets[i], None) if isinstance(t, int)]
+
+    alone = Batcher(torch.device("cpu"), eos, 1, pick_token)
+    expected = [run(alone, model, i) for i in range(8)]
+    spy = _Passes(model)
+    bounded = Batcher(torch.device("cpu"), eos, 8, pick_token, kv_tokens=160)
+    go = threading.Barrier(8)
+
+    def one(i: int) -> list[int]:
+        go.wait()
+        return run(bounded, spy, i)
+
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(one, range(8)))
+    assert got == expected
+    assert max(rows for rows, _new, _width in spy.passes) == 3, spy.passes
+    assert max(rows * width for rows, _new, width in spy.passes) <= 160
+
+
+def test_past_the_kv_budget_a_generation_gets_429_and_one_that_can_never_fit_422(tmp_path: Path) -> None:
+    from llmos.serving.types import SamplingParams
+
+    settings = make_settings(tmp_path / "data", **{"serving.kv_cache_tokens": 300, "serving.max_concurrency": 8})
+    with LiveServer(settings) as srv, srv.client() as c:
+        # A generation in progress whose reader has not finished with it (its place is held until
+        # then): 1 + 8 + 200 = 209 of the 300 positions.
+        held = srv.daemon.engine.stream("The tide", SamplingParams(max_new_tokens=200))
+        next(held)
+        body = {"prompt": "The tide", "max_new_tokens": 200}
+        r = c.post("/generate", json=body)
+        assert r.status_code == 429, r.text
+        assert r.headers["Retry-After"] == "1" and "serving.kv_cache_tokens" in r.json()["detail"]
+        with c.stream("POST", "/generate", json={**body, "stream": True}) as s:
+            assert s.status_code == 429 and s.headers["Retry-After"] == "1"
+        o = c.post("/v1/completions", json={"model": "llmos", "prompt": "The tide", "max_tokens": 200})
+        assert o.status_code == 429 and o.headers["Retry-After"] == "1", o.text
+        assert o.json()["error"]["type"] == "rate_limit_error"
+        assert c.post("/generate", json={"prompt": "x", "max_new_tokens": 20}).status_code == 200  # it fits
+        held.close()  # its reader is done: the positions are free
+        assert c.post("/generate", json=body).status_code == 200
+        r = c.post("/generate", json={"prompt": "The tide", "max_new_tokens": 400})
+        assert r.status_code == 422 and "serving.kv_cache_tokens" in r.text, r.text

@@ -183,6 +183,21 @@ class DaemonCollector(Collector):
             "llmos_decode_batch_rows", "Generations in those groups (rows / batches: the mean batch size).", value=rows
         )
         yield CounterMetricFamily("llmos_decode_steps", "Forward passes of decoding.", value=steps)
+        yield CounterMetricFamily(
+            "llmos_decode_attended_positions",
+            "Cache positions those passes attended to, summed over rows (per generated token: decoding's cost).",
+            value=d.engine.attended,
+        )
+        yield GaugeMetricFamily(
+            "llmos_kv_cache_tokens_held",
+            "KV cache positions taken by generations in progress (prompt and max_new_tokens each).",
+            value=d.engine.kv_held,
+        )
+        yield GaugeMetricFamily(
+            "llmos_kv_cache_tokens_budget",
+            "The most they may take (serving.kv_cache_tokens).",
+            value=d.engine.kv_budget,
+        )
         yield GaugeMetricFamily(
             "llmos_generations_in_flight",
             "Generations started and not finished, those waiting for a place in a batch included.",

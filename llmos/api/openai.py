@@ -29,7 +29,7 @@ from llmos.daemon import Daemon, GenerationResult
 from llmos.registry.registry import CorruptCheckpoint, UnknownVersion
 from llmos.serving.chat import ChatTemplateError, render_chat
 from llmos.serving.engine import NotPinnable
-from llmos.serving.types import Completion, PromptTooLong, SamplingParams
+from llmos.serving.types import CacheFull, Completion, PromptTooLong, SamplingParams
 
 
 class _OpenAIRoute(APIRoute):
@@ -213,6 +213,8 @@ def _translate(exc: Exception, model: str) -> OpenAIError:
         return OpenAIError(400, str(exc), "invalid_request_error", "context_length_exceeded", "messages")
     if isinstance(exc, Busy):
         return OpenAIError(429, f"{exc} (serving.max_requests); retry later", "rate_limit_error", "server_busy")
+    if isinstance(exc, CacheFull):
+        return OpenAIError(429, f"{exc} (serving.kv_cache_tokens); retry later", "rate_limit_error", "server_busy")
     raise exc
 
 
@@ -252,7 +254,7 @@ class _Ask:
             for event in self._events():
                 if isinstance(event, GenerationResult):
                     return event
-        except (UnknownVersion, NotPinnable, CorruptCheckpoint, PromptTooLong) as exc:
+        except (UnknownVersion, NotPinnable, CorruptCheckpoint, PromptTooLong, CacheFull) as exc:
             raise _translate(exc, self.model) from exc
         raise RuntimeError("generation ended without a result")
 

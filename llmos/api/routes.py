@@ -37,7 +37,7 @@ from llmos.api.schemas import (
 )
 from llmos.daemon import Daemon, GenerationResult, QueueFull
 from llmos.registry.registry import CorruptCheckpoint, RejectedVersion, UnknownVersion
-from llmos.serving.types import PromptTooLong, SamplingParams
+from llmos.serving.types import CacheFull, PromptTooLong, SamplingParams
 from llmos.store.generations import UnknownGeneration
 from llmos.store.queue import NewSample
 
@@ -139,6 +139,8 @@ async def _generate(req: GenerateIn, daemon: Daemon, slots: Slots) -> GenerateOu
         raise HTTPException(422, str(exc)) from exc
     except Busy as exc:
         raise too_many(f"{exc} (serving.max_requests); retry later", 1.0) from exc
+    except CacheFull as exc:
+        raise too_many(f"{exc} (serving.kv_cache_tokens); retry later", 1.0) from exc
     c = r.completion
     return GenerateOut(
         generation_id=r.generation_id,

@@ -3,13 +3,23 @@ pass per token.
 
 On the built-in model on a CPU core, a decoding step for 8 sequences costs 1.5x one for a single
 sequence (18.6 against 12.6 ms for 32 tokens), so 8 requests decoded together make 5.4x the
-tokens per second. One worker thread decodes one batch at a time, of requests on the same model
-(same version), up to ``max_batch`` rows. Prompts are padded on the left, with attention mask and
-position ids, so each row computes what it would alone. Between two steps, rows that stopped (EOS,
-their budget, or a client that went away) leave the batch, and requests waiting for the same model
-join it: their prompts are run on their own, and their KV cache is joined to the batch's, the
-shorter history padded on the left. Where a model's cache is not plain per-layer tensors, a batch
-keeps its rows to the end and later requests wait for the next one.
+tokens per second. One worker thread decodes the requests on one model (same version) at a time,
+up to ``max_batch`` rows. Prompts are padded on the left, with attention mask and position ids, so
+each row computes what it would alone. Between two steps, rows that stopped (EOS, their budget, or
+a client that went away) leave, and requests waiting for the same model join: their prompts are
+run on their own, and their KV cache is joined to the batch's, the shorter history padded on the
+left; a batch drops the history no row still decoding reaches back to. Where a model's cache is
+not plain per-layer tensors, rows stay to the end and later requests wait for the next batch.
+
+What bounds a row's cost, however long traffic lasts:
+- its batch's width: rows decode in one batch per width class (``_width_class``), one forward
+  pass per class and step, so a row is padded to at most twice its own length (or SHARED_WIDTH),
+  never to a long prompt's that arrived beside it;
+- ``kv_tokens``: a request joins only while the caches stay within it at their widest (rows times
+  the longest prompt and budget of their class), else it waits, first in line;
+- ``chunk``: a prompt longer than this runs a chunk at a time, one chunk between two decoding
+  steps, on its own cache: a long prompt arriving delays the other rows' tokens by a chunk's
+  forward pass, not the whole prompt's.
 """
 
 from __future__ import annotations
@@ -17,19 +27,22 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import deque
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from llmos.memory import trim
 from llmos.serving.types import SamplingParams
 
 log = logging.getLogger(__name__)
 
 Finish = Literal["stop", "length"]
+TRIM_EVERY_S = 10.0  # how often the decoding thread gives the heap's free pages back (llmos/memory.py)
 PickToken = Callable[[torch.Tensor, SamplingParams, torch.Generator | None], int]
 
 
@@ -39,18 +52,55 @@ class _Row:
     params: SamplingParams
     budget: int
     gen: torch.Generator | None
+    each_token: bool = True  # hand each token over as it is made (else all of them at the end)
     events: queue.SimpleQueue[int | str | BaseException] = field(default_factory=queue.SimpleQueue)
+    tokens: list[int] = field(default_factory=list)  # made so far, when not handed over one by one
     produced: int = 0
     done: bool = False
     cancelled: bool = False  # set by the consumer; read by the worker between steps
 
+    @property
+    def need(self) -> int:
+        """Cache positions it can take: its prompt and the tokens it may generate."""
+        return len(self.seq) + self.budget
+
+    def gone(self) -> bool:
+        """Done, or its consumer went away (then done from now on)."""
+        if self.cancelled:
+            self.done = True
+        return self.done
+
+
+@dataclass(eq=False)
+class _Filling:
+    """A long prompt being run a chunk at a time: how much of it has run, and the last pass's output."""
+
+    row: _Row
+    ran: int = 0
+    out: Any = None
+
+    @property
+    def complete(self) -> bool:
+        return self.ran == len(self.row.seq)
+
 
 class Batcher:
-    def __init__(self, device: torch.device, eos: int, max_batch: int, pick: PickToken, threads: int = 0) -> None:
+    def __init__(
+        self,
+        device: torch.device,
+        eos: int,
+        max_batch: int,
+        pick: PickToken,
+        threads: int = 0,
+        kv_tokens: int = 0,
+        chunk: int = 0,
+    ) -> None:
         self.device = device
         self.threads = threads  # torch threads of the decoding thread (0: the process's)
         self.eos = eos
         self.max_batch = max_batch
+        self.kv_tokens = kv_tokens  # a batch's cache at its widest, in positions (0: no bound)
+        self.chunk = chunk  # prompts longer than this run a chunk at a time (0: whole)
         self._pick_token = pick
         self._pending: deque[tuple[torch.nn.Module, _Row]] = deque()
         self._cond = threading.Condition()
@@ -58,14 +108,24 @@ class Batcher:
         self.cohorts = 0  # decoded so far, and the rows they held (rows / cohorts: the mean batch)
         self.rows = 0
         self.steps = 0  # forward passes
+        self.widths = 0  # the cache positions those passes attended to, summed over rows
+        self._trimmed = time.monotonic()
         self._members: list[_Row] = []  # the worker's: the rows of the batch it is decoding
 
     def decode(
-        self, model: torch.nn.Module, seq: list[int], params: SamplingParams, budget: int, gen: torch.Generator | None
+        self,
+        model: torch.nn.Module,
+        seq: list[int],
+        params: SamplingParams,
+        budget: int,
+        gen: torch.Generator | None,
+        each_token: bool = True,
     ) -> Generator[int | Finish]:
         """Token ids as the worker makes them, then the finish reason. Closing the iterator early
-        (a client that went away) takes the row out of its cohort."""
-        row = _Row(seq, params, budget, gen)
+        (a client that went away) takes the row out of its cohort. With ``each_token`` False the
+        tokens come all at once at the end: one hand-over (a thread woken) per request instead of
+        one per token, for a caller that needs only the whole answer."""
+        row = _Row(seq, params, budget, gen, each_token)
         with self._cond:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._work, name="llmos-decode", daemon=True)
@@ -78,6 +138,7 @@ class Batcher:
                 if isinstance(event, BaseException):
                     raise event
                 if isinstance(event, str):
+                    yield from row.tokens
                     yield "stop" if event == "stop" else "length"
                     return
                 yield event
@@ -96,7 +157,7 @@ class Batcher:
             with self._cond:
                 self._cond.wait_for(lambda: bool(self._pending))
                 model = self._pending[0][0]
-            cohort = self._take(model, self.max_batch)
+            cohort = self._take(model, [])
             self.cohorts += 1
             self._decode(model, cohort)
         except Exception as exc:  # each request gets its own error; the worker goes on
@@ -106,37 +167,89 @@ class Batcher:
                     row.done = True
                     row.events.put(RuntimeError(f"decoding failed: {type(exc).__name__}: {exc}"))
 
-    def _take(self, model: torch.nn.Module, room: int) -> list[_Row]:
-        """Up to ``room`` waiting requests on ``model``, in order, none from behind a request on
-        another model (which then goes next: a pinned version is not starved by the active one)."""
+    def _take(self, model: torch.nn.Module, held: list[_Row]) -> list[_Row]:
+        """Waiting requests on ``model`` that join the rows ``held``, in order, while there is room
+        (``max_batch`` rows, and caches of ``kv_tokens`` positions in all at their widest); none
+        from behind a request on another model (which then goes next: a pinned version is not
+        starved by the active one), nor from behind one that does not fit (it goes first once
+        there is room)."""
         taken: list[_Row] = []
+        widest: dict[int, tuple[int, int]] = {}  # width class -> (rows, their longest need)
+        for row in held:
+            n, w = widest.get(_width_class(row), (0, 0))
+            widest[_width_class(row)] = n + 1, max(w, row.need)
+        count = len(held)
         with self._cond:
-            while self._pending and len(taken) < room and self._pending[0][0] is model:
-                taken.append(self._pending.popleft()[1])
+            while self._pending and count < self.max_batch and self._pending[0][0] is model:
+                row = self._pending[0][1]
+                n, w = widest.get(_width_class(row), (0, 0))
+                after = {**widest, _width_class(row): (n + 1, max(w, row.need))}
+                if count and self.kv_tokens and sum(n * w for n, w in after.values()) > self.kv_tokens:
+                    break
+                self._pending.popleft()
+                taken.append(row)
+                count, widest = count + 1, after
         self.rows += len(taken)
         self._members += taken
         return taken
 
     @torch.inference_mode()
-    def _decode(self, model: torch.nn.Module, rows: list[_Row]) -> None:
-        batch = self._prefill(model, rows)
-        nxt = self._pick(batch)
+    def _decode(self, model: torch.nn.Module, fresh: list[_Row]) -> None:
+        """Decode until every row is done. Rows decode in one batch per width class (see
+        _width_class), each batch one forward pass per step; rows join between two steps."""
+        batches: dict[int, tuple[_Running, list[int]]] = {}  # width class -> batch, each row's next token
+        filling: list[_Filling] = []  # long prompts, a chunk per step, first come first
         while True:
-            if batch.editable:  # rows leave and join between two steps
-                batch, nxt = batch.without_done(nxt)
-                live = not all(row.done for row in batch.rows)
-                room = self.max_batch - (len(batch.rows) if live else 0)
-                fresh = self._take(model, room) if self._pending and room > 0 else []
-                if fresh:
-                    new = self._prefill(model, fresh)
-                    new, new_nxt = new.without_done(self._pick(new))
-                    if not all(row.done for row in new.rows):
-                        batch, nxt = (batch.merged(new), nxt + new_nxt) if live else (new, new_nxt)
-            if all(row.done for row in batch.rows):
+            for row in fresh:
+                if self._chunked(row):
+                    filling.append(_Filling(row))
+            for cls, rows in _by_class(row for row in fresh if not self._chunked(row)).items():
+                self._join(batches, cls, self._prefill(model, rows))  # run together, in one pass
+            filling = [f for f in filling if not f.row.gone()]
+            if filling:  # a chunk per step
+                first = filling[0]
+                cls = _width_class(first.row)
+                # (a batch whose cache cannot take rows finishes before they join it)
+                if cls not in batches or batches[cls][0].editable:
+                    self._fill(model, first)
+                    if first.complete:
+                        filling.pop(0)
+                        self._join(batches, cls, self._filled(first))
+            if not batches and not filling:
                 return
-            batch.step(model, nxt)
-            self.steps += 1
-            nxt = self._pick(batch)
+            for cls, (batch, nxt) in list(batches.items()):
+                batch.step(model, nxt)
+                self._count(batch.mask)
+                nxt = self._pick(batch)
+                if batch.finished:
+                    del batches[cls]
+                else:
+                    batches[cls] = batch.without_done(nxt) if batch.editable else (batch, nxt)
+            if time.monotonic() - self._trimmed > TRIM_EVERY_S:  # caches come and go: a batch may never end
+                trim()
+                self._trimmed = time.monotonic()
+            fresh = []
+            if self._pending and all(batch.editable for batch, _nxt in batches.values()):
+                held = [row for batch, _nxt in batches.values() for row in batch.rows if not row.done]
+                fresh = self._take(model, held + [f.row for f in filling])
+
+    def _chunked(self, row: _Row) -> bool:
+        return 0 < self.chunk < len(row.seq)
+
+    def _join(self, batches: dict[int, tuple[_Running, list[int]]], cls: int, new: _Running) -> None:
+        """Rows whose prompt has just run, with their first token, joined to their class's batch."""
+        new, new_nxt = new.without_done(self._pick(new))
+        if new.finished:
+            return
+        if cls not in batches:
+            batches[cls] = new, new_nxt
+        else:
+            batch, nxt = batches[cls]
+            batches[cls] = batch.merged(new), nxt + new_nxt
+
+    def _count(self, mask: torch.Tensor) -> None:
+        self.steps += 1
+        self.widths += mask.shape[0] * mask.shape[1]
 
     def _prefill(self, model: torch.nn.Module, rows: list[_Row]) -> _Running:
         width = max(len(r.seq) for r in rows)
@@ -144,28 +257,51 @@ class Batcher:
         mask = torch.tensor([[0] * (width - len(r.seq)) + [1] * len(r.seq) for r in rows], device=self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): each row's positions start at 0
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-        self.steps += 1
+        self._count(mask)
+        return self._started(rows, mask, pos[:, -1:], out)
+
+    def _fill(self, model: torch.nn.Module, f: _Filling) -> None:
+        """The next chunk of a long prompt, on the cache of the chunks before it."""
+        start, end = f.ran, min(f.ran + self.chunk, len(f.row.seq))
+        ids = torch.tensor([f.row.seq[start:end]], device=self.device)
+        mask = torch.ones(1, end, dtype=torch.long, device=self.device)
+        pos = torch.arange(start, end, device=self.device)[None]
+        past = {} if f.out is None else {_cache_arg(f.out): f.out[_cache_arg(f.out)]}
+        f.out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **past)
+        f.ran = end
+        self._count(mask)
+
+    def _filled(self, f: _Filling) -> _Running:
+        n = len(f.row.seq)
+        mask = torch.ones(1, n, dtype=torch.long, device=self.device)
+        return self._started([f.row], mask, torch.tensor([[n - 1]], device=self.device), f.out)
+
+    def _started(self, rows: list[_Row], mask: torch.Tensor, pos: torch.Tensor, out: Any) -> _Running:
         for row in rows:
             if row.budget <= 0:
                 self._finish(row, "length")
-        return _Running(rows, mask, pos[:, -1:], out, self.eos)
+        return _Running(rows, mask, pos, out, self.eos)
 
     def _pick(self, batch: _Running) -> list[int]:
         """Each row's next token from the last forward pass; a row that stops gets EOS (fed to the
         model and ignored while the row is still in the batch)."""
-        logits = batch.out.logits[:, -1].to("cpu", torch.float32)  # (B, V)
+        last = batch.out.logits[:, -1]  # (B, V)
+        greedy = last.argmax(-1).tolist()  # one operation for every greedy row
+        sampled = any(row.params.temperature > 0 for row in batch.rows)
+        logits = last.to("cpu", torch.float32) if sampled else None
         nxt = []
         for i, row in enumerate(batch.rows):
-            if not row.done and row.cancelled:
-                row.done = True
-            if row.done:
+            if row.gone():
                 nxt.append(self.eos)
                 continue
-            tok = self._pick_token(logits[i], row.params, row.gen)
+            tok = self._pick_token(logits[i], row.params, row.gen) if logits is not None else greedy[i]
             if tok == self.eos:
                 self._finish(row, "stop")
             else:
-                row.events.put(tok)
+                if row.each_token:
+                    row.events.put(tok)
+                else:
+                    row.tokens.append(tok)
                 row.produced += 1
                 if row.produced == row.budget:
                     self._finish(row, "length")
@@ -178,13 +314,36 @@ class Batcher:
         row.events.put(reason)
 
 
+SHARED_WIDTH = 256
+
+
+def _width_class(row: _Row) -> int:
+    """Rows that may take up to SHARED_WIDTH cache positions decode together; longer ones with
+    those of up to twice their length or half of it. A row's history is padded to the longest of
+    its batch: this bounds a row's cost per step to max(SHARED_WIDTH, twice its own need),
+    whatever else is decoding (a 2,000-token prompt padded 8 short rows to its width: each step
+    cost 10x)."""
+    return max(row.need - 1, SHARED_WIDTH - 1).bit_length()
+
+
+def _by_class(rows: Iterable[_Row]) -> dict[int, list[_Row]]:
+    out: dict[int, list[_Row]] = {}
+    for row in rows:
+        out.setdefault(_width_class(row), []).append(row)
+    return out
+
+
+def _cache_arg(out: Any) -> str:
+    return "cache" if "cache" in out else "past_key_values"  # transformers 5 / older
+
+
 class _Running:
     """A batch being decoded: its rows, attention mask (B, L), each row's last position (B, 1),
     and the last forward pass's output (logits and KV cache)."""
 
     def __init__(self, rows: list[_Row], mask: torch.Tensor, pos: torch.Tensor, out: Any, eos: int) -> None:
         self.rows, self.mask, self.pos, self.out, self.eos = rows, mask, pos, out, eos
-        self.cache_arg = "cache" if "cache" in out else "past_key_values"  # transformers 5 / older
+        self.cache_arg = _cache_arg(out)
         cache = out[self.cache_arg]
         # Rows can leave and join only where the KV cache is plain per-layer tensors.
         self.editable = isinstance(cache, DynamicCache) and all(
@@ -194,6 +353,10 @@ class _Running:
     @property
     def cache(self) -> Any:
         return self.out[self.cache_arg]
+
+    @property
+    def finished(self) -> bool:
+        return all(row.done for row in self.rows)
 
     def step(self, model: torch.nn.Module, nxt: list[int]) -> None:
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)

@@ -25,7 +25,7 @@ import torch
 from llmos.model.loader import ModelFactory
 from llmos.registry.registry import Registry
 from llmos.serving.batch import Batcher
-from llmos.serving.types import Completion, PromptTooLong, SamplingParams
+from llmos.serving.types import CacheFull, Completion, PromptTooLong, SamplingParams
 from llmos.store.tables import CheckpointStatus
 
 log = logging.getLogger(__name__)
@@ -83,13 +83,26 @@ class ServingEngine:
         max_concurrency: int = 1,
         pinned_versions: int = 2,
         decode_threads: int = 0,
+        kv_cache_tokens: int = 0,
+        prefill_chunk_tokens: int = 0,
     ) -> None:
         self._factory = factory
         self._registry = registry
+        # The cache positions that generations in progress may take, each its prompt and its
+        # max_new_tokens, decoding or waiting. 0: a full batch of requests as long as the context
+        # allows, decoding, and as much again waiting for room.
+        self.kv_budget = kv_cache_tokens or 2 * max_concurrency * factory.context_length
+        self._kv_held = 0  # under _idle
         # Generations run on the batcher's thread, up to max_concurrency at once, one forward pass
         # per token for all of them.
         self._batcher = Batcher(
-            factory.device, factory.tokenizer.eos_token_id, max_concurrency, pick_token, decode_threads
+            factory.device,
+            factory.tokenizer.eos_token_id,
+            max_concurrency,
+            pick_token,
+            decode_threads,
+            self.kv_budget,
+            prefill_chunk_tokens,
         )
         self._swap_lock = threading.Lock()
         self._current: Loaded | None = None
@@ -122,6 +135,17 @@ class ServingEngine:
         """(batches, rows, forward passes) decoded so far."""
         b = self._batcher
         return b.cohorts, b.rows, b.steps
+
+    @property
+    def attended(self) -> int:
+        """Cache positions the forward passes of decoding attended to so far, summed over rows:
+        per generated token, the cost of decoding."""
+        return self._batcher.widths
+
+    @property
+    def kv_held(self) -> int:
+        """Cache positions taken by the generations in progress (see kv_budget)."""
+        return self._kv_held
 
     @property
     def in_flight(self) -> int:
@@ -202,34 +226,52 @@ class ServingEngine:
             raise PromptTooLong(f"prompt is {len(ids)} tokens; the model's context holds {ctx - 2} at most")
         return ids
 
+    def _budget(self, ids: list[int], params: SamplingParams) -> int:
+        """The tokens a generation may make: max_new_tokens, or what the context has left."""
+        return min(params.max_new_tokens, self._factory.context_length - len(ids) - 1)
+
     def generate(self, prompt: str, params: SamplingParams, version: int | None = None) -> Completion:
-        return _collect(self.stream(prompt, params, version))
+        return _collect(self.stream(prompt, params, version, each_token=False))
 
     def stream(
-        self, prompt: str, params: SamplingParams, version: int | None = None
+        self, prompt: str, params: SamplingParams, version: int | None = None, each_token: bool = True
     ) -> Generator[tuple[int, Completion | None]]:
         """Yield (token id, None) per new token, then (-1, Completion) at the end. ``version``
         pins the request to a stored promoted version (see pinned()); None means the active one.
         The generator holds no thread state between tokens: it may be resumed from any thread
-        (one at a time), as a streaming response's worker threads do."""
+        (one at a time), as a streaming response's worker threads do. Raises PromptTooLong, and
+        CacheFull when the generations in progress hold the KV-cache budget (retry later)."""
         ids = self.encode_prompt(prompt, params.max_new_tokens)
+        need = len(ids) + 1 + self._budget(ids, params)  # EOS, the prompt, what it may generate
+        if need > self.kv_budget:
+            raise PromptTooLong(
+                f"prompt and max_new_tokens need {need} tokens of KV cache; the server holds "
+                f"{self.kv_budget} (serving.kv_cache_tokens): ask for fewer tokens"
+            )
         with self._idle:
+            if self._kv_held + need > self.kv_budget:
+                raise CacheFull(
+                    f"generations in progress hold {self._kv_held} of {self.kv_budget} tokens of KV cache "
+                    f"and this one needs {need}"
+                )
+            self._kv_held += need
             self._activity[0] += 1
         try:
-            yield from self._decode(ids, params, version)
+            yield from self._decode(ids, params, version, each_token)
         finally:
             with self._idle:
+                self._kv_held -= need
                 self._activity[0] -= 1
                 if self._activity[0] == 0:
                     self._activity[1] = time.monotonic()
                     self._idle.notify_all()
 
     def _decode(
-        self, ids: list[int], params: SamplingParams, version: int | None
+        self, ids: list[int], params: SamplingParams, version: int | None, each_token: bool
     ) -> Generator[tuple[int, Completion | None]]:
         loaded = self._hold(version)
         try:
-            yield from self._decode_on(loaded, ids, params)
+            yield from self._decode_on(loaded, ids, params, each_token)
         finally:
             with self._use_lock:
                 loaded.users -= 1
@@ -245,18 +287,18 @@ class ServingEngine:
                     return loaded
 
     def _decode_on(
-        self, loaded: Loaded, ids: list[int], params: SamplingParams
+        self, loaded: Loaded, ids: list[int], params: SamplingParams, each_token: bool
     ) -> Generator[tuple[int, Completion | None]]:
         gen = None
         if params.seed is not None and params.temperature > 0:
             gen = torch.Generator(device="cpu").manual_seed(params.seed)
-        budget = min(params.max_new_tokens, self._factory.context_length - len(ids) - 1)
+        budget = self._budget(ids, params)
         eos = self.tokenizer.eos_token_id
         new: list[int] = []
         finish: Literal["stop", "length"] = "length"
         # The stream starts with EOS, as every training sample does. closing(): a client that goes
         # away takes its row out of the batch at once.
-        with closing(self._batcher.decode(loaded.model, [eos, *ids], params, budget, gen)) as events:
+        with closing(self._batcher.decode(loaded.model, [eos, *ids], params, budget, gen, each_token)) as events:
             for event in events:
                 if isinstance(event, str):
                     finish = event

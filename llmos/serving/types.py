@@ -25,3 +25,7 @@ class Completion:
 
 class PromptTooLong(ValueError):
     pass
+
+
+class CacheFull(Exception):
+    """The generations in progress hold the whole KV-cache budget (serving.kv_cache_tokens)."""

@@ -24,6 +24,7 @@ from typing import Protocol
 
 import torch
 
+from llmos.memory import trim
 from llmos.model.loader import ModelFactory
 from llmos.registry.registry import Registry
 from llmos.serving.engine import Loaded
@@ -267,6 +268,8 @@ class Trainer:
                 worked = self.cycle()
                 self._phase = TrainerPhase.idle
                 self._last_error = None
+                if worked:
+                    trim()  # a cycle's tensors are gone: give their pages back (llmos/memory.py)
                 if not worked:
                     self._wake.wait(self.cfg.poll_interval_s)
                     self._wake.clear()
