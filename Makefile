@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-slow test-all lint run clean dashboard-screenshot bench-forgetting bench-teach bench bench-speed bench-scaling
+.PHONY: install test test-slow test-all lint run clean dashboard-screenshot bench-forgetting bench-teach bench bench-speed bench-scaling bench-serving
 
 # One command sets everything up: a virtual environment with torch (CPU wheel unless you have
 # installed another build) and llmos with its test tools (among them the openai client and
@@ -56,6 +56,11 @@ TEACH_BASELINE ?= d2922fd
 
 bench-teach:
 	$(BIN)/python bench/teach.py --out bench/results --baseline $(TEACH_BASELINE)
+
+# Serving under load, figure 10: batched decoding against static-batch generate and transformers'
+# continuous batching, token gaps while a long prompt arrives (bench/results/serving.md; ~4 min, CPU).
+bench-serving:
+	$(BIN)/python bench/serving.py --out bench/results
 
 # Speed (issue 4): trainer, generation, serving while training, hot-swap, freshness, ingest, and
 # their growth with model size, each as a ratio against a reference measured side by side in the

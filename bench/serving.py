@@ -225,7 +225,7 @@ def report(results: dict[str, Any]) -> str:
     for size, fig in results["fig10a"].items():
         lines += [f"{size}:", "", "| clients | generate tok/s | llmos | tok/s | / generate |", "|---|---|---|---|---|"]
         for clients, row in fig.items():
-            for name in sorted({k.rsplit(" tok/s", 1)[0] for k in row if k.startswith("llmos")}):
+            for name in sorted(k.removesuffix(" tok/s") for k in row if k.startswith("llmos") and k.endswith(" tok/s")):
                 lines.append(
                     f"| {clients} | {row['generate tok/s']:.0f} | {name} | {row[name + ' tok/s']:.0f} | "
                     f"{row[name + ' / generate']:.2f}x |"
@@ -265,7 +265,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--report", type=Path, help="only write the .md of this results .json again")
     args = parser.parse_args()
+    if args.report:
+        args.report.with_suffix(".md").write_text(report(json.loads(args.report.read_text())))
+        return
     device = torch.device(args.device)
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))  # the decoding thread's share, as served
     t0 = time.time()
