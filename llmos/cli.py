@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Annotated
@@ -83,7 +84,7 @@ def serve(
         log_config=None,  # keep the handler configure() installed: one format for every line
         timeout_graceful_shutdown=8,
     )
-    _make_server_class()(server_config).run()
+    _make_server_class(daemon.stopping)(server_config).run()
 
 
 @app.command()
@@ -132,14 +133,16 @@ def is_loopback(host: str) -> bool:
         return False  # a name that may resolve to anything: not known to be loopback
 
 
-def _make_server_class() -> type:
+def _make_server_class(on_exit: Callable[[], None]) -> type:
     import uvicorn
 
     class Server(uvicorn.Server):
         """uvicorn re-raises SIGTERM after its graceful shutdown, so the process would end with
-        -15; a daemon that stopped cleanly on request should exit 0 (systemd, Kubernetes)."""
+        -15; a daemon that stopped cleanly on request should exit 0 (systemd, Kubernetes).
+        ``on_exit``: told at the signal, before the requests in flight are answered."""
 
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            on_exit()
             super().handle_exit(sig, frame)
             captured = getattr(self, "_captured_signals", None)
             if sig == signal.SIGTERM and isinstance(captured, list) and sig in captured:

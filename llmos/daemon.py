@@ -293,6 +293,7 @@ class Daemon:
             threads.serving,
             settings.serving.kv_cache_tokens,
             settings.serving.prefill_chunk_tokens,
+            settings.serving.max_requests,
         )
         self.counters = ServiceCounters()
         self.replay_pool = replay_pool(settings, self.db)
@@ -343,6 +344,12 @@ class Daemon:
                 "system", "fallback", {"from_version": active, "to_version": v}, AuditOutcome.ok, 200, corrupt[active]
             )
             return
+
+    def stopping(self) -> None:
+        """The server was told to stop and answers its requests in flight first: the trainer
+        process, signalled with it, is not restarted meanwhile."""
+        if isinstance(self.trainer, TrainerProcess):
+            self.trainer.server_stopping()
 
     def stop(self) -> None:
         self.trainer.stop()
@@ -441,7 +448,13 @@ class Daemon:
                 sample = NewSample(
                     gen.prompt + gen.completion, FEEDBACK_SOURCE_PREFIX + "rating", rating, prompt_chars=cut
                 )
-        fb = self.generations.add_feedback(generation_id, rating, correction, sample)  # raises if unknown
+        if sample is not None:  # a text to train: the queue's bound holds, as for ingest
+            depth, limit = self.queue.depth_estimate(max_age_s=0.25), self.settings.limits.max_queue_depth
+            if depth + 1 > limit:
+                raise QueueFull(depth, limit)
+        fb = self.generations.add_feedback(  # raises if unknown, or past feedback.max_per_generation
+            generation_id, rating, correction, sample, self.settings.feedback.max_per_generation
+        )
         if sample is not None or rating is not None:
             self.trainer.wake()
         return fb

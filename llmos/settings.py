@@ -289,8 +289,7 @@ class ServingSettings(_Section):
         ge=0,
         description="KV cache the generations in progress may take, in token positions: each its prompt "
         "and max_new_tokens, decoding or waiting; past it a request gets 429 with Retry-After, and a batch "
-        "admits a row only while its rows times its longest fit. 0 = 2 x max_concurrency x the model's context "
-        "(a full batch decoding, as much again waiting).",
+        "admits a row only while its rows times its longest fit. 0 = 256 x max_requests.",
     )
     prefill_chunk_tokens: int = Field(
         64,
@@ -363,6 +362,12 @@ class FeedbackSettings(_Section):
     beta: float = Field(0.1, gt=0, description="DPO/KTO beta: how far preferences may pull from the reference.")
     preference_weight: float = Field(1.0, gt=0, description="Scale of the preference loss in its optimizer step.")
     preference_batch: int = Field(32, ge=1, description="Most preferences claimed per batch.")
+    max_per_generation: int = Field(
+        8,
+        ge=1,
+        description="Feedback entries one generation takes (409 past it): each correction is a text to train, "
+        "so one generation cannot be fed any number of them.",
+    )
 
 
 class Settings(BaseSettings):

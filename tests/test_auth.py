@@ -93,6 +93,15 @@ def test_health_probes_need_no_credential(keyed: LiveServer) -> None:
         assert c.get("/readyz").status_code == 200
 
 
+def test_head_answers_where_get_does_with_no_body(keyed: LiveServer) -> None:
+    """Load balancers and uptime checks often probe with HEAD (it was 405)."""
+    with keyed.client() as c:
+        for path in ("/healthz", "/readyz", "/metrics", "/dashboard"):
+            r = c.head(path)
+            assert r.status_code == c.get(path).status_code == 200, path
+            assert r.content == b"", path
+
+
 def test_open_api_on_loopback_needs_no_key_and_ignores_stray_ones(live: LiveServer) -> None:
     with live.client() as c:
         assert c.post("/v1/texts", json={"text": "open"}).status_code == 202
@@ -123,6 +132,26 @@ def test_admin_actions_are_audited_without_the_secret(keyed: LiveServer) -> None
     assert ADMIN not in r.text  # who did it is named by a fingerprint, never the secret
     ids = [e["id"] for e in entries]
     assert ids == sorted(ids, reverse=True)
+
+
+def test_refused_admin_attempts_are_audited_too(keyed: LiveServer) -> None:
+    """No token, a wrong one, an API key: each 401/403 is an entry (README: every admin action,
+    allowed or refused), naming the caller by address or key fingerprint, never the secret sent."""
+    with keyed.client() as c:
+        first = c.get("/v1/admin/audit", headers=bearer(ADMIN)).json()["entries"]
+        newest_before = first[0]["id"] if first else 0
+        assert c.post("/v1/admin/trainer/pause").status_code == 401
+        assert c.post("/v1/admin/rollback", json={"version": 0}, headers=bearer("w" * 32)).status_code == 401
+        assert c.post("/v1/admin/trainer/resume", headers=bearer(KEY_A)).status_code == 403
+        r = c.get("/v1/admin/audit", params={"limit": 10}, headers=bearer(ADMIN))
+    entries = [e for e in r.json()["entries"] if e["id"] > newest_before][::-1]
+    assert [(e["action"], e["outcome"], e["status_code"]) for e in entries] == [
+        ("POST /v1/admin/trainer/pause", "refused", 401),
+        ("POST /v1/admin/rollback", "refused", 401),
+        ("POST /v1/admin/trainer/resume", "refused", 403),
+    ]
+    assert [e["actor"] for e in entries] == ["addr:127.0.0.1", "addr:127.0.0.1", f"key:{fingerprint(KEY_A)}"]
+    assert "w" * 32 not in r.text and KEY_A not in r.text
 
 
 def test_audit_pages_back_with_before(keyed: LiveServer) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -245,3 +246,47 @@ def test_generations_past_serving_max_requests_get_429_with_retry_after(tmp_path
             # The places are given back: the next request is served.
             wait_for(lambda: srv.app.state.generation_slots.used == 0, timeout=10)
             assert c.get("/generate", params={"prompt": "z", "max_new_tokens": 4}).status_code == 200
+
+
+def test_feedback_has_the_limits_of_ingest_and_a_bound_per_generation(tmp_path: Path) -> None:
+    """A correction is a text to train: it is capped in length, counts against its caller's rate
+    and the queue's depth as ingest does, and one generation takes feedback.max_per_generation
+    entries (before, any number of corrections of up to the body cap, each a queued text)."""
+    settings = make_settings(
+        tmp_path / "data",
+        **{
+            "auth.api_keys": KEYS[:2],
+            "limits.source_rate_per_s": 0.01,
+            "limits.source_burst": 3,
+            "limits.max_queue_depth": 3,
+            "limits.queue_full_retry_after_s": 7,
+            "server.max_text_chars": 100,
+            "feedback.max_per_generation": 3,
+        },
+    )
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    with LiveServer(settings) as srv, srv.client(headers=bearer(KEYS[0])) as c:
+        assert c.post("/v1/admin/trainer/pause", headers=admin).status_code == 200
+
+        def generation() -> str:
+            return str(c.get("/generate", params={"prompt": "The tide", "max_new_tokens": 2}).json()["generation_id"])
+
+        g = generation()
+        r = c.post("/v1/feedback", json={"generation_id": g, "correction": "x" * 101})
+        assert r.status_code == 422 and "server.max_text_chars" in r.text, r.text
+        for _ in range(3):  # thumbs down teach nothing by themselves: no rate, no queue
+            assert c.post("/v1/feedback", json={"generation_id": g, "rating": -1}).status_code == 202
+        r = c.post("/v1/feedback", json={"generation_id": g, "rating": -1})
+        assert r.status_code == 409 and "feedback.max_per_generation" in r.text, r.text
+        for i in range(3):
+            r = c.post("/v1/feedback", json={"generation_id": generation(), "correction": f" fix {i}"})
+            assert r.status_code == 202, r.text
+        r = c.post("/v1/feedback", json={"generation_id": generation(), "correction": " one more"})
+        assert r.status_code == 429 and "limits.source_rate_per_s" in r.text, r.text
+        assert int(r.headers["retry-after"]) >= 1
+        time.sleep(0.3)  # past the age of the queue depth's cached estimate
+        with srv.client(headers=bearer(KEYS[1])) as other:  # its own rate, but the queue is full
+            r = other.post("/v1/feedback", json={"generation_id": generation(), "correction": " late"})
+            assert r.status_code == 429 and "limits.max_queue_depth" in r.text, r.text
+            assert r.headers["retry-after"] == "7"
+        assert c.get("/v1/trainer").json()["queue_depth"] == 3  # nothing refused was stored

@@ -200,6 +200,29 @@ def test_unsupported_options_are_refused_not_ignored(trained: Trained) -> None:
     assert r.status_code == 422 and isinstance(r.json()["detail"], list)
 
 
+@pytest.mark.parametrize(
+    "field",
+    [{"stream": "yes"}, {"max_tokens": True}, {"temperature": True}, {"top_p": "1"}, {"seed": 1.5}],
+    ids=lambda f: next(iter(f)),
+)
+def test_options_of_the_wrong_type_are_422s_not_coerced(trained: Trained, field: dict[str, object]) -> None:
+    for path, body in (
+        ("/v1/completions", {"model": "llmos", "prompt": PROMPT}),
+        ("/v1/chat/completions", {"model": "llmos", "messages": [{"role": "user", "content": PROMPT}]}),
+    ):
+        r = trained.http.post(path, json={**body, **field})
+        assert r.status_code == 422, (path, field, r.text)
+        assert r.json()["detail"][0]["loc"] == ["body", next(iter(field))], r.text
+
+
+def test_validation_errors_name_types_not_validators_or_addresses(trained: Trained) -> None:
+    r = trained.http.post("/v1/completions", json={"model": "llmos", "prompt": PROMPT, "stop": ["a"] * 5})
+    assert r.status_code == 422
+    assert "0x" not in r.text and "function" not in r.text and "partial" not in r.text, r.text
+    assert ["body", "stop", "list"] in [d["loc"] for d in r.json()["detail"]]
+    assert "stop.list: List should have at most 4 items" in r.json()["error"]["message"]
+
+
 def test_a_stop_string_ends_the_completion(trained: Trained) -> None:
     full = greedy(trained.http)["text"]
     stop = full[6:9]

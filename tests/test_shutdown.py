@@ -104,3 +104,6 @@ def test_sigterm_to_the_whole_process_group_stops_the_trainer_process_after_its_
         counts = dict(db.execute("SELECT status, count(*) FROM samples GROUP BY status").fetchall())
     assert counts.get("training", 0) == 0, counts  # the trainer process gave its claims back
     assert sum(counts.values()) == 100
+    # A stop asked for is no failure: nothing logged as an error, and no trainer restarted.
+    text = log.read_text()
+    assert " ERROR " not in text and "restarting" not in text, text[-3000:]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,6 +21,7 @@ from llmos.api.metrics import instrument
 from llmos.api.openai import router as openai_router
 from llmos.api.relay import Slots
 from llmos.api.routes import router
+from llmos.api.schemas import clean_errors
 from llmos.daemon import Daemon
 
 log = logging.getLogger(__name__)
@@ -61,15 +61,6 @@ class BodyLimit:
 _METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
 
 
-def _clean_errors(errors: Any) -> list[dict[str, Any]]:
-    """Validation errors without the echoed input (which may be huge or binary)."""
-    out = []
-    for e in errors:
-        item = {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
-        out.append(item)
-    return out
-
-
 def create_app(daemon: Daemon, manage_lifecycle: bool = True) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -92,6 +83,9 @@ def create_app(daemon: Daemon, manage_lifecycle: bool = True) -> FastAPI:
     app.state.keyring = Keyring(daemon.admin_token, daemon.settings.auth.api_keys)
     app.state.key_limiter = RateLimiter(limits.key_rate_per_s, limits.key_burst, limits.max_tracked)
     app.state.source_limiter = RateLimiter(limits.source_rate_per_s, limits.source_burst, limits.max_tracked)
+    # Refused admin attempts are audited, a burst of 60 per client address and then one a second:
+    # a flood of bad tokens cannot fill the store with audit rows.
+    app.state.refusal_audit = RateLimiter(1.0, 60, limits.max_tracked)
     app.state.generation_slots = Slots(daemon.settings.serving.max_requests)
     app.include_router(router)
     app.include_router(openai_router)  # /v1/completions, /v1/chat/completions, /v1/models
@@ -99,7 +93,7 @@ def create_app(daemon: Daemon, manage_lifecycle: bool = True) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_req: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"detail": _clean_errors(exc.errors())}, status_code=422)
+        return JSONResponse({"detail": clean_errors(exc.errors())}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_req: Request, exc: StarletteHTTPException) -> JSONResponse:

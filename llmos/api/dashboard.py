@@ -17,5 +17,5 @@ def install(app: FastAPI) -> None:
         """Loss curves, trainer and queue state, checkpoints with rollback, and a prompt box."""
         return FileResponse(STATIC / "dashboard.html", headers={"Cache-Control": "no-cache"})
 
-    app.add_api_route("/dashboard", dashboard, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/dashboard", dashboard, methods=["GET", "HEAD"], include_in_schema=False)
     app.mount("/dashboard/static", StaticFiles(directory=STATIC), name="dashboard-static")

@@ -140,15 +140,27 @@ ApiKeyDep = Annotated[Caller, Depends(require_api_key)]
 ApiKey = Depends(require_api_key)  # for dependencies=[...] where the route does not need the caller
 
 
-def require_admin(creds: BearerDep, keyring: KeyringDep) -> Caller:
+def require_admin(request: Request, creds: BearerDep, keyring: KeyringDep, daemon: DaemonDep) -> Caller:
+    """The admin caller; a refused attempt (401, 403) is recorded in the audit log too."""
+    address = "addr:" + (request.client.host if request.client else "unknown")
+    refusal: tuple[str, HTTPException] | None = None
+    caller = keyring.identify(creds.credentials) if creds is not None else None
     if creds is None:
-        raise HTTPException(401, "admin token required: send 'Authorization: Bearer <token>'", headers=_BEARER_HINT)
-    caller = keyring.identify(creds.credentials)
-    if caller is None:
-        raise HTTPException(401, "wrong admin token", headers=_BEARER_HINT)
-    if caller.kind != "admin":
-        raise HTTPException(403, "an API key cannot use /v1/admin/*: send the admin token")
-    return caller
+        hint = "admin token required: send 'Authorization: Bearer <token>'"
+        refusal = address, HTTPException(401, hint, headers=_BEARER_HINT)
+    elif caller is None:
+        refusal = address, HTTPException(401, "wrong admin token", headers=_BEARER_HINT)
+    elif caller.kind != "admin":
+        refusal = caller.id, HTTPException(403, "an API key cannot use /v1/admin/*: send the admin token")
+    if refusal is None:
+        assert caller is not None
+        return caller
+    actor, exc = refusal
+    limiter: RateLimiter = request.app.state.refusal_audit
+    if not limiter.take({address: 1}):
+        action = f"{request.method} {request.url.path}"[:200]
+        daemon.audit(actor, action, {}, AuditOutcome.refused, exc.status_code, str(exc.detail))
+    raise exc
 
 
 AdminDep = Depends(require_admin)

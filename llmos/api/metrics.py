@@ -315,6 +315,7 @@ def instrument(app: FastAPI, daemon: Daemon) -> CollectorRegistry:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     app.add_api_route("/metrics", metrics, methods=["GET"], tags=["health"], response_class=Response)
+    app.add_api_route("/metrics", metrics, methods=["HEAD"], include_in_schema=False, response_class=Response)
     app.add_middleware(RequestMetrics, latency=latency, requests=requests)
     app.state.metrics_registry = registry
     return registry

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from llmos.api.deps import ApiKey, DaemonDep, SlotsDep
 from llmos.api.relay import Busy, End, Relay, Slots, call
-from llmos.api.schemas import Text, error_responses
+from llmos.api.schemas import Text, clean_errors, error_responses
 from llmos.daemon import Daemon, GenerationResult
 from llmos.registry.registry import CorruptCheckpoint, UnknownVersion
 from llmos.serving.chat import ChatTemplateError, render_chat
@@ -43,10 +43,7 @@ class _OpenAIRoute(APIRoute):
             try:
                 return await handler(request)
             except RequestValidationError as exc:
-                items = [
-                    {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
-                    for e in exc.errors()
-                ]
+                items = clean_errors(exc.errors())
                 message = "; ".join(f"{'.'.join(str(p) for p in i['loc'][1:]) or 'body'}: {i['msg']}" for i in items)
                 error = {"type": "invalid_request_error", "message": message, "param": None, "code": None}
                 return JSONResponse({"error": error, "detail": items}, status_code=422)
@@ -83,7 +80,9 @@ class _OpenAIRequest(BaseModel):
     # The fields of OpenAI's API reference that llmos can honour, and those it can honour only at
     # their neutral value (the schema says which values; anything else is a 422 naming the field).
     # An unknown field is an error, as everywhere in this API.
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # Strict, as the other routes: "stream": "yes", "max_tokens": true or "temperature": true are
+    # 422s, not coerced (a number still counts where a float is asked for).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
     model: Annotated[str, Field(min_length=1, max_length=100, description="'llmos' or 'llmos@<version>'")]
     max_tokens: int | None = Field(None, ge=1, description="Lowered to serving.max_new_tokens_cap if larger.")

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from llmos.api.deps import AdminDep, ApiKey, AuditDep, DaemonDep, SlotsDep, SourceLimiterDep, too_many
+from llmos.api.deps import AdminDep, ApiKey, ApiKeyDep, AuditDep, DaemonDep, SlotsDep, SourceLimiterDep, too_many
 from llmos.api.relay import Busy, End, Relay, Slots, call
 from llmos.api.schemas import (
     AuditEntryOut,
@@ -38,7 +38,7 @@ from llmos.api.schemas import (
 from llmos.daemon import Daemon, GenerationResult, QueueFull
 from llmos.registry.registry import CorruptCheckpoint, RejectedVersion, UnknownVersion
 from llmos.serving.types import CacheFull, PromptTooLong, SamplingParams
-from llmos.store.generations import UnknownGeneration
+from llmos.store.generations import FeedbackLimit, UnknownGeneration
 from llmos.store.queue import NewSample
 
 log = logging.getLogger(__name__)
@@ -247,16 +247,37 @@ async def post_generate(req: GenerateIn, daemon: DaemonDep, slots: SlotsDep) -> 
     "/v1/feedback",
     status_code=202,
     response_model=FeedbackOut,
-    dependencies=[ApiKey],
     tags=["data"],
-    responses=error_responses(404, *_BODY_ERRORS),
+    responses=error_responses(404, 409, *_BODY_ERRORS),
 )
-def post_feedback(body: FeedbackIn, daemon: DaemonDep) -> FeedbackOut:
-    """Rate or correct a generation; corrections and positive ratings become training samples."""
+def post_feedback(body: FeedbackIn, daemon: DaemonDep, caller: ApiKeyDep, sources: SourceLimiterDep) -> FeedbackOut:
+    """Rate or correct a generation; corrections and positive ratings become training samples.
+    The limits of ingest hold: a correction is at most server.max_text_chars; each caller sends at
+    most limits.source_rate_per_s texts a second; past limits.max_queue_depth, 429; and one
+    generation takes feedback.max_per_generation entries (409 past it)."""
+    limit = daemon.settings.server.max_text_chars
+    if body.correction is not None and len(body.correction) > limit:
+        raise HTTPException(
+            422, f"correction is {len(body.correction)} characters; the limit is {limit} (server.max_text_chars)"
+        )
+    if body.correction is not None or (body.rating or 0) > 0:  # it becomes a text to train
+        wait = sources.take({"feedback:" + caller.id: 1})
+        if wait:
+            raise too_many(
+                f"rate limit: {sources.rate_per_s:g} texts per second per caller, bursts of {sources.burst} "
+                "(limits.source_rate_per_s, limits.source_burst); retry later",
+                wait,
+            )
     try:
         fb = daemon.feedback(body.generation_id, body.rating, body.correction)
     except UnknownGeneration as exc:
         raise HTTPException(404, f"no generation with id '{body.generation_id}'") from exc
+    except FeedbackLimit as exc:
+        raise HTTPException(409, f"{exc} (feedback.max_per_generation)") from exc
+    except QueueFull as exc:
+        raise too_many(
+            f"{exc} (limits.max_queue_depth); retry later", daemon.settings.limits.queue_full_retry_after_s
+        ) from exc
     return FeedbackOut(id=fb.id, sample_id=fb.sample_id)
 
 
@@ -435,3 +456,8 @@ def readyz(daemon: DaemonDep) -> JSONResponse:
     if info.get("degraded"):
         return JSONResponse(ReadyOut(status="degraded", detail="; ".join(info["degraded"]), **info).model_dump())
     return JSONResponse(ReadyOut(status="ready", **info).model_dump())
+
+
+# HEAD as GET (load balancers and uptime checks often probe with it); one operation in the schema.
+router.add_api_route("/healthz", healthz, methods=["HEAD"], include_in_schema=False)
+router.add_api_route("/readyz", readyz, methods=["HEAD"], include_in_schema=False)

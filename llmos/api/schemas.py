@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -260,3 +261,31 @@ _ERROR_WHY = {
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI entries for the errors a route can answer with (all shaped as ErrorOut)."""
     return {c: {"model": ErrorOut, "description": _ERROR_WHY[c]} for c in codes}
+
+
+_TYPE_NAMES = ("list", "dict", "str", "int", "float", "bool")
+
+
+def _loc_part(part: Any) -> Any:
+    """A field name or index as is; a union member's label (pydantic writes its validators there,
+    memory addresses included) as the type it checks: "str", "list"."""
+    if not isinstance(part, str) or part.isidentifier() or part.isdigit():
+        return part
+    for name in _TYPE_NAMES[:2]:
+        if part.startswith(name + "["):
+            return name
+    found = re.findall(r"\b(" + "|".join(_TYPE_NAMES) + r")\b", re.sub(r"<[^>]*>", "", part))
+    return found[-1] if found else "value"
+
+
+def clean_errors(errors: Any) -> list[dict[str, Any]]:
+    """Validation errors as a client reads them: where, what, which kind; without the echoed input
+    (which may be huge or binary) and without validator names and addresses in the location."""
+    return [
+        {
+            "loc": [_loc_part(p) for p in e.get("loc", ())],
+            "msg": str(e.get("msg", "")),
+            "type": str(e.get("type", "")),
+        }
+        for e in errors
+    ]

@@ -41,6 +41,9 @@ class Loaded:
     recycled: bool = False  # its model now holds another version's weights: take another
 
 
+KV_POSITIONS_PER_REQUEST = 256  # what the default KV budget allows each of serving.max_requests
+
+
 class NotPinnable(ValueError):
     """A request pinned a version that was never promoted (a candidate, or rejected by the gate)."""
 
@@ -85,13 +88,16 @@ class ServingEngine:
         decode_threads: int = 0,
         kv_cache_tokens: int = 0,
         prefill_chunk_tokens: int = 0,
+        max_requests: int = 256,
     ) -> None:
         self._factory = factory
         self._registry = registry
         # The cache positions that generations in progress may take, each its prompt and its
-        # max_new_tokens, decoding or waiting. 0: a full batch of requests as long as the context
-        # allows, decoding, and as much again waiting for room.
-        self.kv_budget = kv_cache_tokens or 2 * max_concurrency * factory.context_length
+        # max_new_tokens, decoding or waiting. 0: max_requests requests of 256 positions, so that
+        # by default ordinary requests meet the count (max_requests) first, and a request's 429
+        # comes from its length only when many long ones are held (tests/test_e2e.py: 100 at once
+        # on max_concurrency 2 must queue, not fail).
+        self.kv_budget = kv_cache_tokens or KV_POSITIONS_PER_REQUEST * max_requests
         self._kv_held = 0  # under _idle
         # Generations run on the batcher's thread, up to max_concurrency at once, one forward pass
         # per token for all of them.

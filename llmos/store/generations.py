@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from llmos.store.db import Database
@@ -41,6 +42,14 @@ class Feedback:
 
 class UnknownGeneration(LookupError):
     pass
+
+
+class FeedbackLimit(RuntimeError):
+    """The generation holds as many feedback entries as one may (feedback.max_per_generation)."""
+
+    def __init__(self, generation_id: str, limit: int) -> None:
+        super().__init__(f"generation '{generation_id}' has {limit} feedback entries, the most one takes")
+        self.limit = limit
 
 
 class GenerationLog:
@@ -91,13 +100,25 @@ class GenerationLog:
             )
 
     def add_feedback(
-        self, generation_id: str, rating: float | None, correction: str | None, sample: NewSample | None
+        self,
+        generation_id: str,
+        rating: float | None,
+        correction: str | None,
+        sample: NewSample | None,
+        max_per_generation: int = 0,
     ) -> Feedback:
-        """Store feedback (and the sample it yields, if any) atomically."""
+        """Store feedback (and the sample it yields, if any) atomically; FeedbackLimit once the
+        generation holds ``max_per_generation`` entries (0: no bound)."""
         with self._db.write() as s:
             gen = s.get(GenerationRow, generation_id)
             if gen is None:
                 raise UnknownGeneration(generation_id)
+            if max_per_generation:
+                held = s.scalar(
+                    select(func.count()).select_from(FeedbackRow).where(FeedbackRow.generation_id == generation_id)
+                )
+                if (held or 0) >= max_per_generation:
+                    raise FeedbackLimit(generation_id, max_per_generation)
             sample_id = insert_samples(s, [sample])[0] if sample is not None else None
             fid = str(uuid.uuid4())
             s.add(

@@ -51,6 +51,7 @@ STATUS_TIMEOUT_S = 5.0  # an answer takes a pipe round trip; longer means the ch
 FOLLOW_TIMEOUT_S = 120.0  # the API process loads the promoted version before it answers
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 STOP_TIMEOUT_S = 20.0  # the child finishes its step (the trainer's own stop waits 10 s)
+SIGNAL_GRACE_S = 2.0  # a child that stopped on SIGTERM: how long to wait for the server's own stop
 
 
 class TrainerProcess:
@@ -73,6 +74,7 @@ class TrainerProcess:
         # posts: an ingest never waits on the pipe (full while a child is still starting).
         self._wake_wanted = threading.Event()
         self._stopping = threading.Event()
+        self._server_stopping = threading.Event()  # the server got a stop signal (see server_stopping)
         self._supervisor: threading.Thread | None = None
         self._last: TrainerStatus | None = None
         self._ready = False  # the child has loaded the active version and obeys its control pipe
@@ -119,6 +121,12 @@ class TrainerProcess:
 
     def request_reset(self) -> None:
         self._send(("request_reset",))
+
+    def server_stopping(self) -> None:
+        """The server was told to stop (SIGTERM, SIGINT): a child that stops on the same signal (a
+        service manager signals the whole process group) is not restarted, and no error is logged.
+        The server's own stop() follows once its requests in flight are answered."""
+        self._server_stopping.set()
 
     def status(self) -> TrainerStatus:
         seq = next(self._seq)
@@ -209,7 +217,10 @@ class TrainerProcess:
                 proc.join(STOP_TIMEOUT_S)  # its end closed: it exited, or is exiting
             if proc.is_alive():
                 continue
-            if self._stopping.is_set():
+            # Exit code 0: it stopped on SIGTERM, most often the whole group's, which reaches the
+            # server a moment later (or did already).
+            if self._stopping.is_set() or self._server_stopping.wait(SIGNAL_GRACE_S if proc.exitcode == 0 else 0):
+                log.info("the trainer process stopped with the server (code %s)", proc.exitcode)
                 return
             self._exit_error = f"the trainer process exited (code {proc.exitcode}); restarting"
             log.error("%s in %.1fs", self._exit_error, self._backoff_s)
