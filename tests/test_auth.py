@@ -281,3 +281,21 @@ def test_serve_with_api_keys_may_listen_on_a_public_address(clean_env: None, mon
     monkeypatch.setenv("LLMOS_AUTH__API_KEYS", json.dumps([KEY_A]))
     result = CliRunner().invoke(app, ["serve", "--host", "0.0.0.0", "--port", "0"])
     assert "got past the address check" in result.output, result.output
+
+
+def test_idempotency_keys_belong_to_their_credential_and_a_changed_text_is_409(keyed: LiveServer) -> None:
+    """Before, one namespace for every key: another key holder's reuse got the first text's id (and
+    could then read its status), and a reuse with another text was dropped silently with a 202."""
+    with keyed.client() as c:
+
+        def post(key: str, text: str) -> httpx.Response:
+            return c.post("/v1/texts", json={"text": text, "idempotency_key": "order-7"}, headers=bearer(key))
+
+        a = post(KEY_A, "Ticket 7: the lamp is teal.")
+        b = post(KEY_B, "Ticket 7: the printer jams.")
+        assert a.status_code == b.status_code == 202
+        assert a.json()["ids"] != b.json()["ids"]
+        again = post(KEY_A, "Ticket 7: the lamp is teal.")
+        assert again.status_code == 202 and again.json()["ids"] == a.json()["ids"]  # a retry
+        changed = post(KEY_A, "Ticket 7: the lamp is red.")
+        assert changed.status_code == 409 and "idempotency key" in changed.json()["detail"], changed.text

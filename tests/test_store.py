@@ -18,7 +18,7 @@ from llmos.store import generations as generations_module
 from llmos.store.checkpoints import ACTIVE_KEY, CheckpointIndex, CheckpointRecord
 from llmos.store.db import Database
 from llmos.store.generations import GenerationLog, UnknownGeneration
-from llmos.store.queue import NewSample, SampleQueue, time_ordered_ids
+from llmos.store.queue import IdempotencyConflict, NewSample, SampleQueue, time_ordered_ids
 from llmos.store.tables import CheckpointStatus, FeedbackRow, MetaRow, SampleRow, SampleStatus
 
 
@@ -84,7 +84,7 @@ def test_idempotency_key_maps_to_one_row_within_and_across_calls(queue: SampleQu
     first = queue.enqueue(
         [
             NewSample("a", idempotency_key="k1"),
-            NewSample("a again", idempotency_key="k1"),  # repeated inside one call
+            NewSample("a", idempotency_key="k1"),  # repeated inside one call
             NewSample("c", idempotency_key="k2"),
         ]
     )
@@ -92,19 +92,25 @@ def test_idempotency_key_maps_to_one_row_within_and_across_calls(queue: SampleQu
     assert queue.depth() == 2
 
     again = queue.enqueue(
-        [
-            NewSample("c changed", idempotency_key="k2"),
-            NewSample("a", idempotency_key="k1"),
-            NewSample("new"),
-        ]
+        [NewSample("c", idempotency_key="k2"), NewSample("a", idempotency_key="k1"), NewSample("new")]
     )
     assert again[:2] == [first[2], first[0]]
     assert again[2] not in first
     assert queue.depth() == 3
     assert count_rows(db) == 3
-    a, c = queue.get(first[0]), queue.get(first[2])
-    assert a is not None and c is not None
-    assert (a.text, c.text) == ("a", "c")  # the first write wins; a retry changes nothing
+
+
+def test_an_idempotency_key_reused_with_another_text_is_a_conflict_and_writes_nothing(
+    queue: SampleQueue, db: Database
+) -> None:
+    first = queue.enqueue([NewSample("c", idempotency_key="k2")])
+    with pytest.raises(IdempotencyConflict):
+        queue.enqueue([NewSample("other", idempotency_key="k3"), NewSample("c changed", idempotency_key="k2")])
+    with pytest.raises(IdempotencyConflict):  # inside one call too
+        queue.enqueue([NewSample("x", idempotency_key="k4"), NewSample("y", idempotency_key="k4")])
+    assert count_rows(db) == 1
+    c = queue.get(first[0])
+    assert c is not None and c.text == "c"  # the first write stands
 
 
 def test_idempotency_key_raced_by_many_writers_stores_one_row(queue: SampleQueue, db: Database) -> None:

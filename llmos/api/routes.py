@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -39,7 +40,7 @@ from llmos.daemon import Daemon, GenerationResult, QueueFull
 from llmos.registry.registry import CorruptCheckpoint, RejectedVersion, UnknownVersion
 from llmos.serving.types import CacheFull, PromptTooLong, SamplingParams
 from llmos.store.generations import FeedbackLimit, UnknownGeneration
-from llmos.store.queue import NewSample
+from llmos.store.queue import IdempotencyConflict, NewSample
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -55,13 +56,14 @@ _ADMIN_ERRORS = (400, 401, 403, 413, 422)
     "/v1/texts",
     status_code=202,
     response_model=IdsOut,
-    dependencies=[ApiKey],
     tags=["data"],
-    responses=error_responses(*_BODY_ERRORS),
+    responses=error_responses(409, *_BODY_ERRORS),
 )
-def post_texts(body: TextIn | TextsIn, daemon: DaemonDep, sources: SourceLimiterDep) -> IdsOut:
+def post_texts(body: TextIn | TextsIn, daemon: DaemonDep, sources: SourceLimiterDep, caller: ApiKeyDep) -> IdsOut:
     """Queue one text or a batch; the ids are returned only once the rows are committed.
-    429 with Retry-After when a source sends faster than its rate or the queue is full."""
+    429 with Retry-After when a source sends faster than its rate or the queue is full. An
+    idempotency key belongs to the credential that sent it; sent again with the same text it
+    answers the first id, with another text 409."""
     items = body.items if isinstance(body, TextsIn) else [body]
     limit = daemon.settings.server.max_text_chars
     for i, it in enumerate(items):
@@ -86,12 +88,22 @@ def post_texts(body: TextIn | TextsIn, daemon: DaemonDep, sources: SourceLimiter
             wait,
         )
     try:
-        ids = daemon.ingest([NewSample(it.text, it.source, it.weight, it.idempotency_key) for it in items])
+        ids = daemon.ingest(
+            [NewSample(it.text, it.source, it.weight, _scoped(caller.id, it.idempotency_key)) for it in items]
+        )
+    except IdempotencyConflict as exc:
+        raise HTTPException(409, f"{exc}: a retry sends the same text, a new text a new key") from exc
     except QueueFull as exc:
         raise too_many(
             f"{exc} (limits.max_queue_depth); retry later", daemon.settings.limits.queue_full_retry_after_s
         ) from exc
     return IdsOut(ids=ids)
+
+
+def _scoped(caller_id: str, key: str | None) -> str | None:
+    """An idempotency key as stored: one namespace per credential (the same key from two callers
+    is two texts, and one cannot find another's id by guessing its keys)."""
+    return None if key is None else "k1:" + hashlib.sha256(f"{caller_id}\n{key}".encode()).hexdigest()
 
 
 @router.get(

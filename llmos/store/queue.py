@@ -81,31 +81,46 @@ def time_ordered_ids(n: int) -> list[str]:
     ]
 
 
+class IdempotencyConflict(ValueError):
+    """An idempotency key was used before with another text: a retry must send the same one."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__("this idempotency key was used before with another text")
+        self.key = key
+
+
 def insert_samples(session: Session, items: Sequence[NewSample]) -> list[str]:
-    """Insert within the caller's transaction; an idempotency key seen before yields its old id."""
+    """Insert within the caller's transaction; an idempotency key seen before with the same text
+    yields its old id, with another text IdempotencyConflict (nothing is written)."""
     keys = {it.idempotency_key for it in items if it.idempotency_key is not None}
-    known: dict[str, str] = {}
+    known: dict[str, tuple[str, str | None]] = {}  # key -> (id, text hash)
     if keys:
         rows = session.execute(
-            select(SampleRow.idempotency_key, SampleRow.id).where(SampleRow.idempotency_key.in_(keys))
+            select(SampleRow.idempotency_key, SampleRow.id, SampleRow.text_hash).where(
+                SampleRow.idempotency_key.in_(keys)
+            )
         )
-        known = {k: i for k, i in rows if k is not None}
+        known = {k: (i, h) for k, i, h in rows if k is not None}
     ids: list[str] = []
     new_rows: list[dict[str, object]] = []
     now = utcnow()
     fresh = iter(time_ordered_ids(len(items)))
     for it in items:
+        digest = text_hash(it.text)
         if it.idempotency_key is not None and it.idempotency_key in known:
-            ids.append(known[it.idempotency_key])
+            sid, seen = known[it.idempotency_key]
+            if seen is not None and seen != digest:
+                raise IdempotencyConflict(it.idempotency_key)
+            ids.append(sid)
             continue
         sid = next(fresh)
         if it.idempotency_key is not None:
-            known[it.idempotency_key] = sid  # a key repeated inside one request maps to one row
+            known[it.idempotency_key] = sid, digest  # a key repeated inside one request maps to one row
         new_rows.append(
             {
                 "id": sid,
                 "text": it.text,
-                "text_hash": text_hash(it.text),
+                "text_hash": digest,
                 "prompt_chars": it.prompt_chars,
                 "source": it.source,
                 "weight": it.weight,
@@ -218,7 +233,7 @@ class SampleQueue(Lifecycle):
                     return insert_samples(s, items)
             except IntegrityError:
                 # Another writer took one of our idempotency keys between our read and write
-                # (possible on PostgreSQL); the retry sees it and returns its id.
+                # (possible on PostgreSQL); the retry sees it and returns its id (or the conflict).
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
