@@ -197,7 +197,8 @@ def run_load(
             stop.wait(0.25)
 
     def sample_heap(stop: threading.Event) -> None:
-        with httpx.Client(base_url=url, timeout=30) as c:
+        scrape = {"Authorization": f"Bearer {keys[0]}"} if keys and keys[0] else {}  # /metrics takes a key
+        with httpx.Client(base_url=url, timeout=30, headers=scrape) as c:
             while not stop.wait(1.0):
                 t = time.monotonic() - t0
                 for name, value in memory_metrics(c.get("/metrics").text).items():

@@ -95,11 +95,20 @@ def test_health_probes_need_no_credential(keyed: LiveServer) -> None:
 
 def test_head_answers_where_get_does_with_no_body(keyed: LiveServer) -> None:
     """Load balancers and uptime checks often probe with HEAD (it was 405)."""
-    with keyed.client() as c:
+    with keyed.client(headers=bearer(KEY_A)) as c:
         for path in ("/healthz", "/readyz", "/metrics", "/dashboard"):
             r = c.head(path)
             assert r.status_code == c.get(path).status_code == 200, path
             assert r.content == b"", path
+
+
+def test_metrics_need_a_key_once_keys_are_set(keyed: LiveServer) -> None:
+    with keyed.client() as c:
+        assert c.get("/metrics").status_code == 401
+        assert c.get("/metrics", headers=bearer("x" * 30)).status_code == 401
+        r = c.get("/metrics", headers=bearer(KEY_B))
+        assert r.status_code == 200 and "llmos_active_version" in r.text
+        assert c.get("/metrics", headers=bearer(ADMIN)).status_code == 200
 
 
 def test_open_api_on_loopback_needs_no_key_and_ignores_stray_ones(live: LiveServer) -> None:

@@ -32,6 +32,7 @@ from sqlalchemy import func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmos import __version__
+from llmos.api.deps import ApiKey
 from llmos.daemon import Daemon
 from llmos.memory import heap
 from llmos.store.db import Database
@@ -311,11 +312,15 @@ def instrument(app: FastAPI, daemon: Daemon) -> CollectorRegistry:
     )
 
     def metrics() -> Response:
-        """Prometheus text format: training, queue, serving, request latency (not authenticated)."""
+        """Prometheus text format: training, queue, serving, request latency. With API keys set, a
+        scrape sends one (Prometheus: `authorization: {credentials: <key>}`); open otherwise."""
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    app.add_api_route("/metrics", metrics, methods=["GET"], tags=["health"], response_class=Response)
-    app.add_api_route("/metrics", metrics, methods=["HEAD"], include_in_schema=False, response_class=Response)
+    auth = [ApiKey]  # what it tells (texts, keys' traffic, versions) is not for anyone on the network
+    app.add_api_route("/metrics", metrics, methods=["GET"], tags=["health"], response_class=Response, dependencies=auth)
+    app.add_api_route(
+        "/metrics", metrics, methods=["HEAD"], include_in_schema=False, response_class=Response, dependencies=auth
+    )
     app.add_middleware(RequestMetrics, latency=latency, requests=requests)
     app.state.metrics_registry = registry
     return registry
