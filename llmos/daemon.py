@@ -282,7 +282,7 @@ class Daemon:
         self.audit_log = AuditLog(self.db)
         self.queue = SampleQueue(self.db)
         self.preferences = PreferenceQueue(self.db)
-        self.generations = GenerationLog(self.db)
+        self.generations = GenerationLog(self.db, settings.store.keep_generations)
         self.registry = open_registry(settings, self.db)
         self.factory = model_factory(settings)
         self.engine = ServingEngine(

@@ -72,6 +72,12 @@ class StoreSettings(_Section):
         None, description="SQLAlchemy URL; default sqlite:///<data_dir>/llmos.db (WAL, synchronous=FULL)."
     )
     busy_timeout_s: float = Field(30.0, gt=0, description="How long a SQLite writer waits for the write lock.")
+    keep_generations: int = Field(
+        100_000,
+        ge=1,
+        description="Generations kept (the newest), besides those with feedback or preferences: feedback "
+        "on an older one is 404.",
+    )
 
 
 class ModelSettings(_Section):

@@ -481,3 +481,17 @@ def test_concurrent_writers_and_a_claimer_lose_nothing(db: Database) -> None:
     assert len(claimed) == len(set(claimed))
     assert set(claimed) == set(returned)  # the claimer drained everything after the writers stopped
     assert all(queue.get(sid) is not None for sid in returned)
+
+
+def test_the_generation_log_keeps_the_newest_and_those_feedback_names(db: Database) -> None:
+    """Before, every generation was kept forever: the table grew with traffic."""
+    from llmos.store.generations import GenerationLog, UnknownGeneration
+
+    log = GenerationLog(db, keep=5)
+    ids = [log.record(f"prompt {i}", f" answer {i}", 0, {}, 2, 2) for i in range(3)]
+    log.add_feedback(ids[0], -1.0, None, None)  # the oldest has feedback: it stays
+    ids += [log.record(f"prompt {i}", f" answer {i}", 0, {}, 2, 2) for i in range(3, 12)]
+    kept = {i for i in ids if log.get(i) is not None}
+    assert kept == {ids[0], *ids[-5:]}, (len(kept), ids.index(min(kept)))
+    with pytest.raises(UnknownGeneration):
+        log.add_feedback(ids[1], 1.0, None, None)

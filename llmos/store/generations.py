@@ -6,12 +6,13 @@ transaction as the feedback row, so they are never out of step.
 
 from __future__ import annotations
 
+import threading
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, exists, func, select
 from sqlalchemy.orm import Session
 
 from llmos.store.db import Database
@@ -53,8 +54,16 @@ class FeedbackLimit(RuntimeError):
 
 
 class GenerationLog:
-    def __init__(self, db: Database) -> None:
+    """Every generation served, for feedback to name; bounded to the newest ``keep`` (those with
+    feedback or a preference are kept whatever their age). Pruned every ``keep // 10`` records
+    (1,000 at most), so a prune's cost is spread thin."""
+
+    def __init__(self, db: Database, keep: int = 100_000) -> None:
         self._db = db
+        self.keep = keep
+        self._prune_every = max(1, min(1000, keep // 10))
+        self._recorded = 0
+        self._lock = threading.Lock()
 
     def record(
         self,
@@ -81,7 +90,28 @@ class GenerationLog:
                     created_at=utcnow(),
                 )
             )
+        with self._lock:
+            self._recorded += 1
+            due = self._recorded % self._prune_every == 0
+        if due:
+            self.prune()
         return gid
+
+    def prune(self) -> int:
+        """Delete the oldest generations past ``keep`` that no feedback or preference names."""
+        unnamed = (
+            ~exists().where(FeedbackRow.generation_id == GenerationRow.id),
+            ~exists().where(PreferenceRow.generation_id == GenerationRow.id),
+        )
+        with self._db.write() as s:
+            excess = (s.scalar(select(func.count()).select_from(GenerationRow).where(*unnamed)) or 0) - self.keep
+            if excess <= 0:
+                return 0
+            oldest = select(GenerationRow.id).where(*unnamed).order_by(GenerationRow.created_at).limit(excess)
+            ids = list(s.scalars(oldest))
+            if ids:
+                s.execute(delete(GenerationRow).where(GenerationRow.id.in_(ids)))
+            return len(ids)
 
     def get(self, generation_id: str) -> Generation | None:
         with self._db.read() as s:
