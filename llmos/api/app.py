@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -27,9 +29,18 @@ from llmos.daemon import Daemon
 log = logging.getLogger(__name__)
 
 
+DRAIN_S = 5.0  # how long an oversized body is read (and dropped) before the 413, at most
+DRAIN_MAX_BYTES = 64 << 20  # and how much of it
+
+
 class BodyLimit:
     """Refuse bodies over ``max_bytes`` with 413, counting the bytes actually streamed in
-    (Content-Length may be absent or false)."""
+    (Content-Length may be absent or false). Before answering, the rest of the body is read and
+    dropped, up to DRAIN_MAX_BYTES more: a client that writes its whole body before it reads
+    (Python's urllib) would otherwise meet a connection reset instead of the 413, as the server
+    closes a socket with unread data in it (urllib, default cap: bodies of 3 MB and more). Up to
+    DRAIN_MAX_BYTES, for DRAIN_S at most; past that (or a declared length past it) the answer
+    comes at once and the connection closes."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -42,6 +53,8 @@ class BodyLimit:
         too_large = HTTPException(413, f"request body is larger than {self.max_bytes} bytes (server.max_body_bytes)")
         for name, value in scope.get("headers", []):
             if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                if int(value) <= DRAIN_MAX_BYTES:
+                    await _drain(receive, int(value))
                 await JSONResponse({"detail": too_large.detail}, status_code=413)(scope, receive, send)
                 return
         seen = 0
@@ -52,10 +65,30 @@ class BodyLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
+                    if message.get("more_body", False):
+                        await _drain(receive, DRAIN_MAX_BYTES)
                     raise too_large
             return message
 
         await self.app(scope, limited, send)
+
+
+async def _drain(receive: Receive, limit: int) -> None:
+    """Read and drop request body messages until the body ends, ``limit`` bytes were read, or
+    DRAIN_S passed."""
+
+    async def drop() -> None:
+        read = 0
+        while read <= limit:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            read += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
+
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(drop(), DRAIN_S)
 
 
 _METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
