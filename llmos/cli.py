@@ -64,6 +64,7 @@ def serve(
     import uvicorn
 
     from llmos.api.app import create_app
+    from llmos.api.http import protocol
     from llmos.daemon import Daemon
 
     try:
@@ -83,6 +84,7 @@ def serve(
         log_level=log_level.lower(),
         log_config=None,  # keep the handler configure() installed: one format for every line
         timeout_graceful_shutdown=8,
+        http=protocol(settings.server.head_timeout_s),  # uvicorn's, with a deadline on request heads
     )
     _make_server_class(daemon.stopping)(server_config).run()
 

@@ -29,6 +29,12 @@ class ServerSettings(_Section):
     max_body_bytes: int = Field(
         1 << 20, gt=0, description="Largest request body, counted as it streams in (413 past it)."
     )
+    head_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="A request's head (request line and headers) must arrive within this; else "
+        "the connection is closed.",
+    )
 
 
 class AuthSettings(_Section):

@@ -19,6 +19,7 @@ import uvicorn
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from llmos.api.http import protocol  # noqa: E402
 from llmos.settings import Settings, load_settings  # noqa: E402
 from llmos.store.db import Database  # noqa: E402
 
@@ -86,7 +87,12 @@ class LiveServer:
         self.daemon = Daemon(settings)
         self.app = create_app(self.daemon)
         config = uvicorn.Config(
-            self.app, host="127.0.0.1", port=self.port, log_level="warning", timeout_graceful_shutdown=5
+            self.app,
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            timeout_graceful_shutdown=5,
+            http=protocol(settings.server.head_timeout_s),  # as `llmos serve` runs it
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)

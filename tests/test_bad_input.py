@@ -4,11 +4,16 @@ carries on. Table-driven against the real server."""
 from __future__ import annotations
 
 import json
+import signal
 import socket
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
+import httpx
 import pytest
-from conftest import ADMIN, LiveServer, make_settings
+from conftest import ADMIN, LiveServer, free_port, make_settings
+from helpers import start_server
 
 from llmos.api.app import DRAIN_S
 
@@ -256,3 +261,28 @@ def test_a_client_that_writes_its_whole_body_before_reading_gets_the_413(srv: Li
             urllib.request.urlopen(req, timeout=30)
         assert err.value.code == 413, err.value
         assert "max_body_bytes" in err.value.read().decode()
+
+
+def test_connections_that_never_finish_their_head_are_closed(tmp_path: Path) -> None:
+    """Slowloris: 100 sockets each send half a request head and stop (before, 300 such sockets were
+    all still open 20 s later, no credential needed). The real `llmos serve`, head_timeout_s 2:
+    each is closed by the server, while a client that sends its request whole is answered."""
+    port = free_port()
+    proc = start_server(tmp_path / "data", port, tmp_path / "server.log", {"LLMOS_SERVER__HEAD_TIMEOUT_S": "2"})
+    socks = []
+    try:
+        for _ in range(100):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            socks.append(s)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
+            assert c.get("/healthz").status_code == 200
+        t0 = time.monotonic()
+        for s in socks:
+            assert s.recv(1024) == b"", "the server answered a head that never ended"  # closed
+        assert time.monotonic() - t0 < 10
+    finally:
+        for s in socks:
+            s.close()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
