@@ -94,10 +94,12 @@ def post_texts(body: TextIn | TextsIn, daemon: DaemonDep, sources: SourceLimiter
     except IdempotencyConflict as exc:
         raise HTTPException(409, f"{exc}: a retry sends the same text, a new text a new key") from exc
     except QueueFull as exc:
-        raise too_many(
-            f"{exc} (limits.max_queue_depth); retry later", daemon.settings.limits.queue_full_retry_after_s
-        ) from exc
+        raise _queue_full(exc, daemon) from exc
     return IdsOut(ids=ids)
+
+
+def _queue_full(exc: QueueFull, daemon: Daemon) -> HTTPException:
+    return too_many(f"{exc} (limits.max_queue_depth); retry later", daemon.settings.limits.queue_full_retry_after_s)
 
 
 def _scoped(caller_id: str, key: str | None) -> str | None:
@@ -287,9 +289,7 @@ def post_feedback(body: FeedbackIn, daemon: DaemonDep, caller: ApiKeyDep, source
     except FeedbackLimit as exc:
         raise HTTPException(409, f"{exc} (feedback.max_per_generation)") from exc
     except QueueFull as exc:
-        raise too_many(
-            f"{exc} (limits.max_queue_depth); retry later", daemon.settings.limits.queue_full_retry_after_s
-        ) from exc
+        raise _queue_full(exc, daemon) from exc
     return FeedbackOut(id=fb.id, sample_id=fb.sample_id)
 
 
