@@ -12,9 +12,9 @@ left; a batch drops the history no row still decoding reaches back to. Where a m
 not plain per-layer tensors, rows stay to the end and later requests wait for the next batch.
 
 What bounds a row's cost, however long traffic lasts:
-- its batch's width: rows decode in one batch per width class (``_width_class``), one forward
-  pass per class and step, so a row is padded to at most twice its own length (or SHARED_WIDTH),
-  never to a long prompt's that arrived beside it;
+- its batch's width: rows decode in one batch per class of prompt length (``_width_class``),
+  one forward pass per class and step, so a row is never padded to a long prompt that arrived
+  beside it (only to the longest history of its class);
 - ``kv_tokens``: a request joins only while the caches stay within it at their widest (rows times
   the longest prompt and budget of their class), else it waits, first in line;
 - ``chunk``: a prompt longer than this runs a chunk at a time, one chunk between two decoding
@@ -318,12 +318,14 @@ SHARED_WIDTH = 256
 
 
 def _width_class(row: _Row) -> int:
-    """Rows that may take up to SHARED_WIDTH cache positions decode together; longer ones with
-    those of up to twice their length or half of it. A row's history is padded to the longest of
-    its batch: this bounds a row's cost per step to max(SHARED_WIDTH, twice its own need),
-    whatever else is decoding (a 2,000-token prompt padded 8 short rows to its width: each step
-    cost 10x)."""
-    return max(row.need - 1, SHARED_WIDTH - 1).bit_length()
+    """Rows whose prompts are up to SHARED_WIDTH tokens decode together; longer ones with those
+    of up to twice their length or half of it. A row's history is padded to the longest of its
+    batch: a short request never pays for a long prompt that arrived beside it (a 2,000-token
+    prompt padded 8 short rows to its width: each step cost 10x). By the prompt, not by prompt
+    and max_new_tokens: clients often ask for far more tokens than they take (OpenAI SDKs: 4,096
+    by default), and a class for each would split one batch into several forward passes for
+    answers that end at the same EOS; a long answer widens its batch a token at a time."""
+    return max(len(row.seq) - 1, SHARED_WIDTH - 1).bit_length()
 
 
 def _by_class(rows: Iterable[_Row]) -> dict[int, list[_Row]]:
