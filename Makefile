@@ -25,9 +25,10 @@ install:
 test:
 	$(BIN)/python -m pytest -m "not slow" -q
 
-# The slow tier: crash loops, fuzzing, load (CI runs it after `make test`).
+# The slow tier: crash loops, fuzzing, load, the soak (CI runs it after `make test`); -rP prints
+# what each passing test reports (the load and soak figures).
 test-slow:
-	$(BIN)/python -m pytest -m "slow" -q
+	$(BIN)/python -m pytest -m "slow" -q -rP
 
 # Both tiers. The store tests also run on PostgreSQL when LLMOS_TEST_POSTGRES_URL is set.
 test-all: test test-slow
