@@ -202,7 +202,7 @@ def test_unsupported_options_are_refused_not_ignored(trained: Trained) -> None:
 
 @pytest.mark.parametrize(
     "field",
-    [{"stream": "yes"}, {"max_tokens": True}, {"temperature": True}, {"top_p": "1"}, {"seed": 1.5}],
+    [{"stream": "yes"}, {"max_tokens": True}, {"temperature": True}, {"top_p": "1"}, {"seed": 1.5}, {"n": True}],
     ids=lambda f: next(iter(f)),
 )
 def test_options_of_the_wrong_type_are_422s_not_coerced(trained: Trained, field: dict[str, object]) -> None:
@@ -213,6 +213,14 @@ def test_options_of_the_wrong_type_are_422s_not_coerced(trained: Trained, field:
         r = trained.http.post(path, json={**body, **field})
         assert r.status_code == 422, (path, field, r.text)
         assert r.json()["detail"][0]["loc"] == ["body", next(iter(field))], r.text
+
+
+def test_integers_written_as_floats_count_as_integers(trained: Trained) -> None:
+    """JSON has one number type, and JSON Schema's "integer" takes 7.0 (the fuzzer sends such)."""
+    body = {"model": "llmos", "prompt": PROMPT, "max_tokens": 4.0, "seed": 7.0, "n": 1.0, "temperature": 0}
+    r = trained.http.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] <= 4
 
 
 def test_validation_errors_name_types_not_validators_or_addresses(trained: Trained) -> None:

@@ -33,6 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmos import __version__
 from llmos.api.deps import ApiKey
+from llmos.api.schemas import error_responses
 from llmos.daemon import Daemon
 from llmos.memory import heap
 from llmos.store.db import Database
@@ -317,7 +318,15 @@ def instrument(app: FastAPI, daemon: Daemon) -> CollectorRegistry:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     auth = [ApiKey]  # what it tells (texts, keys' traffic, versions) is not for anyone on the network
-    app.add_api_route("/metrics", metrics, methods=["GET"], tags=["health"], response_class=Response, dependencies=auth)
+    app.add_api_route(
+        "/metrics",
+        metrics,
+        methods=["GET"],
+        tags=["health"],
+        response_class=Response,
+        dependencies=auth,
+        responses=error_responses(401, 429),
+    )
     app.add_api_route(
         "/metrics", metrics, methods=["HEAD"], include_in_schema=False, response_class=Response, dependencies=auth
     )

@@ -20,11 +20,11 @@ from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from llmos.api.deps import ApiKey, DaemonDep, SlotsDep
 from llmos.api.relay import Busy, End, Relay, Slots, call
-from llmos.api.schemas import Text, clean_errors, error_responses
+from llmos.api.schemas import Text, clean_errors, error_responses, json_int
 from llmos.daemon import Daemon, GenerationResult
 from llmos.registry.registry import CorruptCheckpoint, UnknownVersion
 from llmos.serving.chat import ChatTemplateError, render_chat
@@ -73,6 +73,20 @@ class StreamOptions(BaseModel):
 
 Stop = Annotated[Text, Field(max_length=200)]
 _ONE = "llmos returns one choice per request"
+
+
+def _number(value: Any) -> Any:
+    if isinstance(value, bool):  # True == 1 in Python: a literal 1 would take it
+        raise ValueError("must be a number, not true or false")
+    return json_int(value)
+
+
+# The literals 1 and 0, with 1.0 and 0.0 counting (JSON has one number type), as JsonInt.
+One = Annotated[Literal[1], BeforeValidator(_number)]
+# Integers with bounds: the bounds inside, so that the schema states them (as "minimum").
+Count = Annotated[int, Field(ge=1), BeforeValidator(json_int)]
+Seed = Annotated[int, Field(ge=0, le=2**53 - 1), BeforeValidator(json_int)]  # exact as a JSON number anywhere
+Zero = Annotated[Literal[0], BeforeValidator(_number)]
 _UNSUPPORTED = "not supported by llmos; leave it out"
 
 
@@ -85,14 +99,14 @@ class _OpenAIRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
     model: Annotated[str, Field(min_length=1, max_length=100, description="'llmos' or 'llmos@<version>'")]
-    max_tokens: int | None = Field(None, ge=1, description="Lowered to serving.max_new_tokens_cap if larger.")
+    max_tokens: Count | None = Field(None, description="Lowered to serving.max_new_tokens_cap if larger.")
     temperature: float | None = Field(None, ge=0, le=2, description="Default 1; 0 is greedy.")
     top_p: float | None = Field(None, gt=0, le=1)
-    n: Literal[1] | None = Field(None, description=_ONE)
+    n: One | None = Field(None, description=_ONE)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: Stop | Annotated[list[Stop], Field(max_length=4)] | None = None
-    seed: int | None = Field(None, ge=0, le=2**53 - 1)  # exact as a JSON number anywhere
+    seed: Seed | None = None
     presence_penalty: float | None = Field(None, ge=0, le=0, description=_UNSUPPORTED)
     frequency_penalty: float | None = Field(None, ge=0, le=0, description=_UNSUPPORTED)
     logit_bias: dict[str, float] | None = Field(None, max_length=0, description=_UNSUPPORTED)
@@ -111,9 +125,9 @@ class _OpenAIRequest(BaseModel):
 class CompletionIn(_OpenAIRequest):
     prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=1, description="One prompt.")]
     echo: Literal[False] | None = Field(None, description=_UNSUPPORTED)
-    logprobs: Literal[0] | None = Field(None, description=_UNSUPPORTED)
+    logprobs: Zero | None = Field(None, description=_UNSUPPORTED)
     suffix: Annotated[str, Field(max_length=0)] | None = Field(None, description=_UNSUPPORTED)
-    best_of: Literal[1] | None = Field(None, description=_ONE)
+    best_of: One | None = Field(None, description=_ONE)
 
     def text(self) -> str:
         return self.prompt[0] if isinstance(self.prompt, list) else self.prompt
@@ -146,7 +160,7 @@ class ResponseFormat(BaseModel):
 
 class ChatIn(_OpenAIRequest):
     messages: list[Message] = Field(min_length=1, max_length=1000)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: Count | None = None
     logprobs: Literal[False] | None = Field(None, description=_UNSUPPORTED)
     response_format: ResponseFormat | None = None
     tools: Annotated[list[dict[str, Any]], Field(max_length=0)] | None = Field(None, description=_UNSUPPORTED)

@@ -36,7 +36,7 @@ _NOT_BLANK = Field(json_schema_extra={"pattern": rf"^[^\x00]*[^\x00{_SPACE}][^\x
 Text = Annotated[str, AfterValidator(_clean), _NO_NUL]
 
 
-def _json_int(value: Any) -> Any:
+def json_int(value: Any) -> Any:
     """JSON has one number type: 5.0 is the integer 5 (as JSON Schema says); true is not 1."""
     if isinstance(value, float) and value.is_integer():
         return int(value)
@@ -44,7 +44,7 @@ def _json_int(value: Any) -> Any:
 
 
 # An integer in a JSON body: strict (no "5", no true), but 5.0 counts.
-JsonInt = Annotated[int, BeforeValidator(_json_int)]
+JsonInt = Annotated[int, BeforeValidator(json_int)]
 
 
 def _not_null(value: Any) -> Any:
@@ -98,7 +98,7 @@ class GenerateIn(_Request):
     # 2**53 - 1: the largest integer every JSON parser reads exactly (a bound that a double cannot
     # hold would let clients see values past it as "within").
     seed: Annotated[
-        Annotated[int, Field(ge=0, le=2**53 - 1), BeforeValidator(_json_int)] | SkipJsonSchema[None], NoNull
+        Annotated[int, Field(ge=0, le=2**53 - 1), BeforeValidator(json_int)] | SkipJsonSchema[None], NoNull
     ] = None
     stream: bool = Field(
         False,
