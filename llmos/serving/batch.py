@@ -238,7 +238,9 @@ class Batcher:
 
     def _join(self, batches: dict[int, tuple[_Running, list[int]]], cls: int, new: _Running) -> None:
         """Rows whose prompt has just run, with their first token, joined to their class's batch."""
-        new, new_nxt = new.without_done(self._pick(new))
+        new_nxt = self._pick(new)
+        if new.editable:  # (a cache that cannot drop rows keeps them to the end)
+            new, new_nxt = new.without_done(new_nxt)
         if new.finished:
             return
         if cls not in batches:
