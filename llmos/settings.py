@@ -159,7 +159,7 @@ class TrainSettings(_Section):
         "stop ends them once the batch is learned.",
     )
     early_stop_patience: int = Field(
-        5,
+        20,
         ge=0,
         description="Passes over a batch end once it is learned (every text recalled, every preference "
         "pair right), or after this many passes in a row that lowered its loss by less than 1% "
