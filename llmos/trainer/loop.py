@@ -289,6 +289,7 @@ class Trainer:
         """One unit of work. Returns False when there was nothing to do."""
         samples, prefs = self._claim()
         if not samples and not prefs:
+            self._renew_lease()  # idle: work pending a later evaluation keeps its lease
             if (self._pending or self._pending_prefs) and self._due():
                 self._settle()
             return False
@@ -399,10 +400,11 @@ class Trainer:
             return [], []
         self._fill_wait()
         self._step_boundary()  # nothing claimed yet: stop or reset leave nothing to give back
+        # Our own pending work may have waited longer than a lease: it must not look expired below.
+        self._renew_lease(force=True)
         self.queue.requeue_expired(self.cfg.lease_s)  # claims of a trainer that died or hung
         if prefs is not None:
             prefs.requeue_expired(self.cfg.lease_s)
-        self._last_renew = time.monotonic()
         samples = self.queue.claim_batch(self.cfg.batch_max_samples, self.cfg.batch_tokens, self.cfg.max_per_source)
         claimed = prefs.claim(self.cfg.preference_batch, pairs_only) if prefs is not None else []
         return samples, claimed
@@ -566,10 +568,17 @@ class Trainer:
             quiet = self.serving.quiet(self.cfg.threads_quiet_s)
             torch.set_num_threads(self.cfg.threads_idle if quiet else self.cfg.threads_busy)
 
-    def _renew_lease(self) -> None:
-        if time.monotonic() - self._last_renew > self.cfg.lease_s / 3:
+    def _renew_lease(self, force: bool = False) -> None:
+        """Extend the lease on the samples and preferences in hand and pending an evaluation, every
+        third of a lease (at once if ``force``): the trainer holds them as long as it lives, idle
+        or paused in between; once it dies or hangs, the lease runs out and they go back."""
+        if not force and time.monotonic() - self._last_renew <= self.cfg.lease_s / 3:
+            return
+        self._last_renew = time.monotonic()
+        if self._claimed or self._pending:
             self.queue.renew(self._claimed + self._pending)
-            self._last_renew = time.monotonic()
+        if self.preferences is not None and (self._claimed_prefs or self._pending_prefs):
+            self.preferences.renew(self._claimed_prefs + self._pending_prefs)
 
     def _eval_set(
         self, name: str, samples: list[Sample], extra_texts: tuple[str, ...] = ()
@@ -684,10 +693,13 @@ class Trainer:
         return bool(every_s) and time.monotonic() - self._last_eval_t >= every_s
 
     def _step_boundary(self) -> None:
-        """Between steps: honour stop, reset and pause."""
+        """Between steps (and idle cycles): keep the lease on the work in hand, honour stop, reset
+        and pause."""
+        self._renew_lease()
         if self._stop.is_set() or self._reset.is_set():
             raise _Interrupted
         while not self._resume.wait(0.2):
+            self._renew_lease()  # paused is alive: the work in hand stays ours
             if self._reset.is_set():  # a rollback while paused: reload now, stay paused
                 raise _Interrupted
         if self._stop.is_set() or self._reset.is_set():
