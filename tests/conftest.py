@@ -4,17 +4,19 @@ PostgreSQL when LLMOS_TEST_POSTGRES_URL is set), and a real uvicorn server on a 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
 import uvicorn
+from sqlalchemy import Engine, event
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -22,6 +24,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from llmos.api.http import protocol  # noqa: E402
 from llmos.settings import Settings, load_settings  # noqa: E402
 from llmos.store.db import Database  # noqa: E402
+
+T = TypeVar("T")
 
 PG_URL = os.environ.get("LLMOS_TEST_POSTGRES_URL")
 ADMIN = "test-admin-token"
@@ -152,3 +156,25 @@ def wait_for(predicate: Any, timeout: float, interval: float = 0.2) -> Any:
             return last
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout}s (last value: {last!r})")
+
+
+def sql_of(action: Callable[[], T]) -> tuple[T, list[str]]:
+    """What ``action()`` returns, and the SQL statements it sends from this thread, on any engine."""
+    me = threading.get_ident()
+    seen: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *rest: Any) -> None:
+        if threading.get_ident() == me:
+            seen.append(statement)
+
+    event.listen(Engine, "before_cursor_execute", record)
+    try:
+        out = action()
+    finally:
+        event.remove(Engine, "before_cursor_execute", record)
+    return out, seen
+
+
+def reads_samples(statement: str) -> bool:
+    """Whether a SQL statement names the samples table (whose size grows with every text posted)."""
+    return re.search(r"\bsamples\b", statement, re.IGNORECASE) is not None

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
-from conftest import LiveServer, admin_headers, make_settings, wait_for
+from conftest import LiveServer, admin_headers, make_settings, reads_samples, sql_of, wait_for
 from fastapi.testclient import TestClient
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmos.api.app import create_app
@@ -107,6 +108,15 @@ def test_training_queue_and_serving_state(run: Run) -> None:
     assert value(m, "llmos_store_up") == 1
     assert value(m, "llmos_info", version="0.1.0", model_name="zorbia") == 1
     assert not any(name.startswith("llmos_device_memory") for name, _ in m)  # CPU: no device memory
+
+
+def test_a_scrape_does_not_read_the_samples_table(run: Run) -> None:
+    """A scrape reads the counts the store keeps; before, it counted the whole samples table by
+    status and reason each time, a cost that grew with every text ever posted."""
+    text, statements = sql_of(lambda: generate_latest(run.srv.app.state.metrics_registry).decode())  # GET /metrics
+    assert any("sample_counts" in s for s in statements), statements
+    assert not [s for s in statements if reads_samples(s)]
+    assert "llmos_store_up 1.0" in text and "llmos_texts_ingested_total 21.0" in text
 
 
 def test_memory_tells_the_heap_in_use_from_what_the_allocator_keeps_free(run: Run) -> None:

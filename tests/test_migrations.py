@@ -12,6 +12,7 @@ from conftest import make_settings
 from sqlalchemy import create_engine, inspect, text
 
 from llmos.store.db import Database
+from llmos.store.queue import NewSample, SampleQueue
 from llmos.store.tables import Base
 from llmos.text import text_hash
 
@@ -49,7 +50,7 @@ def test_a_data_directory_from_the_first_release_opens(tmp_path: Path) -> None:
     assert sample is not None and sample.text == "written by an older llmos"
     assert daemon.queue.depth() == 1
     with daemon.db.read() as s:
-        assert s.connection().execute(text("SELECT version_num FROM alembic_version")).scalar() == "0003"
+        assert s.connection().execute(text("SELECT version_num FROM alembic_version")).scalar() == "0004"
     assert sample.text_hash == text_hash("written by an older llmos")  # filled in for old rows
     daemon.replay_pool.offer(["old-1"])  # a table the old schema did not have
     daemon.stop()
@@ -84,3 +85,38 @@ def test_preference_pairs_of_release_0002_become_queued_preferences(tmp_path: Pa
         "queued",
     )
     daemon.stop()
+
+
+def test_the_counts_of_release_0003_are_counted_once_from_its_samples(db_url: str) -> None:
+    old = Database(db_url)
+    old.create_schema("0003")  # before the store kept counts
+    rows = [
+        ("q1", "queued", None),
+        ("q2", "queued", None),
+        ("t1", "trained", None),
+        ("h1", "heldout", None),
+        ("r1", "rejected", "too long: 900 tokens > 64"),
+        ("r2", "rejected", "gate: held-out loss 2.31 > 2.10"),
+        ("r3", "rejected", "gate: held-out loss 2.40 > 2.10"),
+        ("r4", "rejected", None),
+    ]
+    with old.write() as s:
+        for sid, status, reason in rows:
+            s.connection().execute(
+                text(
+                    "INSERT INTO samples (id, text, weight, status, reason, created_at) "
+                    "VALUES (:id, :text, 1.0, :status, :reason, '2026-11-01 10:00:00')"
+                ),
+                {"id": sid, "text": f"text {sid}", "status": status, "reason": reason},
+            )
+    old.dispose()
+
+    db = Database(db_url)
+    db.create_schema()
+    queue = SampleQueue(db)
+    counts = queue.counts()
+    assert counts.by_status == {"queued": 2, "trained": 1, "heldout": 1, "rejected": 4}
+    assert counts.rejected_by_reason == {"too_long": 1, "gate": 2, "other": 1}
+    queue.enqueue([NewSample("after the upgrade")])  # and kept from there on
+    assert queue.depth() == 3
+    db.dispose()

@@ -6,20 +6,25 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import ColumnElement, func, select
+from conftest import reads_samples, sql_of
+from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.exc import StatementError
 
 from llmos.store import generations as generations_module
 from llmos.store.checkpoints import ACTIVE_KEY, CheckpointIndex, CheckpointRecord
+from llmos.store.counts import SampleCounts, reason_label
 from llmos.store.db import Database
 from llmos.store.generations import GenerationLog, UnknownGeneration
+from llmos.store.preferences import PreferenceQueue
 from llmos.store.queue import IdempotencyConflict, NewSample, SampleQueue, time_ordered_ids
-from llmos.store.tables import CheckpointStatus, FeedbackRow, MetaRow, SampleRow, SampleStatus
+from llmos.store.tables import CheckpointStatus, FeedbackRow, MetaRow, SampleRow, SampleStatus, utcnow
+from llmos.text import text_hash
 
 
 @pytest.fixture
@@ -343,6 +348,87 @@ def test_feedback_and_its_sample_commit_together(
     assert count_rows(db) == 0
 
 
+# ---- counts of samples by status ------------------------------------------------------------
+
+
+def counted(db: Database) -> SampleCounts:
+    """The counts as a GROUP BY over the whole samples table finds them (what /metrics ran before)."""
+    by_status: Counter[str] = Counter()
+    rejected: Counter[str] = Counter()
+    with db.read() as s:
+        for status, reason, n in s.execute(
+            select(SampleRow.status, SampleRow.reason, func.count()).group_by(SampleRow.status, SampleRow.reason)
+        ):
+            by_status[status] += n
+            if status == SampleStatus.rejected.value:
+                rejected[reason_label(reason)] += n
+    return SampleCounts(dict(by_status), dict(rejected))
+
+
+def test_kept_counts_agree_with_the_rows_after_every_kind_of_write(db: Database, queue: SampleQueue) -> None:
+    def agree() -> None:
+        assert queue.counts() == counted(db)
+
+    agree()
+    ids = enqueue_each(queue, [f"text {i}" for i in range(6)])
+    ids += queue.enqueue([NewSample(f"more {i}", idempotency_key=f"k{i}") for i in range(6)])
+    assert queue.enqueue([NewSample("more 0", idempotency_key="k0")]) == ids[6:7]  # a retry adds no row
+    log = GenerationLog(db)
+    gid = log.record("2+2=", "5", 0, {}, 4, 1)
+    ids.append(str(log.add_feedback(gid, None, "4", NewSample("2+2=4", "feedback:correction")).sample_id))
+    agree()
+    assert queue.counts().by_status == {"queued": 13}
+
+    first = [s.id for s in queue.claim_batch(8, 10**6)]
+    agree()
+    queue.ack(first[:3], version=1)
+    queue.mark_heldout(first[3:5])
+    queue.reject({first[5]: "too long: 900 tokens > 64", first[6]: "empty after cleaning"})
+    queue.release(ids)  # every id: only first[7] was still in training
+    agree()
+    queue.reject({first[3]: "gate: held-out loss 2.31 > 2.10"})  # a held-out one, with its refused batch
+    queue.reject({first[6]: "optimizer: loss is nan"})  # rejected again: it moves to another reason
+    agree()
+
+    held = [s.id for s in queue.claim_batch(3, 10**6)]
+    with db.write() as s:
+        s.execute(update(SampleRow).where(SampleRow.id.in_(held[:2])).values(claimed_at=utcnow() - timedelta(hours=1)))
+    assert queue.requeue_expired(lease_s=300) == 2
+    agree()
+    heldout = queue.get(first[4])
+    assert heldout is not None and queue.requeue_heldout([text_hash(heldout.text)]) == 1
+    assert queue.requeue_outside({0}) == 3  # version 1 was rolled back
+    agree()
+    again = [s.id for s in queue.claim_batch(4, 10**6)]
+    queue.ack(again[:2], version=2)
+    queue.requeue(again[:1])  # version 2 lost the promotion race to a rollback
+    queue.reject({again[2]: "something else"})
+    assert queue.requeue_stale() == 2  # held[2] and again[3]
+    agree()
+    prefs = PreferenceQueue(db)
+    prefs.reject({p.id: "gate: no" for p in prefs.for_generation(gid)})
+    agree()  # preferences are not samples: their moves count for nothing here
+
+    c = queue.counts()
+    assert sum(c.by_status.values()) == count_rows(db) == 13
+    assert c.rejected_by_reason == {"too_long": 1, "gate": 1, "optimizer": 1, "other": 1}
+    assert c.by_status["queued"] == queue.depth()
+
+
+def test_reading_the_counts_does_not_read_the_samples_table(queue: SampleQueue) -> None:
+    """Before, /metrics counted every sample by status and reason on each scrape, and the trainer
+    counted the queue on each poll: a cost that grew with the table."""
+    ids = queue.enqueue([NewSample(f"text {i}") for i in range(300)])
+    queue.claim_batch(100, 10**6)
+    queue.reject({sid: "gate: worse" for sid in ids[:50]})
+    for read in (queue.counts, queue.depth):
+        _, statements = sql_of(read)
+        assert statements and not any(reads_samples(s) for s in statements), statements
+    assert queue.depth() == 200
+    assert queue.counts().rejected_by_reason == {"gate": 50}
+    assert reads_samples('SELECT count(*) FROM samples WHERE status = "queued"')  # what it would catch
+
+
 # ---- the checkpoint index -------------------------------------------------------------------
 
 
@@ -481,6 +567,7 @@ def test_concurrent_writers_and_a_claimer_lose_nothing(db: Database) -> None:
     assert len(claimed) == len(set(claimed))
     assert set(claimed) == set(returned)  # the claimer drained everything after the writers stopped
     assert all(queue.get(sid) is not None for sid in returned)
+    assert queue.counts() == counted(db)  # the writers' and the claimer's counts all added up
 
 
 def test_the_generation_log_keeps_the_newest_and_those_feedback_names(db: Database) -> None:

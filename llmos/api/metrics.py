@@ -14,7 +14,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 from fastapi import FastAPI
 from fastapi.responses import Response
@@ -28,7 +27,6 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmos import __version__
@@ -36,46 +34,13 @@ from llmos.api.deps import ApiKey
 from llmos.api.schemas import error_responses
 from llmos.daemon import Daemon
 from llmos.memory import heap
-from llmos.store.db import Database
-from llmos.store.tables import SampleRow, SampleStatus
+from llmos.store.counts import REASON_LABELS
+from llmos.store.tables import SampleStatus
 
 log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 TRAINER_STATES = ("idle", "training", "paused", "error")
-
-
-@dataclass
-class SampleCounts:
-    by_status: dict[str, int] = field(default_factory=dict)
-    rejected_by_reason: dict[str, int] = field(default_factory=dict)
-
-
-def reason_label(reason: str | None) -> str:
-    """A rejection reason ('gate: held-out loss 2.31 > ...') as a label of bounded cardinality."""
-    head = (reason or "").split(":", 1)[0].strip().lower()
-    if head.startswith("too long"):
-        return "too_long"
-    if head.startswith("empty"):
-        return "empty"
-    if head in ("gate", "optimizer"):
-        return head
-    return "other"
-
-
-def sample_counts(db: Database) -> SampleCounts:
-    # TODO(store): a SampleQueue.counts() would keep this query inside the store package.
-    out = SampleCounts()
-    with db.read() as s:
-        rows = s.execute(
-            select(SampleRow.status, SampleRow.reason, func.count()).group_by(SampleRow.status, SampleRow.reason)
-        ).all()
-    for status, reason, n in rows:
-        out.by_status[status] = out.by_status.get(status, 0) + n
-        if status == SampleStatus.rejected.value:
-            label = reason_label(reason)
-            out.rejected_by_reason[label] = out.rejected_by_reason.get(label, 0) + n
-    return out
 
 
 class _Rate:
@@ -229,15 +194,18 @@ class DaemonCollector(Collector):
 
         # ---- the store: the queue, every text's fate, the active version's checkpoint metrics
         try:
-            counts = sample_counts(d.db)
-            depth = d.queue.depth()
+            counts = d.queue.counts()  # kept by the store as it writes: no count over the samples table
             record = d.registry.get(active) if active is not None else None
         except Exception as exc:  # the store is down: say so rather than fail the whole scrape
             log.warning("metrics: the store did not answer: %s", type(exc).__name__)
             yield GaugeMetricFamily("llmos_store_up", "1 when the store answered this scrape.", value=0)
             return
         yield GaugeMetricFamily("llmos_store_up", "1 when the store answered this scrape.", value=1)
-        yield GaugeMetricFamily("llmos_queue_depth", "Texts queued, waiting to be trained.", value=depth)
+        yield GaugeMetricFamily(
+            "llmos_queue_depth",
+            "Texts queued, waiting to be trained.",
+            value=counts.by_status.get(SampleStatus.queued.value, 0),
+        )
         texts = GaugeMetricFamily("llmos_texts", "Texts in the store by status.", labels=["status"])
         for s in SampleStatus:
             texts.add_metric([s.value], counts.by_status.get(s.value, 0))
@@ -250,7 +218,7 @@ class DaemonCollector(Collector):
         rejected = CounterMetricFamily(
             "llmos_texts_rejected", "Texts the trainer refused, by reason, all time.", labels=["reason"]
         )
-        for label in ("empty", "too_long", "optimizer", "gate", "other"):
+        for label in REASON_LABELS:
             rejected.add_metric([label], counts.rejected_by_reason.get(label, 0))
         yield rejected
         if record is not None:

@@ -1,15 +1,20 @@
 """How a row that a trainer claims moves between statuses, for each table that holds such rows
 (samples, preferences): queued -> training (under a lease) -> trained, or held out, or rejected,
 or back to queued. The sample and preference queues are this plus what is their own (enqueue and
-claim), so the two cannot drift apart."""
+claim), so the two cannot drift apart. Each move of samples also moves their counts
+(llmos/store/counts.py), in the same transaction."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import timedelta
+from typing import cast
 
-from sqlalchemy import update
+from sqlalchemy import Row, select, update
+from sqlalchemy.orm import Session
 
+from llmos.store.counts import Key, add_counts, count_key, moves
 from llmos.store.db import Database
 from llmos.store.tables import PreferenceRow, SampleRow, SampleStatus, utcnow
 
@@ -20,6 +25,7 @@ class Lifecycle:
     def __init__(self, db: Database, row: type[SampleRow] | type[PreferenceRow]) -> None:
         self._db = db
         self._row = row
+        self._counted = row is SampleRow  # the counts are of samples only
 
     def ack(self, ids: Iterable[str], version: int) -> None:
         """These rows are in ``version``: trained."""
@@ -40,24 +46,40 @@ class Lifecycle:
         self, ids: Iterable[str], status: SampleStatus, only_from: SampleStatus | None = None, **values: object
     ) -> None:
         """Move rows to ``status`` (their lease ends); ``only_from``: only those in that status."""
-        row, id_list = self._row, list(ids)
+        row, id_list = self._row, sorted(set(ids))
+        reason = cast(str | None, values.get("reason"))  # what they are counted by, if it changes
         with self._db.write() as s:
+            changes: Counter[Key] = Counter()
             for start in range(0, len(id_list), CHUNK):
-                stmt = update(row).where(row.id.in_(id_list[start : start + CHUNK]))
-                if only_from is not None:
-                    stmt = stmt.where(row.status == only_from.value)
-                s.execute(stmt.values(status=status.value, claimed_at=None, **values))
+                was = self._lock(s, id_list[start : start + CHUNK], only_from)
+                if not was:
+                    continue
+                s.execute(
+                    update(row)
+                    .where(row.id.in_([r.id for r in was]))
+                    .values(status=status.value, claimed_at=None, **values)
+                )
+                for r in was:
+                    changes[count_key(r.status, r.reason)] -= 1
+                    changes[count_key(status.value, reason if "reason" in values else r.reason)] += 1
+            self._count(s, changes)
 
     def reject(self, reasons: Mapping[str, str]) -> None:
         """Reject each row with its own reason."""
-        row = self._row
+        row, id_list = self._row, sorted(reasons)
         with self._db.write() as s:
-            for rid, reason in reasons.items():
-                s.execute(
-                    update(row)
-                    .where(row.id == rid)
-                    .values(status=SampleStatus.rejected.value, reason=reason, claimed_at=None)
-                )
+            changes: Counter[Key] = Counter()
+            for start in range(0, len(id_list), CHUNK):
+                for r in self._lock(s, id_list[start : start + CHUNK]):
+                    why = reasons[r.id]
+                    s.execute(
+                        update(row)
+                        .where(row.id == r.id)
+                        .values(status=SampleStatus.rejected.value, reason=why, claimed_at=None)
+                    )
+                    changes[count_key(r.status, r.reason)] -= 1
+                    changes[count_key(SampleStatus.rejected.value, why)] += 1
+            self._count(s, changes)
 
     def renew(self, ids: Iterable[str]) -> None:
         """Extend the lease on rows still in training."""
@@ -81,7 +103,9 @@ class Lifecycle:
                 .where(row.claimed_at < cutoff)
                 .values(status=SampleStatus.queued.value, claimed_at=None)
             )
-            return int(getattr(res, "rowcount", 0) or 0)
+            n = int(getattr(res, "rowcount", 0) or 0)
+            self._count(s, moves(SampleStatus.training, SampleStatus.queued, n))
+            return n
 
     def requeue_stale(self) -> int:
         """Every row left in training goes back to the queue (at start, after a crash)."""
@@ -92,7 +116,9 @@ class Lifecycle:
                 .where(row.status == SampleStatus.training.value)
                 .values(status=SampleStatus.queued.value, claimed_at=None)
             )
-            return int(getattr(res, "rowcount", 0) or 0)
+            n = int(getattr(res, "rowcount", 0) or 0)
+            self._count(s, moves(SampleStatus.training, SampleStatus.queued, n))
+            return n
 
     def requeue_outside(self, lineage: set[int]) -> int:
         """Trained rows whose version is not in ``lineage`` (a rollback abandoned it) go back to the queue."""
@@ -104,4 +130,24 @@ class Lifecycle:
                 .where(row.trained_in_version.not_in(lineage))
                 .values(status=SampleStatus.queued.value, trained_in_version=None, claimed_at=None)
             )
-            return int(getattr(res, "rowcount", 0) or 0)
+            n = int(getattr(res, "rowcount", 0) or 0)
+            self._count(s, moves(SampleStatus.trained, SampleStatus.queued, n))
+            return n
+
+    def _lock(
+        self, s: Session, ids: Sequence[str], only_from: SampleStatus | None = None
+    ) -> Sequence[Row[str, str, str | None]]:
+        """The rows of ``ids`` (of those, the ones in ``only_from``) with the status and reason they
+        had, which their counts lose; locked (PostgreSQL; a SQLite writer holds the whole database)
+        so that no other writer moves them before this transaction does."""
+        row = self._row
+        q = select(row.id, row.status, row.reason).where(row.id.in_(ids)).order_by(row.id)
+        if only_from is not None:
+            q = q.where(row.status == only_from.value)
+        if not self._db.is_sqlite:
+            q = q.with_for_update()
+        return s.execute(q).all()
+
+    def _count(self, s: Session, changes: Mapping[Key, int]) -> None:
+        if self._counted:
+            add_counts(s, changes)

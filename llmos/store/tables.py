@@ -76,6 +76,17 @@ class SampleRow(Base):
     )
 
 
+class SampleCountRow(Base):
+    """How many samples stand in each status, rejected ones by reason label: kept by every write
+    that adds or moves a sample, in its transaction (llmos/store/counts.py)."""
+
+    __tablename__ = "sample_counts"
+
+    status: Mapped[str] = mapped_column(String(16), primary_key=True)
+    label: Mapped[str] = mapped_column(String(16), primary_key=True)  # "" but for rejected samples
+    n: Mapped[int] = mapped_column(Integer, nullable=False)
+
+
 class GenerationRow(Base):
     __tablename__ = "generations"
 
