@@ -291,7 +291,7 @@ class ServingSettings(_Section):
         32,
         ge=1,
         description="Generations decoded at once, batched into one forward pass per token (per width class: "
-        "see README); others wait for a place in the batch.",
+        "see docs/operations.md); others wait for a place in the batch.",
     )
     max_new_tokens_cap: int = Field(
         1024, ge=1, description="Largest max_new_tokens a request may ask for (422 past it)."
@@ -338,7 +338,7 @@ class RuntimeSettings(_Section):
         0,
         ge=0,
         description="torch intra-op threads of the trainer once no generation has run for "
-        "torch_threads_quiet_s (0 = torch_threads: off; never fewer). Opt-in: see README's Limits.",
+        "torch_threads_quiet_s (0 = torch_threads: off; never fewer). Opt-in: see docs/limits.md.",
     )
     torch_threads_quiet_s: float = Field(
         1.0,
@@ -350,7 +350,7 @@ class RuntimeSettings(_Section):
         "process",
         description="Where the trainer runs: a process of its own that the server starts and restarts "
         "(generation and training do not share an interpreter lock), or a thread of the server's "
-        "process (it holds one copy of the weights less, and no fork server; see README's Limits).",
+        "process (it holds one copy of the weights less, and no fork server; see docs/limits.md).",
     )
     trainer_nice: int = Field(
         10,

@@ -144,7 +144,7 @@ def test_admin_actions_are_audited_without_the_secret(keyed: LiveServer) -> None
 
 
 def test_refused_admin_attempts_are_audited_too(keyed: LiveServer) -> None:
-    """No token, a wrong one, an API key: each 401/403 is an entry (README: every admin action,
+    """No token, a wrong one, an API key: each 401/403 is an entry (docs/api.md: every admin action,
     allowed or refused), naming the caller by address or key fingerprint, never the secret sent."""
     with keyed.client() as c:
         first = c.get("/v1/admin/audit", headers=bearer(ADMIN)).json()["entries"]
