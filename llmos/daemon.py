@@ -40,6 +40,7 @@ from llmos.trainer.optimize import PreferenceConfig
 from llmos.trainer.preprocess import FEEDBACK_SOURCE_PREFIX, PreprocessConfig
 from llmos.trainer.process import TrainerProcess
 from llmos.trainer.regularize import RegularizationConfig
+from llmos.trainer.rehearsal import RehearsalConfig
 from llmos.trainer.state import OptimizerConfig
 
 log = logging.getLogger(__name__)
@@ -196,7 +197,18 @@ def trainer_config(settings: Settings, device: torch.device) -> TrainerConfig:
         preference=preference_config(settings),
         preference_batch=settings.feedback.preference_batch,
         min_source_anchors=settings.eval.min_source_anchors,
+        rehearsal=rehearsal_config(settings),
     )
+
+
+def rehearsal_config(settings: Settings) -> RehearsalConfig | None:
+    """Base rehearsal, when replay is on and the base is pretrained (or it is asked for)."""
+    r = settings.replay
+    pretrained = not settings.model.name_or_path.startswith("builtin:")
+    if not r.enabled or r.base_rehearsal == "off" or (r.base_rehearsal == "auto" and not pretrained):
+        return None
+    path = settings.data_dir / "rehearsal" / "base-texts.json"
+    return RehearsalConfig(path, settings.model.name_or_path, r.base_per_pass, r.base_pool, r.base_max_tokens)
 
 
 def eval_config(settings: Settings) -> EvalConfig:

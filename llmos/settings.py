@@ -272,6 +272,17 @@ class ReplaySettings(_Section):
     min_samples: int = Field(
         32, ge=0, description="Replay at least this many samples per batch, so a tiny batch cannot overwrite much."
     )
+    base_rehearsal: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Also pack texts sampled from the base model into each pass, so that what the base knew "
+        "is kept (see docs/learning.md); auto: on for a model loaded from a directory, off for the built-in model's "
+        "random weights.",
+    )
+    base_per_pass: int = Field(
+        128, ge=1, description="Base rehearsal: texts from the pool packed into each pass over a batch (drawn afresh)."
+    )
+    base_pool: int = Field(256, ge=1, description="Base rehearsal: texts sampled from the base once, drawn from.")
+    base_max_tokens: int = Field(64, ge=1, description="Base rehearsal: the longest text sampled, in tokens.")
 
 
 class RegularizationSettings(_Section):

@@ -178,3 +178,28 @@ def sql_of(action: Callable[[], T]) -> tuple[T, list[str]]:
 def reads_samples(statement: str) -> bool:
     """Whether a SQL statement names the samples table (whose size grows with every text posted)."""
     return re.search(r"\bsamples\b", statement, re.IGNORECASE) is not None
+
+
+def pretrained_model(out: Path, texts: list[str], epochs: int) -> Path:
+    """The built-in tiny model trained (fully, AdamW) on ``texts`` for ``epochs``, saved with its
+    tokenizer as a model directory: a pretrained base, made here instead of downloaded."""
+    import torch
+
+    from llmos.model.builtin import byte_tokenizer, create_tiny
+    from llmos.model.loader import ModelFactory
+    from llmos.trainer.optimize import optimize
+    from llmos.trainer.preprocess import PreprocessConfig, eval_batch
+    from llmos.trainer.state import OptimizerConfig, TrainingState, make_optimizer
+
+    cpu = torch.device("cpu")
+    tok = byte_tokenizer()
+    model = ModelFactory(str(create_tiny(out.parent / f"{out.name}-random")), cpu).instance().train()
+    cfg = OptimizerConfig(lr=3e-3, warmup_steps=10)
+    state = TrainingState(model, make_optimizer(model, cfg), 0)
+    batch = eval_batch(texts, tok, PreprocessConfig(128, 8192, 0.0))
+    for epoch in range(epochs):
+        for mb in batch.micro_batches(8, torch.Generator().manual_seed(epoch)):
+            optimize(state, [mb], cfg, cpu)
+    model.save_pretrained(out)  # type: ignore[operator]
+    tok.save_pretrained(out)
+    return out

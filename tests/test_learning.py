@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import LiveServer, admin_headers, make_settings, settled, wait_for
+from conftest import LiveServer, admin_headers, make_settings, pretrained_model, settled, wait_for
 from safetensors import safe_open
 
 from llmos.daemon import Daemon
@@ -102,28 +102,13 @@ def pretrained_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     as a Hugging Face directory: LoRA adapts a pretrained base; on random weights it can barely learn."""
     import random
 
-    from llmos.model.builtin import byte_tokenizer
-
     rng = random.Random(0)
 
     def word() -> str:
         return "".join(rng.choice("bcdfgklmnprstvz") + rng.choice("aeiou") for _ in range(rng.randint(2, 4))).title()
 
     texts = [f"The capital of {word()} is {word()}, number {i}." for i in range(400)]
-    base = create_tiny(tmp_path_factory.mktemp("models") / "tiny")
-    tok = byte_tokenizer()
-    factory = ModelFactory(str(base), CPU)
-    model = factory.instance().train()
-    cfg = OptimizerConfig(lr=3e-3, warmup_steps=10)
-    state = TrainingState(model, make_optimizer(model, cfg), 0)
-    batch = eval_batch(texts, tok, PreprocessConfig(128, 8192, 0.0))
-    for epoch in range(6):
-        for mb in batch.micro_batches(8, torch.Generator().manual_seed(epoch)):
-            optimize(state, [mb], cfg, CPU)
-    out = tmp_path_factory.mktemp("models") / "pretrained"
-    model.save_pretrained(out)  # type: ignore[operator]
-    tok.save_pretrained(out)
-    return out
+    return pretrained_model(tmp_path_factory.mktemp("models") / "pretrained", texts, epochs=6)
 
 
 def test_lora_end_to_end_checkpoints_hold_the_adapter_only(tmp_path: Path, pretrained_base: Path) -> None:

@@ -47,6 +47,7 @@ from llmos.trainer.preprocess import (
 )
 from llmos.trainer.recall import TextSet, text_scores, text_set
 from llmos.trainer.regularize import RegularizationConfig, make_penalty
+from llmos.trainer.rehearsal import BasePool, RehearsalConfig
 from llmos.trainer.state import Mark, OptimizerConfig, TrainingState, load_state
 from llmos.trainer.swap import swap
 
@@ -111,6 +112,7 @@ class TrainerConfig:
     preference: PreferenceConfig | None = None  # None: preferences do not train
     preference_batch: int = 32  # most preferences claimed per batch
     min_source_anchors: int = 8  # a source with fewer anchors is checked in one group with the others
+    rehearsal: RehearsalConfig | None = None  # texts sampled from the base, in every batch (None: off)
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,7 @@ class Trainer:
         self.factory = factory
         self.replay_pool = replay_pool  # trained samples, mixed into new batches
         self.anchor_pool = anchor_pool  # held-out samples, the retention measure
+        self._base_pool = BasePool(cfg.rehearsal) if cfg.rehearsal is not None else None  # what the base knew
         self.preferences = preferences if cfg.preference is not None else None
         self.device = factory.device
         self._stop = threading.Event()
@@ -440,6 +443,16 @@ class Trainer:
         drawn = self.replay_pool.draw(n, rng)
         return [drawn[i % len(drawn)] for i in range(n)] if drawn else []
 
+    def _with_rehearsal(self, batch: Batch) -> Batch:
+        """The batch and, for this pass, texts sampled from the base (llmos/trainer/rehearsal.py):
+        a fresh draw each pass, seeded by the step as replay is, so a resumed trainer draws the same."""
+        if self._base_pool is None:
+            return batch
+        rng = random.Random(f"rehearsal:{self.cfg.seed}:{self._require_state().step}")
+        model, tok = self.factory.base_model(), self.factory.tokenizer
+        blocks, weights = self._base_pool.blocks(rng, model, tok, self.device, self.cfg.preprocess.block_size)
+        return batch.with_blocks(blocks, weights)
+
     def _record_prequential(self, loss_sum: float, tokens: int) -> None:
         """The loss on new data before any update on it: the canonical online-learning metric.
         Each new row's loss is the one its first-pass step measured just before training on it
@@ -471,7 +484,7 @@ class Trainer:
         done = 0
         for done in range(1, passes + 1):
             shuffle = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + state.step)
-            micro = list(batch.micro_batches(self.cfg.micro_batch, shuffle))
+            micro = list(self._with_rehearsal(batch).micro_batches(self.cfg.micro_batch, shuffle))
             for start in range(0, len(micro), k):
                 self._step_boundary()
                 self._yield_to_requests()

@@ -17,7 +17,7 @@ do not fill is padded up to the next multiple (short texts: 3 of ~33 tokens fill
 from __future__ import annotations
 
 from collections.abc import Collection, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import torch
@@ -87,6 +87,10 @@ class Batch:
 
     def __len__(self) -> int:
         return len(self.blocks)
+
+    def with_blocks(self, blocks: list[torch.Tensor], weights: list[torch.Tensor]) -> Batch:
+        """This batch with more old-data blocks after its own (base rehearsal, one pass's draw)."""
+        return replace(self, blocks=self.blocks + blocks, weights=self.weights + weights)
 
     def micro_batches(self, size: int, generator: torch.Generator | None = None) -> Iterator[MicroBatch]:
         """Micro-batches of at most ``size`` blocks of one padded length; shuffled when a
