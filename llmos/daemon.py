@@ -208,7 +208,9 @@ def rehearsal_config(settings: Settings) -> RehearsalConfig | None:
     if not r.enabled or r.base_rehearsal == "off" or (r.base_rehearsal == "auto" and not pretrained):
         return None
     path = settings.data_dir / "rehearsal" / "base-texts.json"
-    return RehearsalConfig(path, settings.model.name_or_path, r.base_per_pass, r.base_pool, r.base_max_tokens)
+    return RehearsalConfig(
+        path, settings.model.name_or_path, r.base_per_pass, r.base_pool, r.base_max_tokens, distill=r.base_loss == "kl"
+    )
 
 
 def eval_config(settings: Settings) -> EvalConfig:

@@ -283,6 +283,11 @@ class ReplaySettings(_Section):
     )
     base_pool: int = Field(256, ge=1, description="Base rehearsal: texts sampled from the base once, drawn from.")
     base_max_tokens: int = Field(64, ge=1, description="Base rehearsal: the longest text sampled, in tokens.")
+    base_loss: Literal["kl", "lm"] = Field(
+        "kl",
+        description="Base rehearsal: train the texts toward the base's next-token distributions (kl: "
+        "distillation) or their sampled tokens (lm).",
+    )
 
 
 class RegularizationSettings(_Section):

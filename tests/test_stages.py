@@ -88,7 +88,7 @@ def new_state(factory: ModelFactory, cfg: OptimizerConfig = OPT) -> TrainingStat
 
 def fact_batch() -> tuple[torch.Tensor, torch.Tensor]:
     pre = preprocess([sample(FACT)], TOK, PreprocessConfig(block_size=48, max_sample_tokens=100, heldout_fraction=0))
-    [(ids, w, _new, _pos)] = list(pre.batch.micro_batches(8))
+    [(ids, w, _new, _pos, _rehearse)] = list(pre.batch.micro_batches(8))
     return ids, w
 
 
@@ -249,7 +249,7 @@ def test_packing_covers_every_token_once_with_its_samples_weight() -> None:
     assert targets == sorted(t for text in texts for t in [*encode(text), EOS])  # each token a target once
 
     seen = []
-    for mb_ids, mb_w, _new, _pos in b.micro_batches(3, torch.Generator().manual_seed(0)):
+    for mb_ids, mb_w, _new, _pos, _rehearse in b.micro_batches(3, torch.Generator().manual_seed(0)):
         assert mb_ids.shape == mb_w.shape and mb_ids.dim() == 2 and mb_ids.shape[0] <= 3
         assert mb_ids.shape[1] == 9  # short blocks are padded up to the block size, no further
         for row, w in zip(mb_ids, mb_w, strict=True):
@@ -300,7 +300,7 @@ def test_micro_batches_take_few_shapes_and_padding_changes_no_loss(factory: Mode
 
     cfg = PreprocessConfig(block_size=CONTEXT, max_sample_tokens=1000, heldout_fraction=0)
     b = preprocess([sample("the tide at Korvel turns at noon.")], TOK, cfg).batch
-    [(ids, w, _new, _pos)] = list(b.micro_batches(8))
+    [(ids, w, _new, _pos, _rehearse)] = list(b.micro_batches(8))
     [block] = b.blocks
     assert ids.shape[1] > block.numel()  # padded
     state = new_state(factory)

@@ -443,6 +443,11 @@ class Trainer:
         drawn = self.replay_pool.draw(n, rng)
         return [drawn[i % len(drawn)] for i in range(n)] if drawn else []
 
+    def _teacher(self) -> torch.nn.Module | None:
+        """The base model, whose distribution the rehearsed texts are trained toward (when asked)."""
+        r = self.cfg.rehearsal
+        return self.factory.base_model() if r is not None and r.distill else None
+
     def _with_rehearsal(self, batch: Batch) -> Batch:
         """The batch and, for this pass, texts sampled from the base (llmos/trainer/rehearsal.py):
         a fresh draw each pass, seeded by the step as replay is, so a resumed trainer draws the same."""
@@ -489,7 +494,13 @@ class Trainer:
                 self._step_boundary()
                 self._yield_to_requests()
                 report = optimize(
-                    state, micro[start : start + k], self.cfg.optimizer, self.device, self.cfg.bf16, self._penalty
+                    state,
+                    micro[start : start + k],
+                    self.cfg.optimizer,
+                    self.device,
+                    self.cfg.bf16,
+                    self._penalty,
+                    self._teacher(),
                 )
                 if report.skipped is not None:
                     return report.skipped

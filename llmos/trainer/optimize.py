@@ -57,12 +57,31 @@ def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMana
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def token_losses(model: torch.nn.Module, ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-    """Cross-entropy of each next token: ids (B, T+1), positions (B, T+1) or None -> losses (B, T)."""
+def token_losses(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    positions: torch.Tensor | None = None,
+    teacher: torch.nn.Module | None = None,
+    rows: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of each next token: ids (B, T+1), positions (B, T+1) or None -> losses (B, T).
+    Rows marked in ``rows`` (B,) take instead the KL divergence from ``teacher``'s next-token
+    distribution to the model's (distillation: the whole distribution, not one sampled token)."""
     x, y = ids[:, :-1], ids[:, 1:]
     pos = None if positions is None else positions[:, :-1].to(x.device, non_blocking=True)
     logits = model(input_ids=x, position_ids=pos, use_cache=False).logits  # (B, T, V)
-    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+    losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+    if teacher is None or rows is None or not bool(rows.any()):
+        return losses
+    r = rows.to(x.device, non_blocking=True)
+    with torch.no_grad():
+        target = (
+            teacher(input_ids=x[r], position_ids=None if pos is None else pos[r], use_cache=False)
+            .logits.float()
+            .log_softmax(-1)
+        )  # (b, T, V)
+    kl = F.kl_div(logits[r].float().log_softmax(-1), target, log_target=True, reduction="none").sum(-1)  # (b, T)
+    return losses.masked_scatter(r[:, None].expand_as(losses), kl)
 
 
 def optimize(
@@ -72,21 +91,23 @@ def optimize(
     device: torch.device,
     bf16: bool = False,
     penalty: Penalty | None = None,
+    teacher: torch.nn.Module | None = None,
 ) -> StepReport:
-    """One optimizer step over ``micro_batches``, gradients accumulated. The losses it reports are
+    """One optimizer step over ``micro_batches``, gradients accumulated; rows of base rehearsal
+    learn ``teacher``'s distribution (``token_losses``). The losses it reports are
     those before the update: on the new samples' rows, that is the prequential (test-then-train)
     loss, which the trainer takes from a batch's first pass instead of a forward pass of its own."""
     model = state.model
     losses_sum = torch.zeros((), device=device)
     new_sum = torch.zeros((), device=device)
     n_tokens = n_new = 0
-    for ids, weights, new, positions in micro_batches:
+    for ids, weights, new, positions, rehearse in micro_batches:
         targets = weights[:, 1:] > 0  # (B, T) real targets (weight 0 is padding), on the host
         n = int(targets.sum())
         ids = ids.to(device, non_blocking=True)  # (B, T+1)
         w = weights.to(device, non_blocking=True)[:, 1:]  # (B, T): weight of each target token
         with autocast(device, bf16):
-            losses = token_losses(model, ids, positions)  # (B, T)
+            losses = token_losses(model, ids, positions, teacher, rehearse)  # (B, T)
         loss = (losses * w).sum() / max(n, 1) / len(micro_batches)
         loss.backward()
         fresh = targets if new is None else targets & new[:, None]  # (B, T) targets of new rows

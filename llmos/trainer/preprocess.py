@@ -44,14 +44,16 @@ class PreprocessConfig:
 
 class MicroBatch(NamedTuple):
     """Blocks of one padded length, stacked: token ids and per-token loss weights, each (B, T+1)
-    (weight 0 marks padding); which rows hold new samples (B,), not replay (None: all); and each
+    (weight 0 marks padding); which rows hold new samples (B,), not replay (None: all); each
     token's position (B, T+1), counted from the EOS that starts its sample (None: from the block's
-    start, the model's default)."""
+    start, the model's default); and which rows hold texts sampled from the base (B,), trained
+    toward the base's distribution instead of their tokens (None: none)."""
 
     ids: torch.Tensor
     weights: torch.Tensor
     new: torch.Tensor | None = None
     positions: torch.Tensor | None = None
+    rehearse: torch.Tensor | None = None
 
 
 def sample_positions(ids: torch.Tensor, eos: int) -> torch.Tensor:
@@ -77,6 +79,7 @@ class Batch:
     n_new_blocks: int = 0  # blocks[:n_new_blocks] hold new samples only; the rest are replay
     replay_ids: list[str] = field(default_factory=list)
     block_size: int = 0  # targets in a full block: padding never goes past it (0: no padding)
+    rehearsal_from: int | None = None  # blocks[rehearsal_from:] hold texts sampled from the base
     eos: int | None = None  # where samples start (positions restart there); None: block positions
 
     def _padded_length(self, n: int) -> int:
@@ -90,7 +93,9 @@ class Batch:
 
     def with_blocks(self, blocks: list[torch.Tensor], weights: list[torch.Tensor]) -> Batch:
         """This batch with more old-data blocks after its own (base rehearsal, one pass's draw)."""
-        return replace(self, blocks=self.blocks + blocks, weights=self.weights + weights)
+        return replace(
+            self, blocks=self.blocks + blocks, weights=self.weights + weights, rehearsal_from=len(self.blocks)
+        )
 
     def micro_batches(self, size: int, generator: torch.Generator | None = None) -> Iterator[MicroBatch]:
         """Micro-batches of at most ``size`` blocks of one padded length; shuffled when a
@@ -112,7 +117,9 @@ class Batch:
                     weights[row, :n] = self.weights[i]
                 new = torch.tensor([i < self.n_new_blocks for i in chunk])
                 positions = None if self.eos is None else sample_positions(ids, self.eos)
-                yield MicroBatch(ids, weights, new, positions)
+                first = self.rehearsal_from
+                rehearse = None if first is None else torch.tensor([i >= first for i in chunk])
+                yield MicroBatch(ids, weights, new, positions, rehearse)
 
 
 @dataclass

@@ -3,17 +3,20 @@
 Replay keeps what llmos was taught; it cannot keep what the base model knew before llmos saw any
 text, since none of that is in the store. So, for a pretrained base, the trainer asks the base
 model itself: once, it samples ``pool`` texts from the base (each begun at EOS, as a document
-starts, at temperature 1, so they follow the base's own distribution), keeps them in a file beside
-the checkpoints, and packs ``per_pass`` of them, drawn afresh, into every pass over a batch, after
-the replayed texts (a fresh draw each pass covers the pool at the cost of a fraction of it).
-Training on texts sampled from the base is a Monte Carlo estimate of the KL divergence from the
-base (sequence-level distillation): it pulls the model's distribution back toward the base's
-where the batch's own texts do not pull it away.
+starts, at temperature 1, so they follow the base's own distribution) and keeps them in a file
+beside the checkpoints; every pass over a batch then carries ``per_pass`` of them, drawn afresh
+(so the passes cover the pool at a fraction of its cost), after the replayed texts. Those rows are
+trained toward the base's whole next-token distribution at each position, the KL divergence from
+it (``replay.base_loss: kl``, distillation as in Learning without Forgetting), instead of toward
+the one token sampled there (``lm``): where the batch's own texts do not pull the model away, it
+stays the base.
 
-Measured with ``make bench-teach`` (bench/results/teach.md): on a small pretrained base, the first
-batch of 8 facts took every answer the base had to its own corpus prompts (14 of 24 right before,
-0 after) with replay alone; with base rehearsal it keeps them. It costs training time (each pass
-carries ``per_pass`` more texts), and on a base with random weights (the built-in model
+Measured with ``make bench-teach`` (bench/results/teach.md; docs/learning.md): on a small
+pretrained base, the first batch of 8 facts took every answer the base had to its own corpus
+prompts (24 of 24 right before, 0 after) under replay alone. Distillation of 128 texts a pass
+kept them; 64 a pass, or the sampled tokens instead of the distributions, kept fewer (scratch runs
+of bench/teach.py). It costs training time, each pass carrying ``per_pass`` more rows and a
+forward pass of the base over them; and on a base with random weights (the built-in model
 ``make run`` starts from) it would rehearse noise: ``replay.base_rehearsal: auto`` turns it on only
 for a model loaded from a directory.
 """
@@ -47,6 +50,7 @@ class RehearsalConfig:
     pool: int  # texts sampled from the base
     max_tokens: int  # longest text sampled
     sample_batch: int = 32  # texts sampled at once
+    distill: bool = True  # train them toward the base's distribution (KL), not their sampled tokens
 
 
 def sample_texts(
