@@ -116,6 +116,34 @@ def test_status_and_checkpoints(server: Server) -> None:
     assert listed == server.http.get("/v1/checkpoints").json()
 
 
+def test_checkpoints_piped_print_each_row_on_one_line(server: Server) -> None:
+    # Piped (as CliRunner's stdout is) and with no COLUMNS: rich would squeeze the table into 80
+    # columns, wrapping every row; a file or a grep gets the whole row on one line.
+    r = llmos(server, "checkpoints", env={"COLUMNS": None})
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    header = ["version", "status", "parent", "created", "step", "samples", "held-out", "anchor", "train"]
+    assert any(all(word in line for word in header) for line in lines), r.stdout
+    for c in server.http.get("/v1/checkpoints").json()["checkpoints"]:
+        created = c["created_at"][:19].replace("T", " ")
+        row = [line for line in lines if created in line]
+        assert len(row) == 1 and c["status"] in row[0] and f" {c['step']} " in row[0], r.stdout
+
+
+def test_help_marks_no_flag_as_taking_a_value() -> None:
+    # A flag (--help, --requeue, --json) takes no value: no "<bool>" type beside it. And the list of
+    # commands reflows their docstrings rather than breaking lines where the source does.
+    env = {"COLUMNS": "200"}
+    top = CliRunner().invoke(app, ["--help"], env=env)
+    assert top.exit_code == 0 and "--help" in top.stdout
+    assert "(the trainer in a process of its own, or in a thread" in top.stdout, top.stdout
+    for command in ("rollback", "checkpoints", "generate", "ingest", "serve"):
+        r = CliRunner().invoke(app, [command, "--help"], env=env)
+        assert r.exit_code == 0 and "--help" in r.stdout, r.output
+        assert "<bool>" not in r.stdout + top.stdout, r.stdout
+    assert "<int range>" in CliRunner().invoke(app, ["rollback", "--help"], env=env).stdout  # values keep theirs
+
+
 def test_rollback_takes_the_token_from_flag_environment_or_data_dir(server: Server, tmp_path: Path) -> None:
     def active() -> int:
         return int(server.http.get("/v1/trainer").json()["active_version"])
