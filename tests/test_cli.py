@@ -5,6 +5,8 @@ generate, and export to a Hugging Face directory that generates what llmos serve
 from __future__ import annotations
 
 import json
+import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from llmos.cli import app
+from llmos.export import EXPORT_INFO
 
 PROMPT = "The capital of Zorbia"
 
@@ -198,6 +201,22 @@ def test_export_loads_in_transformers_and_generates_what_llmos_served(server: Se
     assert again.exit_code == 1 and "not an empty directory" in again.stderr
     missing = llmos(server, "export", "4242", str(tmp_path / "x"), "--data-dir", str(server.data_dir))
     assert missing.exit_code == 1 and "no stored version 4242" in missing.stderr
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask-022", "umask-027"])
+def test_exported_files_have_the_modes_the_umask_gives(server: Server, tmp_path: Path, umask: int) -> None:
+    # Not 0600 weights in a 0700 directory: whoever may read what this user writes may load the export.
+    out = tmp_path / "export"
+    previous = os.umask(umask)
+    try:
+        r = llmos(server, "export", str(server.version), str(out), "--data-dir", str(server.data_dir))
+    finally:
+        os.umask(previous)
+    assert r.exit_code == 0, r.output
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert "model.safetensors" in modes and EXPORT_INFO in modes
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
 
 
 def test_a_server_that_is_not_there(server: Server) -> None:
