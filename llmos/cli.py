@@ -2,22 +2,59 @@
 
 from __future__ import annotations
 
+import inspect
 import ipaddress
 import logging
 import signal
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperCommand, TyperGroup, TyperOption
 
 from llmos import remote
 from llmos.logs import LogFormat, configure
 from llmos.settings import ConfigError, load_settings
 
+
+def _reflowed(help_text: str | None) -> str | None:
+    # A docstring's single line breaks wrap the source, not the help: typer's rich help would keep
+    # them, breaking sentences mid-line in the list of commands.
+    if help_text is None:
+        return None
+    return "\n\n".join(" ".join(p.split("\n")) for p in inspect.cleandoc(help_text).split("\n\n"))
+
+
+def _untyped_flags(params: list[Any]) -> list[Any]:
+    # typer's help writes "<bool>" beside every flag, --help included, as if it took a value; an
+    # empty metavar leaves a flag's type column empty.
+    for p in params:
+        if isinstance(p, TyperOption) and p.is_flag and p.metavar is None:
+            p.metavar = ""
+    return params
+
+
+class _Command(TyperCommand):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.help = _reflowed(self.help)
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _untyped_flags(super().get_params(ctx))
+
+
+class _Group(TyperGroup):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _untyped_flags(super().get_params(ctx))
+
+
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True, help="llmos: a language model that keeps learning while it serves."
+    cls=_Group,
+    add_completion=False,
+    no_args_is_help=True,
+    help="llmos: a language model that keeps learning while it serves.",
 )
 
 
@@ -26,7 +63,7 @@ def _main() -> None:
     """llmos command line."""
 
 
-@app.command()
+@app.command(cls=_Command)
 def serve(
     config: Annotated[Path | None, typer.Option("--config", help="YAML config file (default: $LLMOS_CONFIG).")] = None,
     host: Annotated[str | None, typer.Option(help="Address to bind (default 127.0.0.1).")] = None,
@@ -89,7 +126,7 @@ def serve(
     _make_server_class(daemon.stopping)(server_config).run()
 
 
-@app.command()
+@app.command(cls=_Command)
 def export(
     version: Annotated[int, typer.Argument(min=0, help="The stored version to export.")],
     directory: Annotated[Path, typer.Argument(help="A new (or empty) directory to write.")],
@@ -118,11 +155,8 @@ def export(
 
 
 # Commands that talk to a running server (llmos/remote.py).
-app.command()(remote.ingest)
-app.command()(remote.status)
-app.command()(remote.checkpoints)
-app.command()(remote.rollback)
-app.command()(remote.generate)
+for command in (remote.ingest, remote.status, remote.checkpoints, remote.rollback, remote.generate):
+    app.command(cls=_Command)(command)
 
 
 def is_loopback(host: str) -> bool:

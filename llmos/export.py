@@ -49,6 +49,22 @@ def _prepend_eos(tokenizer: Any) -> bool:
     return True
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+def _as_created(root: Path) -> None:
+    """Give the export the modes of files made with open() and directories made with mkdir, under
+    the umask (0644 and 0755 with the usual 022): mkdtemp made the directory 0700 and the weights
+    are written 0600, so that other users, a model server's own account among them, could not read
+    them."""
+    mask = _umask()
+    for path in [root, *root.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def export_version(settings: Settings, version: int, target: Path) -> dict[str, Any]:
     """Write ``version`` to ``target`` (a new or empty directory). Returns what llmos_export.json holds."""
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
@@ -94,6 +110,7 @@ def export_version(settings: Settings, version: int, target: Path) -> dict[str, 
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=1, default=str), encoding="utf-8")
+            _as_created(tmp)
             if target.exists():
                 target.rmdir()  # empty, checked above
             os.replace(tmp, target)

@@ -76,6 +76,9 @@ def configure(level: str, fmt: LogFormat) -> None:
             root.removeHandler(h)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # Alembic narrates every start at INFO (its plugins, its context, each migration): its
+    # warnings only, unless the operator asked for debug.
+    logging.getLogger("alembic").setLevel(logging.NOTSET if root.level <= logging.DEBUG else logging.WARNING)
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         lg = logging.getLogger(name)
         lg.handlers.clear()

@@ -38,6 +38,13 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print the server's JSON i
 
 err = Console(stderr=True)
 out = Console()
+UNWRAPPED = 100_000  # columns: wider than any table, so that none wraps
+
+
+def table_out() -> Console:
+    """Where a table goes: stdout at a terminal's width; piped or redirected, as wide as the table
+    (rich would squeeze it into 80 columns, each row wrapped over lines that grep and cut cannot use)."""
+    return out if out.is_terminal else Console(width=UNWRAPPED)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -297,7 +304,7 @@ def checkpoints(url: UrlOpt = DEFAULT_URL, api_key: ApiKeyOpt = None, as_json: J
             _fmt(m.get("anchor_loss")),
             _fmt(m.get("train_loss")),
         )
-    out.print(table)
+    table_out().print(table)
     out.print(f"* active version: {r['active_version']}", highlight=False)
 
 

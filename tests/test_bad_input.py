@@ -164,6 +164,59 @@ def test_bad_input_gets_a_clear_4xx(srv: LiveServer, case: tuple) -> None:
         assert c.get("/healthz").status_code == 200
 
 
+# (path, body, the whole 422 detail as (loc, msg)): the problem of the shape the client sent, alone.
+ONE_SHAPE = [
+    ("/v1/texts", {"text": ""}, [(["body", "TextIn", "text"], "Value error, must not be empty or whitespace only")]),
+    (
+        "/v1/texts",
+        {"items": [{"text": "a"}, {"text": " "}]},
+        [(["body", "TextsIn", "items", 1, "text"], "Value error, must not be empty or whitespace only")],
+    ),
+    (
+        "/v1/texts",
+        {"items": []},
+        [(["body", "TextsIn", "items"], "List should have at least 1 item after validation, not 0")],
+    ),
+    ("/v1/texts", [1, 2], [(["body"], 'Input should be an object with "text" (one text) or "items" (a batch)')]),
+    (
+        "/v1/feedback",
+        {"generation_id": "g", "rating": 5},
+        [(["body", "rating"], "Input should be less than or equal to 1")],
+    ),
+    ("/v1/feedback", {"generation_id": "g", "rating": "1"}, [(["body", "rating"], "Input should be a valid number")]),
+    (
+        "/v1/feedback",
+        {"generation_id": "g", "correction": ""},
+        [(["body", "correction"], "Value error, must not be empty or whitespace only")],
+    ),
+    (
+        "/v1/completions",
+        {"model": "llmos", "prompt": ["a", "b"]},
+        [(["body", "prompt", "list"], "List should have at most 1 item after validation, not 2")],
+    ),
+    ("/v1/completions", {"model": "llmos", "prompt": 5}, [(["body", "prompt"], "Input should be a string or a list")]),
+    (
+        "/v1/chat/completions",
+        {"model": "llmos", "messages": [{"role": "user", "content": "a\u0000"}], "stop": ["x"] * 5},
+        [
+            (["body", "stop", "list"], "List should have at most 4 items after validation, not 5"),
+            (["body", "messages", 0, "content", "str"], "Value error, must not contain NUL characters"),
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize("case", ONE_SHAPE, ids=[f"{c[0]} {json.dumps(c[1])[:40]}" for c in ONE_SHAPE])
+def test_a_422_names_the_problems_of_the_shape_sent_alone(srv: LiveServer, case: tuple) -> None:
+    # A body with "text" is one text, with "items" a batch; a rating is a number (an optional
+    # field's None is not a member a client meant): no errors of the shape the client did not send.
+    path, sent, expected = case
+    with srv.client() as c:
+        r = c.post(path, json=sent)
+    assert r.status_code == 422, r.text
+    assert [(e["loc"], e["msg"]) for e in r.json()["detail"]] == expected
+
+
 def test_chunked_body_over_the_cap_is_refused_without_content_length(srv: LiveServer) -> None:
     def chunks() -> Iterator[bytes]:
         yield b'{"text": "'

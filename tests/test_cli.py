@@ -5,6 +5,8 @@ generate, and export to a Hugging Face directory that generates what llmos serve
 from __future__ import annotations
 
 import json
+import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from llmos.cli import app
+from llmos.export import EXPORT_INFO
 
 PROMPT = "The capital of Zorbia"
 
@@ -116,6 +119,34 @@ def test_status_and_checkpoints(server: Server) -> None:
     assert listed == server.http.get("/v1/checkpoints").json()
 
 
+def test_checkpoints_piped_print_each_row_on_one_line(server: Server) -> None:
+    # Piped (as CliRunner's stdout is) and with no COLUMNS: rich would squeeze the table into 80
+    # columns, wrapping every row; a file or a grep gets the whole row on one line.
+    r = llmos(server, "checkpoints", env={"COLUMNS": None})
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    header = ["version", "status", "parent", "created", "step", "samples", "held-out", "anchor", "train"]
+    assert any(all(word in line for word in header) for line in lines), r.stdout
+    for c in server.http.get("/v1/checkpoints").json()["checkpoints"]:
+        created = c["created_at"][:19].replace("T", " ")
+        row = [line for line in lines if created in line]
+        assert len(row) == 1 and c["status"] in row[0] and f" {c['step']} " in row[0], r.stdout
+
+
+def test_help_marks_no_flag_as_taking_a_value() -> None:
+    # A flag (--help, --requeue, --json) takes no value: no "<bool>" type beside it. And the list of
+    # commands reflows their docstrings rather than breaking lines where the source does.
+    env = {"COLUMNS": "200"}
+    top = CliRunner().invoke(app, ["--help"], env=env)
+    assert top.exit_code == 0 and "--help" in top.stdout
+    assert "(the trainer in a process of its own, or in a thread" in top.stdout, top.stdout
+    for command in ("rollback", "checkpoints", "generate", "ingest", "serve"):
+        r = CliRunner().invoke(app, [command, "--help"], env=env)
+        assert r.exit_code == 0 and "--help" in r.stdout, r.output
+        assert "<bool>" not in r.stdout + top.stdout, r.stdout
+    assert "<int range>" in CliRunner().invoke(app, ["rollback", "--help"], env=env).stdout  # values keep theirs
+
+
 def test_rollback_takes_the_token_from_flag_environment_or_data_dir(server: Server, tmp_path: Path) -> None:
     def active() -> int:
         return int(server.http.get("/v1/trainer").json()["active_version"])
@@ -170,6 +201,22 @@ def test_export_loads_in_transformers_and_generates_what_llmos_served(server: Se
     assert again.exit_code == 1 and "not an empty directory" in again.stderr
     missing = llmos(server, "export", "4242", str(tmp_path / "x"), "--data-dir", str(server.data_dir))
     assert missing.exit_code == 1 and "no stored version 4242" in missing.stderr
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask-022", "umask-027"])
+def test_exported_files_have_the_modes_the_umask_gives(server: Server, tmp_path: Path, umask: int) -> None:
+    # Not 0600 weights in a 0700 directory: whoever may read what this user writes may load the export.
+    out = tmp_path / "export"
+    previous = os.umask(umask)
+    try:
+        r = llmos(server, "export", str(server.version), str(out), "--data-dir", str(server.data_dir))
+    finally:
+        os.umask(previous)
+    assert r.exit_code == 0, r.output
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert "model.safetensors" in modes and EXPORT_INFO in modes
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
 
 
 def test_a_server_that_is_not_there(server: Server) -> None:

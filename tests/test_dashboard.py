@@ -1,6 +1,7 @@
 """GET /dashboard in headless Chromium (Debian's chromium, driven by playwright's Python client;
 playwright's own browser download is never used): the page loads without console errors, the
-loss chart has points, a rollback through the button changes the active version, and a prompt
+loss chart has points on a log axis, a parent whose files were pruned is shown as pruned (not as a
+version one can go to), a rollback through the button changes the active version, and a prompt
 runs against a pinned version. The screenshot lands in the test's temporary directory, or where
 $LLMOS_DASHBOARD_SCREENSHOT says (`make dashboard-screenshot` refreshes docs/dashboard.png for the
 README): a clean checkout stays clean after its own tests."""
@@ -25,19 +26,35 @@ ARGS = [
 ]
 
 
+def newest(checkpoints: dict) -> int:
+    return max(c["version"] for c in checkpoints["checkpoints"])
+
+
+def orphans(checkpoints: dict) -> list[int]:
+    """Listed versions whose parent is not listed: it was pruned."""
+    stored = {c["version"] for c in checkpoints["checkpoints"]}
+    return [c["version"] for c in checkpoints["checkpoints"] if c["parent_version"] not in stored | {None}]
+
+
 def test_dashboard_in_a_real_browser(tmp_path: Path) -> None:
     assert shutil.which(CHROMIUM), f"{CHROMIUM} is missing: `make install` installs Debian's chromium (apt-get)"
-    settings = make_settings(tmp_path / "data", **{"train.passes_per_batch": 8})
+    # Two versions kept besides 0 and the active one: the third prunes the first, the second's parent.
+    settings = make_settings(tmp_path / "data", **{"train.passes_per_batch": 8, "registry.keep_last": 2})
     with LiveServer(settings) as srv, srv.client() as http:
         # A few versions, each from its own batch, so the loss curves have several points.
         for batch in range(3):
             texts = [{"text": f"The capital of Zorbia is Quellton, number {batch * 10 + i}."} for i in range(10)]
             assert http.post("/v1/texts", json={"items": texts}).status_code == 202
-            wait_for(lambda b=batch: len(http.get("/v1/checkpoints").json()["checkpoints"]) >= b + 2, timeout=60)
+            wait_for(lambda b=batch: newest(http.get("/v1/checkpoints").json()) >= b + 1, timeout=60)
+        # The cycle that published the newest version prunes just after.
+        wait_for(lambda: orphans(http.get("/v1/checkpoints").json()), timeout=30)
         assert http.post("/v1/admin/trainer/pause", headers=admin_headers()).status_code == 200
         cps = http.get("/v1/checkpoints").json()
         active = cps["active_version"]
         target = next(c["version"] for c in cps["checkpoints"] if c["version"] != active and c["status"] == "promoted")
+        stored = {c["version"] for c in cps["checkpoints"]}
+        pruned_parent = orphans(cps)
+        assert pruned_parent, cps
 
         problems: list[str] = []
         with sync_playwright() as p:
@@ -66,6 +83,21 @@ def test_dashboard_in_a_real_browser(tmp_path: Path) -> None:
                 }"""
             )
             assert xs >= 3 and ys >= 3, (xs, ys)
+            # Logarithmic: held-out and anchor loss, far below prequential loss, are not squashed to zero.
+            assert page.evaluate("() => window.llmosChart.scales.y.distr") == 3  # uPlot's log distribution
+
+            # A pruned parent says so and offers nothing to click; a stored one links to its row.
+            for version in pruned_parent:
+                row = page.locator(f"#checkpoints tr[data-version='{version}']")
+                parent = row.locator("td.parent")
+                expect(parent).to_contain_text("(pruned)")
+                expect(parent.locator("a, button")).to_have_count(0)
+            linked = [c for c in cps["checkpoints"] if c["parent_version"] in stored]
+            assert linked, cps
+            for c in linked:
+                link = page.locator(f"#checkpoints tr[data-version='{c['version']}'] td.parent a")
+                expect(link).to_have_attribute("href", f"#checkpoint-v{c['parent_version']}")
+                expect(link).not_to_contain_text("pruned")
 
             # Try a prompt against a pinned (older) version; the answer is that version's.
             page.select_option("#try-model", f"llmos@{target}")

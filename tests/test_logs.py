@@ -16,6 +16,7 @@ import pytest
 from conftest import free_port, wait_for
 
 from llmos.logs import JsonFormatter, TextFormatter, configure
+from llmos.store.db import Database
 
 
 @pytest.mark.slow  # a real `llmos serve` process: ~10 s on 2 cores
@@ -85,6 +86,37 @@ def test_json_logging_covers_llmos_uvicorn_libraries_and_warnings(capsys: pytest
     ]
     assert events[1]["path"] == "/v1/trainer" and events[1]["status"] == 200
     assert events[3]["logger"] == "py.warnings" and "a Python warning" in events[3]["message"]
+
+
+def test_a_start_logs_no_alembic_info_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Every start brings the schema to head: alembic's plugin, context and migration lines are
+    # noise at info (llmos's own lines stay); at debug they show.
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        configure("info", "text")
+        fresh = Database(f"sqlite:///{tmp_path / 'info.db'}")
+        fresh.create_schema()  # every migration, from none to head
+        fresh.dispose()
+        logging.getLogger("llmos.daemon").info("store ready")
+        configure("debug", "text")
+        debug = Database(f"sqlite:///{tmp_path / 'debug.db'}")
+        debug.create_schema()
+        debug.dispose()
+    finally:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.enable_default_handler()
+        hf_logging.disable_propagation()
+        logging.captureWarnings(False)
+        logging.getLogger("alembic").setLevel(logging.NOTSET)
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    err = capsys.readouterr().err
+    assert "INFO llmos.daemon: store ready\n" in err, err
+    at_info, _, at_debug = err.partition("INFO llmos.daemon: store ready\n")
+    assert "alembic" not in at_info, at_info
+    assert "alembic.runtime.migration: Running upgrade" in at_debug, at_debug
 
 
 def _record_with_traceback() -> logging.LogRecord:

@@ -20,11 +20,11 @@ from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Tag
 
 from llmos.api.deps import ApiKey, DaemonDep, SlotsDep
 from llmos.api.relay import Busy, End, Relay, Slots, call
-from llmos.api.schemas import Text, clean_errors, error_responses, json_int
+from llmos.api.schemas import STR_OR_LIST, Text, clean_errors, error_responses, json_int
 from llmos.daemon import Daemon, GenerationResult
 from llmos.registry.registry import CorruptCheckpoint, UnknownVersion
 from llmos.serving.chat import ChatTemplateError, render_chat
@@ -72,6 +72,13 @@ class StreamOptions(BaseModel):
 
 
 Stop = Annotated[Text, Field(max_length=200)]
+# A string or a list: the JSON type picks the member (a 422 names that member's problem alone).
+Stops = Annotated[Annotated[Stop, Tag("str")] | Annotated[list[Stop], Field(max_length=4), Tag("list")], STR_OR_LIST]
+Prompt = Annotated[
+    Annotated[Text, Tag("str")]
+    | Annotated[list[Text], Field(min_length=1, max_length=1, description="One prompt."), Tag("list")],
+    STR_OR_LIST,
+]
 _ONE = "llmos returns one choice per request"
 
 
@@ -105,7 +112,7 @@ class _OpenAIRequest(BaseModel):
     n: One | None = Field(None, description=_ONE)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    stop: Stop | Annotated[list[Stop], Field(max_length=4)] | None = None
+    stop: Stops | None = None
     seed: Seed | None = None
     presence_penalty: float | None = Field(None, ge=0, le=0, description=_UNSUPPORTED)
     frequency_penalty: float | None = Field(None, ge=0, le=0, description=_UNSUPPORTED)
@@ -123,7 +130,7 @@ class _OpenAIRequest(BaseModel):
 
 
 class CompletionIn(_OpenAIRequest):
-    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=1, description="One prompt.")]
+    prompt: Prompt
     echo: Literal[False] | None = Field(None, description=_UNSUPPORTED)
     logprobs: Zero | None = Field(None, description=_UNSUPPORTED)
     suffix: Annotated[str, Field(max_length=0)] | None = Field(None, description=_UNSUPPORTED)
@@ -139,10 +146,13 @@ class TextPart(BaseModel):
     text: Text
 
 
+Content = Annotated[Annotated[Text, Tag("str")] | Annotated[list[TextPart], Tag("list")], STR_OR_LIST]
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Text | list[TextPart] | None = None
+    content: Content | None = None
     name: Annotated[str, Field(max_length=100)] | None = None
 
     def text(self) -> str:

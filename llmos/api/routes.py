@@ -30,7 +30,7 @@ from llmos.api.schemas import (
     ReadyOut,
     RollbackIn,
     RollbackOut,
-    TextIn,
+    TextOrTexts,
     TextOut,
     TextsIn,
     TrainerOut,
@@ -59,7 +59,7 @@ _ADMIN_ERRORS = (400, 401, 403, 413, 422)
     tags=["data"],
     responses=error_responses(409, *_BODY_ERRORS),
 )
-def post_texts(body: TextIn | TextsIn, daemon: DaemonDep, sources: SourceLimiterDep, caller: ApiKeyDep) -> IdsOut:
+def post_texts(body: TextOrTexts, daemon: DaemonDep, sources: SourceLimiterDep, caller: ApiKeyDep) -> IdsOut:
     """Queue one text or a batch; the ids are returned only once the rows are committed.
     429 with Retry-After when a source sends faster than its rate or the queue is full. An
     idempotency key belongs to the credential that sent it; sent again with the same text it

@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
-from pydantic.json_schema import SkipJsonSchema
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    GetCoreSchemaHandler,
+    Tag,
+    model_validator,
+)
+from pydantic_core import core_schema
 
 
 def _clean(value: str) -> str:
@@ -53,9 +63,19 @@ def _not_null(value: Any) -> Any:
     return value
 
 
-# Optional fields are left out, not sent as null: one way to say "none", and a schema that says
-# exactly what is accepted (the default None is never validated, an explicit null is refused).
-NoNull = AfterValidator(_not_null)
+class _LeftOut:
+    """For an optional field ``X | None = None``: validated as X alone, an explicit null refused.
+
+    Optional fields are left out, not sent as null: one way to say "none", and a schema that says
+    exactly what is accepted (the default None is never validated). Without None among the members
+    validated, a bad value's 422 names its problem alone, not also "Input should be None"."""
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        (inner,) = (a for a in get_args(source) if a is not type(None))
+        return core_schema.no_info_before_validator_function(_not_null, handler.generate_schema(inner))
+
+
+NoNull = _LeftOut()
 NonBlankText = Annotated[str, AfterValidator(_clean), AfterValidator(_not_blank), _NOT_BLANK]
 
 
@@ -67,15 +87,42 @@ class _Request(BaseModel):
 
 class TextIn(_Request):
     text: NonBlankText
-    source: Annotated[Annotated[Text, Field(max_length=200)] | SkipJsonSchema[None], NoNull] = None
+    source: Annotated[Annotated[Text, Field(max_length=200)] | None, NoNull] = None
     weight: float = Field(1.0, gt=0, le=1e6)
-    idempotency_key: Annotated[Annotated[Text, Field(min_length=1, max_length=200)] | SkipJsonSchema[None], NoNull] = (
-        None
-    )
+    idempotency_key: Annotated[Annotated[Text, Field(min_length=1, max_length=200)] | None, NoNull] = None
 
 
 class TextsIn(_Request):
     items: list[TextIn] = Field(min_length=1, max_length=1000)
+
+
+def _text_shape(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return "TextsIn" if "items" in value else "TextIn"
+    return type(value).__name__ if isinstance(value, TextIn | TextsIn) else None
+
+
+# One text or a batch, told apart by "items": a 422 lists the problems of the shape the client sent,
+# not also those of the other (an empty text is not also "TextsIn.items: Field required").
+TextOrTexts = Annotated[
+    Annotated[TextIn, Tag("TextIn")] | Annotated[TextsIn, Tag("TextsIn")],
+    Discriminator(
+        _text_shape,
+        custom_error_type="text_body_type",
+        custom_error_message='Input should be an object with "text" (one text) or "items" (a batch)',
+    ),
+]
+
+
+def _str_or_list(value: Any) -> str | None:
+    return "str" if isinstance(value, str) else "list" if isinstance(value, list) else None
+
+
+# For a union of a string and a list (tag its members Tag("str") and Tag("list")): the JSON type
+# picks the member, so a string's problem is not also "Input should be a valid list".
+STR_OR_LIST = Discriminator(
+    _str_or_list, custom_error_type="str_or_list_type", custom_error_message="Input should be a string or a list"
+)
 
 
 class IdsOut(BaseModel):
@@ -97,9 +144,7 @@ class GenerateIn(_Request):
     top_p: float = Field(1.0, gt=0, le=1)
     # 2**53 - 1: the largest integer every JSON parser reads exactly (a bound that a double cannot
     # hold would let clients see values past it as "within").
-    seed: Annotated[
-        Annotated[int, Field(ge=0, le=2**53 - 1), BeforeValidator(json_int)] | SkipJsonSchema[None], NoNull
-    ] = None
+    seed: Annotated[Annotated[int, Field(ge=0, le=2**53 - 1), BeforeValidator(json_int)] | None, NoNull] = None
     stream: bool = Field(
         False,
         description="Answer with Server-Sent Events: one event per text chunk ({'text': ...}), then an event "
@@ -134,8 +179,8 @@ class FeedbackIn(_Request):
     )
 
     generation_id: Annotated[Text, Field(max_length=64)]
-    rating: Annotated[Annotated[float, Field(ge=-1, le=1)] | SkipJsonSchema[None], NoNull] = None
-    correction: Annotated[NonBlankText | SkipJsonSchema[None], NoNull] = None
+    rating: Annotated[Annotated[float, Field(ge=-1, le=1)] | None, NoNull] = None
+    correction: Annotated[NonBlankText | None, NoNull] = None
 
     @model_validator(mode="after")
     def _one_of(self) -> FeedbackIn:

@@ -85,6 +85,10 @@ async function history() {
   }
 }
 
+// The y axis is logarithmic (a loss of 0 has no place on it): prequential loss on new text sits far
+// above held-out and anchor loss, which a linear axis squashes into a line near zero.
+const positive = (v) => typeof v === "number" && v > 0;
+
 function chartData(points) {
   const rows = new Map(); // x -> [checkpoint values..., live]
   const n = SERIES.length + 1;
@@ -92,9 +96,9 @@ function chartData(points) {
   for (const p of points) {
     const x = seconds(p.created_at);
     if (x === null || p.version === 0) continue;
-    SERIES.forEach((s, i) => { if (typeof p[s.key] === "number") row(x)[i] = p[s.key]; });
+    SERIES.forEach((s, i) => { if (positive(p[s.key])) row(x)[i] = p[s.key]; });
   }
-  for (const [x, loss] of live) row(x)[SERIES.length] = loss;
+  for (const [x, loss] of live) if (positive(loss)) row(x)[SERIES.length] = loss;
   const xs = [...rows.keys()].sort((a, b) => a - b);
   const data = [xs];
   for (let i = 0; i < n; i++) data.push(xs.map((x) => rows.get(x)[i]));
@@ -108,13 +112,13 @@ async function refreshChart() {
     chart = new uPlot({
       width: Math.max(300, el.clientWidth),
       height: 300,
-      scales: { x: { time: true } },
+      scales: { x: { time: true }, y: { distr: 3, log: 10 } },
       series: [
         {},
         ...SERIES.map((s) => ({ label: s.label, stroke: s.stroke, width: 2, spanGaps: true, points: { show: true, size: 6 } })),
         { label: "train (live)", stroke: "#9db7e8", width: 1, spanGaps: true, points: { show: true, size: 3 } },
       ],
-      axes: [{}, { label: "loss" }],
+      axes: [{}, { label: "loss (log scale)" }],
     }, data, el);
     window.llmosChart = chart; // for tests and for poking at it from the console
     window.addEventListener("resize", () => chart.setSize({ width: Math.max(300, el.clientWidth), height: 300 }));
@@ -129,15 +133,18 @@ async function refreshCheckpoints() {
   activeVersion = r.active_version;
   const body = $("checkpoints").querySelector("tbody");
   body.replaceChildren();
+  // Every checkpoint still stored is listed: a parent that is not was pruned (its files are gone).
+  const stored = new Set(r.checkpoints.map((c) => c.version));
   for (const c of r.checkpoints) {
     const tr = document.createElement("tr");
+    tr.id = "checkpoint-v" + c.version;
     tr.dataset.version = c.version;
     if (c.version === r.active_version) tr.className = "active";
     const m = c.metrics || {};
     const cells = [
       "v" + c.version + (c.version === r.active_version ? " (active)" : ""),
       c.status + (c.corrupt ? " (corrupt)" : ""),
-      c.parent_version === null ? "–" : "v" + c.parent_version,
+      null, // the parent, filled in below
       when(c.created_at), c.step, c.samples_seen,
       fmt(m.heldout_loss), fmt(m.anchor_loss), fmt(m.train_loss), m.gate || "",
     ];
@@ -146,6 +153,7 @@ async function refreshCheckpoints() {
       td.textContent = v;
       if (i === 1) td.className = "status-" + c.status;
       if (i === 9) { td.className = "gate"; td.title = v; }
+      if (i === 2) parentCell(td, c.parent_version, stored);
       tr.appendChild(td);
     });
     const td = document.createElement("td");
@@ -158,6 +166,23 @@ async function refreshCheckpoints() {
     }
     tr.appendChild(td);
     body.appendChild(tr);
+  }
+}
+
+// A stored parent links to its row (where it can be rolled back to); a pruned one is only named.
+function parentCell(td, parent, stored) {
+  td.className = "parent";
+  if (parent === null) {
+    td.textContent = "–";
+  } else if (stored.has(parent)) {
+    const a = document.createElement("a");
+    a.href = "#checkpoint-v" + parent;
+    a.textContent = "v" + parent;
+    td.appendChild(a);
+  } else {
+    td.textContent = "v" + parent + " (pruned)";
+    td.classList.add("pruned");
+    td.title = "pruned: its files are deleted, it cannot be rolled back to";
   }
 }
 
