@@ -28,6 +28,7 @@ from llmos.store.audit import AuditEntry, AuditLog, AuditOutcome
 from llmos.store.checkpoints import CheckpointIndex, CheckpointRecord
 from llmos.store.db import Database
 from llmos.store.generations import Feedback, GenerationLog
+from llmos.store.lease import TrainerLease
 from llmos.store.preferences import PreferenceQueue
 from llmos.store.queue import NewSample, Sample, SampleQueue
 from llmos.store.reservoir import Reservoir
@@ -187,6 +188,7 @@ def trainer_config(settings: Settings, device: torch.device) -> TrainerConfig:
         replay_min=settings.replay.min_samples,
         max_per_source=max(1, int(t.batch_max_samples * t.max_source_fraction)),
         lease_s=t.lease_s,
+        trainer_lease_s=t.trainer_lease_s,
         yield_to_requests_s=t.yield_to_requests_s,
         threads_busy=threads.serving,
         threads_idle=threads.idle,
@@ -277,6 +279,7 @@ def build_trainer(
         factory,
         replay_pool(settings, db),
         anchor_pool(settings, db),
+        TrainerLease(db),
         PreferenceQueue(db),
     )
 
@@ -316,19 +319,16 @@ class Daemon:
         if settings.runtime.trainer == "process":
             # Built here too, unused: what it reads (eval.anchor_file) fails this start, not each child's.
             trainer_config(settings, self.factory.device)
-            self.trainer = TrainerProcess(settings, self.engine, self.queue)
+            self.trainer = TrainerProcess(settings, self.engine)
         else:
             self.trainer = build_trainer(settings, self.db, self.registry, self.factory, self.engine)
 
     def start(self, run_trainer: bool = True) -> None:
         """Recover, load the active version and start the trainer, thread or process (without it, a
-        caller such as a benchmark drives ``trainer.cycle()`` of the thread's Trainer itself)."""
-        requeued = self.queue.requeue_stale()  # a previous process died holding these
-        requeued_prefs = self.preferences.requeue_stale()
-        if requeued or requeued_prefs:
-            log.info(
-                "returned %d samples and %d preferences left in training to their queues", requeued, requeued_prefs
-            )
+        caller such as a benchmark drives ``trainer.cycle()`` of the thread's Trainer itself). What
+        a previous process left in training goes back to the queue when the trainer takes the
+        trainer lease (llmos/trainer/loop.py), not here: on a store shared with another trainer,
+        it may be that trainer's work in hand."""
         self._leave_corrupt_active()
         self.engine.sync()
         if run_trainer:

@@ -142,6 +142,12 @@ class TrainSettings(_Section):
     lease_s: float = Field(
         300.0, gt=0, description="A claimed sample whose lease is not renewed for this long returns to the queue."
     )
+    trainer_lease_s: float = Field(
+        30.0,
+        gt=0,
+        description="One trainer per store: a standby takes over once the trainer has not renewed its lease "
+        "for this long (at once from a dead process on the standby's machine).",
+    )
     block_size: int = Field(128, ge=8, description="Tokens per packed training block.")
     micro_batch: int = Field(8, ge=1, description="Blocks per optimizer step.")
     batch_tokens: int = Field(8192, ge=64, description="Most tokens (approximated by UTF-8 bytes) claimed per batch.")

@@ -216,17 +216,17 @@ def test_a_stop_while_a_dead_trainer_process_is_being_replaced_leaves_none_behin
     wait_for(lambda: daemon.trainer.alive, timeout=60)
     first = trainer_processes(os.getpid()) - before
     assert len(first) == 1, first
-    # The replacement starts with returning what the dead child held to the queue: hold it there
+    # The replacement starts with serving what the dead child may have promoted: hold it there
     # until stop() has begun.
     replacing = threading.Event()
-    requeue_stale = daemon.queue.requeue_stale
+    sync = daemon.engine.sync
 
-    def slow_requeue_stale() -> int:
+    def slow_sync() -> int:
         replacing.set()
         time.sleep(1.0)
-        return requeue_stale()
+        return sync()
 
-    daemon.queue.requeue_stale = slow_requeue_stale  # type: ignore[method-assign]
+    daemon.engine.sync = slow_sync  # type: ignore[method-assign]
     os.kill(first.pop(), signal.SIGKILL)
     assert replacing.wait(30)
     t0 = time.monotonic()

@@ -229,7 +229,7 @@ class RollbackOut(BaseModel):
 
 
 class TrainerOut(BaseModel):
-    state: Literal["idle", "training", "paused", "error"]
+    state: Literal["idle", "training", "paused", "error", "standby"]
     step: int
     queue_depth: int
     last_loss: float | None

@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file, save_model
 
 from llmos.store.checkpoints import CheckpointIndex, CheckpointRecord
+from llmos.store.lease import LeaseLost
 from llmos.store.tables import CheckpointStatus
 
 MODEL_FILE = "model.safetensors"
@@ -154,7 +155,10 @@ class Registry:
         parent: int,
         status: CheckpointStatus,
         metrics: dict[str, Any],
+        fence: int | None = None,
     ) -> CheckpointRecord:
+        """Write a version and record it; a trainer's (``fence``: its lease's token) only while it
+        holds the trainer lease (LeaseLost otherwise: the files go again, nothing names them)."""
         with self._lock:
             on_disk = [int(m.group(1)) for c in self.root.iterdir() if (m := _DIR_RE.match(c.name))]
             version = max([self.index.max_version() or 0, *on_disk]) + 1
@@ -201,21 +205,28 @@ class Registry:
                 samples_seen=snapshot.samples_seen,
                 metrics=metrics,
             )
-            self.index.add(rec)
+            try:
+                self.index.add(rec, fence)
+            except LeaseLost:
+                shutil.rmtree(final, ignore_errors=True)
+                raise
             return self.index.get(version) or rec
 
-    def record_refused(self, parent: int, step: int, samples_seen: int, metrics: dict[str, Any]) -> CheckpointRecord:
+    def record_refused(
+        self, parent: int, step: int, samples_seen: int, metrics: dict[str, Any], fence: int | None = None
+    ) -> CheckpointRecord:
         """A version the gate refused: a row in the index with its metrics, and no files."""
         with self._lock:
             on_disk = [int(m.group(1)) for c in self.root.iterdir() if (m := _DIR_RE.match(c.name))]
             version = max([self.index.max_version() or 0, *on_disk]) + 1
             rec = CheckpointRecord(version, parent, CheckpointStatus.rejected, "", step, samples_seen, metrics)
-            self.index.add(rec)
+            self.index.add(rec, fence)
             return self.index.get(version) or rec
 
-    def promote(self, version: int, expected_active: int) -> bool:
-        """Make a candidate the active version, unless the active version moved meanwhile."""
-        return self.index.activate(version, expected=expected_active, promote=True)
+    def promote(self, version: int, expected_active: int, fence: int | None = None) -> bool:
+        """Make a candidate the active version, unless the active version moved meanwhile, or (for
+        a trainer: ``fence``, its lease's token) the trainer no longer holds the trainer lease."""
+        return self.index.activate(version, expected=expected_active, promote=True, fence=fence)
 
     def reject(self, version: int) -> None:
         self.index.set_status(version, CheckpointStatus.rejected)

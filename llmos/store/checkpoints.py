@@ -1,5 +1,6 @@
 """The checkpoint index: one row per version, and the active version, shared by every process
-on this store. Only the registry (llmos.registry) calls this; it owns the files the rows name."""
+on this store. Only the registry (llmos.registry) calls this; it owns the files the rows name.
+A trainer's writes here carry its lease's token (``fence``, llmos/store/lease.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 
 from llmos.store.db import Database
+from llmos.store.lease import LeaseLost, require_lease
 from llmos.store.tables import CheckpointRow, CheckpointStatus, MetaRow, utcnow
 
 ACTIVE_KEY = "active_version"
@@ -46,8 +48,12 @@ class CheckpointIndex:
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    def add(self, rec: CheckpointRecord) -> None:
+    def add(self, rec: CheckpointRecord, fence: int | None = None) -> None:
+        """Record a version; a trainer's (``fence``, its lease's token) only while it holds the
+        trainer lease (LeaseLost otherwise, nothing recorded)."""
         with self._db.write() as s:
+            if fence is not None:
+                require_lease(s, fence)
             s.add(
                 CheckpointRow(
                     version=rec.version,
@@ -120,11 +126,22 @@ class CheckpointIndex:
             row = s.get(MetaRow, ACTIVE_KEY)
             return int(row.value) if row else None
 
-    def activate(self, version: int, expected: int | None = None, promote: bool = False) -> bool:
+    def activate(
+        self, version: int, expected: int | None = None, promote: bool = False, fence: int | None = None
+    ) -> bool:
         """Make ``version`` active. With ``expected``, only if the active version is still that one
-        (compare-and-set: a rollback in between wins over a trainer's promotion). Returns whether
-        it happened; never for a version that is not stored (or pruned)."""
+        (compare-and-set: a rollback in between wins over a trainer's promotion). With ``fence`` (a
+        trainer's lease token), only if that trainer still holds the trainer lease: one paused past
+        its lease and resumed promotes nothing. Returns whether it happened; never for a version
+        that is not stored (or pruned)."""
         with self._db.write() as s:
+            # The lease row first, then the active row: every writer that takes both takes them in
+            # this order (PostgreSQL), and a takeover cannot land between the check and the set.
+            if fence is not None:
+                try:
+                    require_lease(s, fence)
+                except LeaseLost:
+                    return False
             # FOR UPDATE: on PostgreSQL a plain read would let a promotion check a value that a
             # rollback is about to replace, then overwrite it. (SQLite's BEGIN IMMEDIATE serialises.)
             row = s.get(MetaRow, ACTIVE_KEY, with_for_update=True)

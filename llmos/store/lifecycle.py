@@ -2,7 +2,11 @@
 (samples, preferences): queued -> training (under a lease) -> trained, or held out, or rejected,
 or back to queued. The sample and preference queues are this plus what is their own (enqueue and
 claim), so the two cannot drift apart. Each move of samples also moves their counts
-(llmos/store/counts.py), in the same transaction."""
+(llmos/store/counts.py), in the same transaction.
+
+A trainer passes its lease's token with each move (``fence``): the move is refused (LeaseLost,
+nothing written) once another trainer holds the store (llmos/store/lease.py). ``fence=None``: a
+move that is not a trainer's (an admin's rollback)."""
 
 from __future__ import annotations
 
@@ -16,9 +20,16 @@ from sqlalchemy.orm import Session
 
 from llmos.store.counts import Key, add_counts, count_key, moves
 from llmos.store.db import Database
+from llmos.store.lease import require_lease
 from llmos.store.tables import PreferenceRow, SampleRow, SampleStatus, utcnow
 
 CHUNK = 500  # ids per IN (...) clause
+
+
+def fenced(s: Session, fence: int | None) -> None:
+    """A trainer's write: refused (LeaseLost) unless ``fence`` is still the trainer lease's token."""
+    if fence is not None:
+        require_lease(s, fence)
 
 
 class Lifecycle:
@@ -27,28 +38,34 @@ class Lifecycle:
         self._row = row
         self._counted = row is SampleRow  # the counts are of samples only
 
-    def ack(self, ids: Iterable[str], version: int) -> None:
+    def ack(self, ids: Iterable[str], version: int, fence: int | None = None) -> None:
         """These rows are in ``version``: trained."""
-        self.move(ids, SampleStatus.trained, trained_in_version=version, reason=None)
+        self.move(ids, SampleStatus.trained, fence=fence, trained_in_version=version, reason=None)
 
-    def mark_heldout(self, ids: Iterable[str]) -> None:
-        self.move(ids, SampleStatus.heldout)
+    def mark_heldout(self, ids: Iterable[str], fence: int | None = None) -> None:
+        self.move(ids, SampleStatus.heldout, fence=fence)
 
-    def release(self, ids: Iterable[str]) -> None:
+    def release(self, ids: Iterable[str], fence: int | None = None) -> None:
         """Give claimed rows back to the queue untouched (work abandoned)."""
-        self.move(ids, SampleStatus.queued, only_from=SampleStatus.training)
+        self.move(ids, SampleStatus.queued, only_from=SampleStatus.training, fence=fence)
 
-    def requeue(self, ids: Iterable[str]) -> None:
+    def requeue(self, ids: Iterable[str], fence: int | None = None) -> None:
         """Put rows back in the queue to be trained again (their version was not served)."""
-        self.move(ids, SampleStatus.queued, trained_in_version=None)
+        self.move(ids, SampleStatus.queued, fence=fence, trained_in_version=None)
 
     def move(
-        self, ids: Iterable[str], status: SampleStatus, only_from: SampleStatus | None = None, **values: object
+        self,
+        ids: Iterable[str],
+        status: SampleStatus,
+        only_from: SampleStatus | None = None,
+        fence: int | None = None,
+        **values: object,
     ) -> None:
         """Move rows to ``status`` (their lease ends); ``only_from``: only those in that status."""
         row, id_list = self._row, sorted(set(ids))
         reason = cast(str | None, values.get("reason"))  # what they are counted by, if it changes
         with self._db.write() as s:
+            fenced(s, fence)
             changes: Counter[Key] = Counter()
             for start in range(0, len(id_list), CHUNK):
                 was = self._lock(s, id_list[start : start + CHUNK], only_from)
@@ -64,10 +81,11 @@ class Lifecycle:
                     changes[count_key(status.value, reason if "reason" in values else r.reason)] += 1
             self._count(s, changes)
 
-    def reject(self, reasons: Mapping[str, str]) -> None:
+    def reject(self, reasons: Mapping[str, str], fence: int | None = None) -> None:
         """Reject each row with its own reason."""
         row, id_list = self._row, sorted(reasons)
         with self._db.write() as s:
+            fenced(s, fence)
             changes: Counter[Key] = Counter()
             for start in range(0, len(id_list), CHUNK):
                 for r in self._lock(s, id_list[start : start + CHUNK]):
@@ -81,10 +99,11 @@ class Lifecycle:
                     changes[count_key(SampleStatus.rejected.value, why)] += 1
             self._count(s, changes)
 
-    def renew(self, ids: Iterable[str]) -> None:
+    def renew(self, ids: Iterable[str], fence: int | None = None) -> None:
         """Extend the lease on rows still in training."""
         row, id_list = self._row, list(ids)
         with self._db.write() as s:
+            fenced(s, fence)
             for start in range(0, len(id_list), CHUNK):
                 s.execute(
                     update(row)
@@ -93,10 +112,11 @@ class Lifecycle:
                     .values(claimed_at=utcnow())
                 )
 
-    def requeue_expired(self, lease_s: float) -> int:
+    def requeue_expired(self, lease_s: float, fence: int | None = None) -> int:
         """Rows whose lease ran out (their trainer died or hung) go back to the queue."""
         row, cutoff = self._row, utcnow() - timedelta(seconds=lease_s)
         with self._db.write() as s:
+            fenced(s, fence)
             res = s.execute(
                 update(row)
                 .where(row.status == SampleStatus.training.value)
@@ -107,10 +127,12 @@ class Lifecycle:
             self._count(s, moves(SampleStatus.training, SampleStatus.queued, n))
             return n
 
-    def requeue_stale(self) -> int:
-        """Every row left in training goes back to the queue (at start, after a crash)."""
+    def requeue_stale(self, fence: int | None = None) -> int:
+        """Every row left in training goes back to the queue: what an earlier trainer held, when
+        the next one takes the trainer lease (after a crash, a restart, or a takeover)."""
         row = self._row
         with self._db.write() as s:
+            fenced(s, fence)
             res = s.execute(
                 update(row)
                 .where(row.status == SampleStatus.training.value)

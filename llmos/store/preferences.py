@@ -11,7 +11,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.sql import Select
 
 from llmos.store.db import Database
-from llmos.store.lifecycle import Lifecycle
+from llmos.store.lifecycle import Lifecycle, fenced
 from llmos.store.tables import PreferenceRow, SampleStatus, utcnow
 
 
@@ -79,9 +79,11 @@ class PreferenceQueue(Lifecycle):
                 q = q.where(PreferenceRow.chosen.is_not(None), PreferenceRow.rejected.is_not(None))
             return s.scalar(q) or 0
 
-    def claim(self, limit: int, pairs_only: bool) -> list[Preference]:
-        """Move the oldest queued rows (pairs only, if asked) to ``training`` under a lease."""
+    def claim(self, limit: int, pairs_only: bool, fence: int | None = None) -> list[Preference]:
+        """Move the oldest queued rows (pairs only, if asked) to ``training`` under a lease
+        (``fence``: the trainer lease's token, as for samples)."""
         with self._db.write() as s:
+            fenced(s, fence)
             q = _of_kind(select(PreferenceRow), pairs_only)
             q = q.where(PreferenceRow.status == SampleStatus.queued.value).order_by(PreferenceRow.seq).limit(limit)
             if not self._db.is_sqlite:

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from llmos.store.counts import SampleCounts, add_counts, count_key, moves, read_counts
 from llmos.store.db import Database
-from llmos.store.lifecycle import Lifecycle
+from llmos.store.lifecycle import Lifecycle, fenced
 from llmos.store.tables import SampleRow, SampleStatus, utcnow
 from llmos.text import text_hash
 
@@ -266,11 +266,14 @@ class SampleQueue(Lifecycle):
             self._recent_depth = recent
         return recent[1]
 
-    def claim_batch(self, max_samples: int, max_bytes: int, max_per_source: int | None = None) -> list[Sample]:
+    def claim_batch(
+        self, max_samples: int, max_bytes: int, max_per_source: int | None = None, fence: int | None = None
+    ) -> list[Sample]:
         """Move the oldest queued samples to ``training`` under a lease: at most max_samples, no
         more than max_bytes of UTF-8 text in all (the first sample is always taken, so nothing
         starves), and at most max_per_source from any one source (a flood from one sender cannot
-        fill a batch; its surplus waits in the queue)."""
+        fill a batch; its surplus waits in the queue). ``fence``: the trainer lease's token (a
+        trainer that lost the lease claims nothing: LeaseLost)."""
         cols = (
             SampleRow.id,
             SampleRow.seq,
@@ -285,6 +288,7 @@ class SampleQueue(Lifecycle):
             SampleRow.prompt_chars,
         )
         with self._db.write() as s:
+            fenced(s, fence)
             scan = max_samples if max_per_source is None else max_samples * 4
             q = select(*cols).where(SampleRow.status == SampleStatus.queued.value).order_by(SampleRow.seq).limit(scan)
             if not self._db.is_sqlite:
@@ -333,12 +337,13 @@ class SampleQueue(Lifecycle):
                 found.update(h for (h,) in rows if h is not None)
         return found
 
-    def requeue_heldout(self, hashes: Iterable[str]) -> int:
+    def requeue_heldout(self, hashes: Iterable[str], fence: int | None = None) -> int:
         """Held-out copies of these texts go back to the queue, to train: their text is trained now,
         so it no longer measures anything unseen."""
         wanted = sorted(set(hashes))
         n = 0
         with self._db.write() as s:
+            fenced(s, fence)
             for start in range(0, len(wanted), 500):
                 res = s.execute(
                     update(SampleRow)

@@ -180,3 +180,16 @@ class AuditRow(Base):
     outcome: Mapped[str] = mapped_column(String(16), nullable=False)
     status_code: Mapped[int] = mapped_column(Integer, nullable=False)
     detail: Mapped[str | None] = mapped_column(Text)
+
+
+class TrainerLeaseRow(Base):
+    """Which trainer may train on this store (llmos/store/lease.py): one row, made by the migration.
+    ``token`` grows by one each time the lease changes hands; the trainer's writes carry it, and
+    the store refuses one whose token is no longer this row's."""
+
+    __tablename__ = "trainer_lease"
+
+    name: Mapped[str] = mapped_column(String(16), primary_key=True)
+    holder: Mapped[str | None] = mapped_column(String(200))  # None: free
+    token: Mapped[int] = mapped_column(Integer, nullable=False)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())  # by the database's clock

@@ -34,11 +34,19 @@ def checkpoint(
     registry: Registry,
     extra: dict[str, Any],
     write_weights: Callable[[torch.nn.Module, Path], None] | None = None,
+    fence: int | None = None,
 ) -> CheckpointRecord:
+    """Record the candidate; ``fence``, the trainer lease's token: a trainer that lost the lease
+    records nothing (LeaseLost)."""
     metrics = _finite({**report.metrics(), "train_loss": state.last_loss, "gate": report.reason, **extra})
     if not report.promote:
-        return registry.record_refused(state.base_version, state.step, state.samples_seen, metrics)
+        return registry.record_refused(state.base_version, state.step, state.samples_seen, metrics, fence)
     weights = state.model if write_weights is None else partial(write_weights, state.model)
     return registry.publish(
-        weights, state.snapshot(), parent=state.base_version, status=CheckpointStatus.candidate, metrics=metrics
+        weights,
+        state.snapshot(),
+        parent=state.base_version,
+        status=CheckpointStatus.candidate,
+        metrics=metrics,
+        fence=fence,
     )

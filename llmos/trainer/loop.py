@@ -6,6 +6,11 @@ Samples claimed since the last checkpoint are "pending": they stay in ``training
 checkpoint settles them (trained in that version, or rejected by the gate). Whenever the trainer
 stops, is reset by a rollback or fails, pending samples go back to the queue and the training
 state is reloaded from the active version, so serving and training never drift apart.
+
+One trainer per store: the trainer trains only while it holds the store's trainer lease
+(llmos/trainer/leader.py); another waits as a standby. Every write it makes carries the lease's
+token, so one that lost the lease (paused past it, say) claims, checkpoints and promotes nothing;
+it drops its work in hand, which its successor returned to the queue, and waits as a standby.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from llmos.memory import trim
 from llmos.model.loader import ModelFactory
 from llmos.registry.registry import Registry
 from llmos.serving.engine import Loaded
+from llmos.store.lease import LeaseLost, TrainerLease
 from llmos.store.preferences import Preference, PreferenceQueue
 from llmos.store.queue import Sample, SampleQueue
 from llmos.store.reservoir import Reservoir
@@ -35,6 +41,7 @@ from llmos.text import text_hash
 from llmos.trainer.checkpoint import checkpoint
 from llmos.trainer.collapse import ProbeReport, probes
 from llmos.trainer.evaluate import EarlyStop, EvalConfig, EvalReport, EvalSets, Known, evaluate
+from llmos.trainer.leader import Leader
 from llmos.trainer.optimize import Penalty, PreferenceConfig, optimize, optimize_preferences
 from llmos.trainer.preference import PreferenceSet, preference_accuracy, preference_set, reference
 from llmos.trainer.preprocess import (
@@ -75,6 +82,7 @@ class TrainerPhase(enum.StrEnum):
     training = "training"
     paused = "paused"
     error = "error"
+    standby = "standby"  # another trainer holds this store's trainer lease
 
 
 @dataclass(frozen=True)
@@ -99,6 +107,7 @@ class TrainerConfig:
     replay_min: int = 0  # at least this many replayed samples per batch (when replay is on)
     max_per_source: int | None = None  # most samples one source may fill in a batch
     lease_s: float = 300.0  # claims not renewed for this long go back to the queue
+    trainer_lease_s: float = 30.0  # the trainer lease, not renewed for this long, passes to a standby
     yield_to_requests_s: float = 0.0  # longest wait between steps while generations run (0 = none)
     threads_busy: int = 0  # torch threads for steps while generations come (0: leave them be)
     threads_idle: int = 0  # ...and once none came for threads_quiet_s (see llmos/threads.py)
@@ -144,6 +153,7 @@ class Trainer:
         factory: ModelFactory,
         replay_pool: Reservoir,
         anchor_pool: Reservoir,
+        lease: TrainerLease,
         preferences: PreferenceQueue | None = None,
     ) -> None:
         self.cfg = cfg
@@ -155,6 +165,8 @@ class Trainer:
         self.anchor_pool = anchor_pool  # held-out samples, the retention measure
         self._base_pool = BasePool(cfg.rehearsal) if cfg.rehearsal is not None else None  # what the base knew
         self.preferences = preferences if cfg.preference is not None else None
+        self._preference_rows = preferences  # trained or not: a new term returns those left in training
+        self._leader = Leader(lease, cfg.trainer_lease_s)
         self.device = factory.device
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -214,6 +226,8 @@ class Trainer:
         self._arrived.set()  # ends a fill wait
         if self._thread is not None:
             self._thread.join(timeout)
+        else:  # driven by cycle(): what it claimed goes back when the next trainer takes the lease
+            self._leader.release()
 
     def wake(self) -> None:
         """New data arrived: look at the queue now instead of at the next poll."""
@@ -267,15 +281,20 @@ class Trainer:
                 log.warning("could not lower the trainer's CPU priority: %s", exc)
         while not self._stop.is_set():
             try:
+                if not self._lead():  # a standby: another trainer has the store
+                    self._stop.wait(min(1.0, self.cfg.trainer_lease_s / 3))
+                    continue
                 self._step_boundary()
                 worked = self.cycle()
-                self._phase = TrainerPhase.idle
+                self._phase = TrainerPhase.idle if self._leader.held else TrainerPhase.standby
                 self._last_error = None
                 if worked:
                     trim()  # a cycle's tensors are gone: give their pages back (llmos/memory.py)
                 if not worked:
                     self._wake.wait(self.cfg.poll_interval_s)
                     self._wake.clear()
+            except LeaseLost:  # (from a step boundary; cycle() stands down itself)
+                self._stand_down()
             except _Interrupted:
                 if self._stop.is_set():
                     break
@@ -287,9 +306,21 @@ class Trainer:
                 if self._recover():  # (a failed go-back has waited already)
                     self._stop.wait(self.cfg.error_backoff_s)
         self._release()
+        self._leader.release()  # a standby takes over now, not once the lease runs out
 
     def cycle(self) -> bool:
-        """One unit of work. Returns False when there was nothing to do."""
+        """One unit of work. Returns False when there was nothing to do, or when another trainer
+        holds the store (a standby does nothing)."""
+        try:
+            if not self._lead():
+                return False
+            return self._cycle()
+        except LeaseLost:
+            self._stand_down()
+            return True
+
+    def _cycle(self) -> bool:
+        fence = self._leader.token
         samples, prefs = self._claim()
         if not samples and not prefs:
             self._renew_lease()  # idle: work pending a later evaluation keeps its lease
@@ -304,14 +335,14 @@ class Trainer:
         pre = preprocess(
             samples, self.factory.tokenizer, self.cfg.preprocess, replay, repeated
         )  # 1. clean, hold out, pack
-        self.queue.mark_heldout(pre.heldout)
+        self.queue.mark_heldout(pre.heldout, fence)
         self._pending_heldout += pre.heldout  # joins the anchor set once its batch is accepted
-        self.queue.reject(pre.rejected)
+        self.queue.reject(pre.rejected, fence)
         if pre.rescued:  # their text trains now: earlier held-out copies of it train too
-            self.queue.requeue_heldout(pre.rescued)
+            self.queue.requeue_heldout(pre.rescued, fence)
         pp = preprocess_preferences(prefs, self.factory.tokenizer, self.cfg.preprocess, self.factory.context_length)
         if self.preferences is not None:
-            self.preferences.mark_heldout(pp.heldout)
+            self.preferences.mark_heldout(pp.heldout, fence)
         self._pending_pref_heldout += pp.heldout
         self._claimed = list(pre.batch.sample_ids)
         self._claimed_prefs = list(pp.prefs.ids) if pp.prefs is not None else []
@@ -323,9 +354,9 @@ class Trainer:
             pre.batch, new, replay, pp.prefs
         )  # 2. optimizer steps, passes over the batch (test, then train)
         if skipped is not None:
-            self.queue.reject({sid: f"optimizer: {skipped}" for sid in self._claimed})
+            self.queue.reject({sid: f"optimizer: {skipped}" for sid in self._claimed}, fence)
             if self.preferences is not None:
-                self.preferences.reject({pid: f"optimizer: {skipped}" for pid in self._claimed_prefs})
+                self.preferences.reject({pid: f"optimizer: {skipped}" for pid in self._claimed_prefs}, fence)
             self._claimed, self._claimed_prefs = [], []
             self._go_back()
             return True
@@ -339,7 +370,7 @@ class Trainer:
         return True
 
     def _settle(self) -> None:
-        state = self._require_state()
+        state, fence = self._require_state(), self._leader.token
         report = self._evaluate(state)  # 3. what it learned, held-out, anchors, preferences, probes
         self._last_eval = report
         extra = {
@@ -349,7 +380,7 @@ class Trainer:
             "passes": self._passes_since_eval,
             "prequential_loss": state.prequential_loss,
         }
-        record = checkpoint(state, report, self.registry, extra, self.factory.save_weights)  # 4. durable
+        record = checkpoint(state, report, self.registry, extra, self.factory.save_weights, fence)  # 4. durable
         prefs = self.preferences
         if not report.promote:
             log.info("version %d rejected: %s", record.version, report.reason)
@@ -357,16 +388,13 @@ class Trainer:
             # The refused batch's held-out part goes too: it must not become part of what later
             # versions are measured against.
             why = f"gate: {report.reason}"
-            self.queue.reject({sid: why for sid in self._pending + self._pending_heldout})
+            self.queue.reject({sid: why for sid in self._pending + self._pending_heldout}, fence)
             if prefs is not None:
-                prefs.reject({pid: why for pid in self._pending_prefs + self._pending_pref_heldout})
+                prefs.reject({pid: why for pid in self._pending_prefs + self._pending_pref_heldout}, fence)
             self._clear_pending()
             self._go_back()
         else:
-            self.queue.ack(self._pending, record.version)
-            if prefs is not None:
-                prefs.ack(self._pending_prefs, record.version)
-            if swap(record, self.registry, self.serving):  # 5. promote, serving follows
+            if swap(record, self.registry, self.serving, fence, self._ack):  # 5. promote, trained, serving follows
                 log.info("version %d promoted: %s", record.version, report.reason)
                 self._promotions += 1
                 state.base_version = record.version
@@ -381,16 +409,23 @@ class Trainer:
                 if report.probe is not None:
                     self._known_probe = (record.version, report.probe)
             else:
+                self._leader.keep(force=True)  # refused for a lost lease? (then this raises LeaseLost)
                 log.info("version %d not promoted: the active version changed (rollback)", record.version)
-                self.queue.requeue(self._pending)
+                self.queue.requeue(self._pending, fence)
                 if prefs is not None:
-                    prefs.requeue(self._pending_prefs)
+                    prefs.requeue(self._pending_prefs, fence)
                 self.anchor_pool.offer(self._pending_heldout)
                 self._clear_pending()
                 self._go_back()
         self._steps_since_eval = self._passes_since_eval = 0
         self._last_eval_t = time.monotonic()
         self.registry.prune()
+
+    def _ack(self, version: int) -> None:
+        """What ``version`` (promoted) holds is trained."""
+        self.queue.ack(self._pending, version, self._leader.token)
+        if self.preferences is not None:
+            self.preferences.ack(self._pending_prefs, version, self._leader.token)
 
     def _clear_pending(self) -> None:
         self._pending, self._pending_heldout, self._taught = [], [], {}
@@ -405,11 +440,13 @@ class Trainer:
         self._step_boundary()  # nothing claimed yet: stop or reset leave nothing to give back
         # Our own pending work may have waited longer than a lease: it must not look expired below.
         self._renew_lease(force=True)
-        self.queue.requeue_expired(self.cfg.lease_s)  # claims of a trainer that died or hung
+        fence = self._leader.token  # each write below is refused if another trainer took the store since
+        self.queue.requeue_expired(self.cfg.lease_s, fence)  # claims of a trainer that died or hung
         if prefs is not None:
-            prefs.requeue_expired(self.cfg.lease_s)
-        samples = self.queue.claim_batch(self.cfg.batch_max_samples, self.cfg.batch_tokens, self.cfg.max_per_source)
-        claimed = prefs.claim(self.cfg.preference_batch, pairs_only) if prefs is not None else []
+            prefs.requeue_expired(self.cfg.lease_s, fence)
+        cfg = self.cfg
+        samples = self.queue.claim_batch(cfg.batch_max_samples, cfg.batch_tokens, cfg.max_per_source, fence)
+        claimed = prefs.claim(cfg.preference_batch, pairs_only, fence) if prefs is not None else []
         return samples, claimed
 
     def _pairs_only(self) -> bool:
@@ -593,16 +630,20 @@ class Trainer:
             torch.set_num_threads(self.cfg.threads_idle if quiet else self.cfg.threads_busy)
 
     def _renew_lease(self, force: bool = False) -> None:
-        """Extend the lease on the samples and preferences in hand and pending an evaluation, every
-        third of a lease (at once if ``force``): the trainer holds them as long as it lives, idle
-        or paused in between; once it dies or hangs, the lease runs out and they go back."""
+        """Keep the trainer lease, every third of it (LeaseLost once another trainer took it), and
+        extend the lease on the samples and preferences in hand and pending an evaluation, every
+        third of their lease (at once if ``force``): the trainer holds them as long as it lives,
+        idle or paused in between; once it dies or hangs, the leases run out, and a standby takes
+        over or they go back to the queue."""
+        self._leader.keep()
         if not force and time.monotonic() - self._last_renew <= self.cfg.lease_s / 3:
             return
         self._last_renew = time.monotonic()
+        fence = self._leader.token
         if self._claimed or self._pending:
-            self.queue.renew(self._claimed + self._pending)
+            self.queue.renew(self._claimed + self._pending, fence)
         if self.preferences is not None and (self._claimed_prefs or self._pending_prefs):
-            self.preferences.renew(self._claimed_prefs + self._pending_prefs)
+            self.preferences.renew(self._claimed_prefs + self._pending_prefs, fence)
 
     def _eval_set(
         self, name: str, samples: list[Sample], extra_texts: tuple[str, ...] = ()
@@ -736,11 +777,20 @@ class Trainer:
         return self._state
 
     def _release(self) -> None:
-        """Give every sample and preference in hand back to their queues."""
-        if self._claimed or self._pending:
-            self.queue.release(self._claimed + self._pending)
-        if self.preferences is not None and (self._claimed_prefs or self._pending_prefs):
-            self.preferences.release(self._claimed_prefs + self._pending_prefs)
+        """Give every sample and preference in hand back to their queues (once the lease is lost,
+        its next holder did)."""
+        fence = self._leader.token
+        try:
+            if self._leader.held and (self._claimed or self._pending):
+                self.queue.release(self._claimed + self._pending, fence)
+            if self._leader.held and self.preferences is not None and (self._claimed_prefs or self._pending_prefs):
+                self.preferences.release(self._claimed_prefs + self._pending_prefs, fence)
+        except LeaseLost:
+            self._leader.lost()
+        self._drop_work()
+
+    def _drop_work(self) -> None:
+        """Forget the work in hand (it is in the store's hands: given back, or taken over)."""
         self._claimed, self._pending, self._taught = [], [], {}
         self._claimed_prefs, self._pending_prefs = [], []
         self._steps_since_eval = self._passes_since_eval = 0
@@ -759,6 +809,42 @@ class Trainer:
             self._stop.wait(self.cfg.error_backoff_s)
             self._reset.set()  # the next step boundary goes back again
             return False
+
+    def _lead(self) -> bool:
+        """Whether this trainer holds the store's trainer lease, taking it if it can. Taking it
+        starts a term: what an earlier holder left in training goes back to the queue (its
+        claims end with its term), and training continues from the active version, which another
+        trainer may have moved meanwhile."""
+        if self._leader.held:
+            return True
+        if not self._leader.acquire():
+            self._phase = TrainerPhase.standby
+            return False
+        self._drop_work()  # an earlier term's, if any: given back just below
+        self._clear_pending()
+        fence = self._leader.token
+        n = self.queue.requeue_stale(fence)
+        n_prefs = self._preference_rows.requeue_stale(fence) if self._preference_rows is not None else 0
+        if n or n_prefs:
+            log.info("returned %d samples and %d preferences left in training to their queues", n, n_prefs)
+        state = self._state
+        if state is None or state.base_version != self.registry.active_version():
+            self._go_back()
+        self._phase = TrainerPhase.idle
+        return True
+
+    def _stand_down(self) -> None:
+        """The lease is another trainer's (it took over while this one was paused past the lease,
+        or cut off from the store): drop the work in hand without a write, since the store refuses
+        them and the next holder gave it back to the queue, and wait as a standby."""
+        log.warning(
+            "lost the trainer lease (token %d): dropping the work in hand, waiting as a standby", self._leader.token
+        )
+        self._leader.lost()
+        self._drop_work()
+        self._clear_pending()
+        self._state, self._penalty = None, None  # trained past the active version: the next term reloads
+        self._phase = TrainerPhase.standby
 
     def _go_back(self) -> None:
         """Drop work in hand and continue from the active version's weights and optimizer state."""

@@ -10,12 +10,12 @@ shared, as another replica would share them; two pipes carry the rest:
     events   trainer -> API: "promoted": the API process syncs its engine, then answers, so that
              stage 5 returns once serving follows, as it does in one process
 
-The API process supervises the child: when it dies, what it held goes back to the queue and a new
-one starts after ``train.error_backoff_s``. A child whose API process is gone (its control pipe
-closes) stops. The child never waits for the API process's generations (train.yield_to_requests_s
-is for a trainer thread, which shares their interpreter lock); it reads how many are in flight,
-and when the last one ended, from shared memory, for the opt-in idle thread budget
-(runtime.torch_threads_idle).
+The API process supervises the child: when it dies, a new one starts after ``train.error_backoff_s``,
+takes the dead one's trainer lease at once (llmos/trainer/leader.py) and returns what it held to
+the queue. A child whose API process is gone (its control pipe closes) stops. The child never
+waits for the API process's generations (train.yield_to_requests_s is for a trainer thread, which
+shares their interpreter lock); it reads how many are in flight, and when the last one ended, from
+shared memory, for the opt-in idle thread budget (runtime.torch_threads_idle).
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ if TYPE_CHECKING:
     from llmos.registry.registry import Registry
     from llmos.serving.engine import ServingEngine
     from llmos.settings import Settings
-    from llmos.store.queue import SampleQueue
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +57,9 @@ class TrainerProcess:
     """The API process's handle on the trainer process: the Trainer's control surface (start,
     stop, wake, pause, resume, request_reset, status, alive) over the pipes."""
 
-    def __init__(self, settings: Settings, engine: ServingEngine, queue: SampleQueue) -> None:
+    def __init__(self, settings: Settings, engine: ServingEngine) -> None:
         self._settings = settings
         self._engine = engine
-        self._queue = queue
         self._backoff_s = settings.train.error_backoff_s
         self._ctx = launch.context()  # forked from the fork server: imported once, no threads yet
         self._proc: multiprocessing.process.BaseProcess | None = None
@@ -230,9 +228,6 @@ class TrainerProcess:
 
     def _respawn(self) -> None:
         try:
-            n = self._queue.requeue_stale()  # what the dead child held goes back to the queue
-            if n:
-                log.info("returned %d samples the trainer process held to the queue", n)
             self._engine.sync()  # a promotion it made but could not announce
             self._spawn()
         except Exception:  # the store is down, say: try again after the back-off
