@@ -15,6 +15,7 @@ from llmos.daemon import Daemon
 def test_a_full_collection_after_start_does_not_walk_the_startup_objects(tmp_path: Path) -> None:
     daemon = Daemon(make_settings(tmp_path / "data"))
     gc.unfreeze()  # whatever an earlier test froze: this test's start must do it
+    gc.collect()  # and what earlier tests left as garbage is not what start holds
     try:
         held = len(gc.get_objects())
         daemon.start(run_trainer=False)

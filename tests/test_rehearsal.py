@@ -91,9 +91,10 @@ def test_base_rehearsal_keeps_what_a_pretrained_base_knew(tmp_path: Path, pretra
         kept[mode] = sum(a for b, a in zip(before, after, strict=True) if b) / sum(before)
     print("share of the base's right answers kept:", kept)
     # Without rehearsal the batch of facts takes what the base knew (none of it, here); with it,
-    # most stays.
-    assert kept["off"] <= 0.5, kept
-    assert kept["auto"] >= 0.8, kept
+    # most stays (0.79 to 0.88 of it, by the torch threads the run had: the pretraining's sums
+    # differ in their last bits).
+    assert kept["off"] <= 0.25, kept
+    assert kept["auto"] >= 0.7, kept
 
 
 def test_the_pool_is_sampled_once_from_the_base_and_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
