@@ -14,6 +14,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from common import commit
+
 GOALS = {
     "1": ("≥ 0.95", lambda r: r >= 0.95),
     "2": ("≥ 10×", lambda r: r >= 10),
@@ -318,6 +320,7 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--command", default="python bench/speed.py; python bench/scaling.py; python bench/report.py")
     parser.add_argument("--device", default="cpu", help="cpu: RESULTS.md; cuda: RESULTS-cuda.md from the cuda runs")
+    parser.add_argument("--commit", help="the commit the runs measured (default: this checkout's)")
     args = parser.parse_args()
     d = args.results
 
@@ -337,7 +340,8 @@ def main() -> None:
     lines = [
         "# Speed: llmos against references measured side by side",
         "",
-        f"Written {datetime.now(UTC):%Y-%m-%d %H:%M} UTC by `{args.command}`.",
+        f"Written {datetime.now(UTC):%Y-%m-%d %H:%M} UTC by `{args.command}`, measured at commit "
+        f"{args.commit or commit()}.",
         f"Machine: {machine_line(ref['machine'])}.",
     ]
     if speed:
