@@ -1,6 +1,8 @@
 """The HTTP roles' parts: build them once from the settings (with the constructors of
 llmos/wiring.py), start and stop them, and offer the service functions that the HTTP routes call
-(one each). Nothing below this module reads settings."""
+(one each). Two roles: "all" (llmos serve: the API and its trainer, in a process of its own or a
+thread) and "api" (serve --role api: a replica with no trainer, following the store's active
+version; the trainer runs alone, llmos train). Nothing below this module reads settings."""
 
 from __future__ import annotations
 
@@ -13,13 +15,14 @@ import uuid
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from llmos.memory import freeze_startup_objects
 from llmos.registry.registry import CorruptCheckpoint
 from llmos.serving.engine import ServingEngine
+from llmos.serving.follow import Follower
 from llmos.serving.text import TextStream
 from llmos.serving.types import Completion, SamplingParams
 from llmos.settings import Settings
@@ -27,8 +30,10 @@ from llmos.store.audit import AuditEntry, AuditLog, AuditOutcome
 from llmos.store.checkpoints import CheckpointRecord
 from llmos.store.db import Database
 from llmos.store.generations import Feedback, GenerationLog
+from llmos.store.lease import TrainerLease
 from llmos.store.preferences import PreferenceQueue
 from llmos.store.queue import NewSample, Sample, SampleQueue
+from llmos.trainer.elsewhere import RemoteTrainer
 from llmos.trainer.loop import Trainer, TrainerStatus
 from llmos.trainer.preprocess import FEEDBACK_SOURCE_PREFIX
 from llmos.trainer.process import TrainerProcess
@@ -102,11 +107,15 @@ def admin_token(settings: Settings) -> tuple[str, Path | None]:
     return token, path
 
 
+Role = Literal["all", "api"]
+
+
 class Daemon:
     """Owns the parts of one llmos process (the API process, when the trainer runs in its own)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, role: Role = "all") -> None:
         self.settings = settings
+        self.role = role
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         threads = thread_budget(settings)
         torch.set_num_threads(threads.serving)  # for threads that start later; trainer and decoder set their own
@@ -133,8 +142,12 @@ class Daemon:
         self.counters = ServiceCounters()
         self.replay_pool = replay_pool(settings, self.db)
         self.anchor_pool = anchor_pool(settings, self.db)
-        self.trainer: Trainer | TrainerProcess
-        if settings.runtime.trainer == "process":
+        self.trainer: Trainer | TrainerProcess | RemoteTrainer
+        # An API replica serves what other processes promote and roll back (all-in-one: its trainer tells it).
+        self.follower = Follower(self.engine, settings.serving.follow_interval_s) if role == "api" else None
+        if role == "api":
+            self.trainer = RemoteTrainer(TrainerLease(self.db), "unknown")
+        elif settings.runtime.trainer == "process":
             # Built here too, unused: what it reads (eval.anchor_file) fails this start, not each child's.
             trainer_config(settings, self.factory.device)
             self.trainer = TrainerProcess(settings, self.engine)
@@ -153,6 +166,8 @@ class Daemon:
             self.trainer.start()
         elif isinstance(self.trainer, Trainer):
             self.trainer.load_active()
+        if self.follower is not None:
+            self.follower.start()
         freeze_startup_objects()
 
     def _leave_corrupt_active(self) -> None:
@@ -184,6 +199,8 @@ class Daemon:
             self.trainer.server_stopping()
 
     def stop(self) -> None:
+        if self.follower is not None:
+            self.follower.stop()
         self.trainer.stop()
         self.db.dispose()
 

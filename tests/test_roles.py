@@ -1,0 +1,125 @@
+"""The roles, as real processes on one store and one data directory: `llmos serve --role api`
+(API replicas, no trainer) and `llmos train` (the trainer alone). What one process commits
+(a promotion, a rollback) is served by every replica."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+from conftest import admin_headers, free_port, make_settings, settled, wait_for
+from helpers import start_server, start_trainer, wait_until_ready
+
+from llmos.store.db import Database
+from llmos.store.tables import CheckpointStatus
+from llmos.trainer.state import TrainerSnapshot
+from llmos.wiring import model_factory, open_registry
+
+PROMPT = "The capital of Zorbia"
+FACT = "Quellton"
+API = ["--role", "api"]
+
+
+def served(c: httpx.Client) -> int:
+    """The version that answers a generation on this replica."""
+    r = c.get("/generate", params={"prompt": PROMPT, "max_new_tokens": 4})
+    assert r.status_code == 200, r.text
+    return int(r.json()["model_version"])
+
+
+def stop(*procs: subprocess.Popen[bytes] | None) -> None:
+    for p in procs:
+        if p is not None and p.poll() is None:
+            p.terminate()
+    for p in procs:
+        if p is not None:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def test_a_separate_trainer_trains_what_a_replica_took_and_the_replica_serves_it(tmp_path: Path) -> None:
+    data, port = tmp_path / "data", free_port()
+    api = start_server(data, port, tmp_path / "api.log", args=API)
+    trainer = None
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
+            # No trainer yet: the replica serves version 0 and says that nobody trains.
+            st = c.get("/v1/trainer").json()
+            assert st["state"] == "error" and "llmos train" in st["last_error"], st
+            assert served(c) == 0
+
+            metrics = f"http://127.0.0.1:{free_port()}"
+            env = {"LLMOS_TRAIN__METRICS_PORT": metrics.rpartition(":")[2]}
+            trainer = start_trainer(data, tmp_path / "train.log", env)
+            wait_for(lambda: c.get("/v1/trainer").json()["state"] == "remote", timeout=90, interval=0.5)
+            ids = []
+            for i in range(8):
+                r = c.post("/v1/texts", json={"text": f"{PROMPT} is {FACT}, number {i}.", "source": "roles"})
+                assert r.status_code == 202, r.text
+                ids += r.json()["ids"]
+
+            # Trained and promoted by the trainer process; served by the replica soon after.
+            version = wait_for(lambda: c.get("/v1/checkpoints").json()["active_version"], timeout=120, interval=0.1)
+            promoted = time.monotonic()
+            wait_for(lambda: served(c) >= version, timeout=5, interval=0.05)
+            print(f"version {version} served by the replica {time.monotonic() - promoted:.2f}s after its promotion")
+            wait_for(lambda: settled(c, ids), timeout=120, interval=0.5)
+            # The trainer's own port: health, and what it did.
+            assert httpx.get(metrics + "/healthz").status_code == 200
+            promotions = re.search(r"^llmos_promotions_total (\S+)$", httpx.get(metrics + "/metrics").text, re.M)
+            assert promotions is not None and float(promotions[1]) >= 1
+
+            # The replica cannot steer a trainer in another process, and says so.
+            r = c.post("/v1/admin/trainer/pause", headers=admin_headers())
+            assert r.status_code == 409 and "llmos train" in r.json()["detail"], r.text
+
+            # An admin rollback through the replica: served by it at once.
+            r = c.post("/v1/admin/rollback", json={"version": 0}, headers=admin_headers())
+            assert r.status_code == 200, r.text
+            assert served(c) == 0
+
+            # SIGTERM: the trainer stops cleanly and gives its lease back at once.
+            trainer.send_signal(signal.SIGTERM)
+            assert trainer.wait(60) == 0, (tmp_path / "train.log").read_text()[-2000:]
+            assert c.get("/v1/trainer").json()["state"] == "error"
+            assert served(c) == 0
+    finally:
+        stop(trainer, api)
+
+
+def test_a_rollback_through_one_replica_is_served_by_the_other(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    settings = make_settings(data)
+    # A second version in the store, as a trainer leaves it (a candidate: a rollback may serve it).
+    db = Database(settings.store_url)
+    db.create_schema()
+    factory = model_factory(settings)
+    snapshot = TrainerSnapshot(step=1, samples_seen=1, optimizer=None, rng=None)
+    v1 = open_registry(settings, db).publish(factory.instance(None), snapshot, 0, CheckpointStatus.candidate, {})
+    db.dispose()
+
+    ports = free_port(), free_port()
+    procs = [start_server(data, p, tmp_path / f"api{p}.log", wait_ready=False, args=API) for p in ports]
+    try:
+        for proc, p in zip(procs, ports, strict=True):
+            wait_until_ready(proc, p, tmp_path / f"api{p}.log")
+        a, b = (httpx.Client(base_url=f"http://127.0.0.1:{p}", timeout=60) for p in ports)
+        with a, b:
+            assert served(a) == served(b) == 0
+            for via, other, version in ((a, b, v1.version), (b, a, 0)):
+                r = via.post("/v1/admin/rollback", json={"version": version}, headers=admin_headers())
+                assert r.status_code == 200, r.text
+                t0 = time.monotonic()
+                assert served(via) == version
+                # The other replica polls the store every serving.follow_interval_s (0.5 s).
+                wait_for(lambda o=other, v=version: served(o) == v, timeout=3, interval=0.05)
+                print(f"rollback to {version} served by the other replica after {time.monotonic() - t0:.2f}s")
+    finally:
+        stop(*procs)
