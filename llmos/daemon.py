@@ -14,6 +14,7 @@ import threading
 import uuid
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +27,7 @@ from llmos.serving.follow import Follower
 from llmos.serving.text import TextStream
 from llmos.serving.types import Completion, SamplingParams
 from llmos.settings import Settings
+from llmos.store import notify
 from llmos.store.audit import AuditEntry, AuditLog, AuditOutcome
 from llmos.store.checkpoints import CheckpointRecord
 from llmos.store.db import Database
@@ -144,7 +146,10 @@ class Daemon:
         self.anchor_pool = anchor_pool(settings, self.db)
         self.trainer: Trainer | TrainerProcess | RemoteTrainer
         # An API replica serves what other processes promote and roll back (all-in-one: its trainer tells it).
-        self.follower = Follower(self.engine, settings.serving.follow_interval_s) if role == "api" else None
+        self.follower = None
+        if role == "api":
+            listen = None if self.db.is_sqlite else partial(notify.listen, self.db, notify.ACTIVE_CHANNEL)
+            self.follower = Follower(self.engine, settings.serving.follow_interval_s, listen)
         if role == "api":
             self.trainer = RemoteTrainer(TrainerLease(self.db), "unknown")
         elif settings.runtime.trainer == "process":

@@ -4,15 +4,20 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import pytest
 from conftest import admin_headers, free_port, make_settings, settled, wait_for
 from helpers import start_server, start_trainer, wait_until_ready
+from sqlalchemy.engine import make_url
 
 from llmos.store.db import Database
 from llmos.store.tables import CheckpointStatus
@@ -119,6 +124,59 @@ def test_a_rollback_through_one_replica_is_served_by_the_other(tmp_path: Path) -
                 t0 = time.monotonic()
                 assert served(via) == version
                 # The other replica polls the store every serving.follow_interval_s (0.5 s).
+                wait_for(lambda o=other, v=version: served(o) == v, timeout=3, interval=0.05)
+                print(f"rollback to {version} served by the other replica after {time.monotonic() - t0:.2f}s")
+    finally:
+        stop(*procs)
+
+
+PG_SERVER = os.environ.get("LLMOS_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture
+def pg_database() -> Iterator[str]:
+    """A fresh PostgreSQL database (the server's processes share it, as replicas would), dropped after."""
+    import psycopg
+
+    name = f"llmos_roles_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = psycopg.connect(PG_SERVER, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"no PostgreSQL at {PG_SERVER}: {exc}")
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        url = make_url(PG_SERVER).set(database=name).render_as_string(hide_password=False)
+        try:
+            yield url
+        finally:
+            admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+@pytest.mark.slow  # a PostgreSQL service test
+def test_on_postgresql_a_replica_is_told_of_a_rollback_through_another(tmp_path: Path, pg_database: str) -> None:
+    data = tmp_path / "data"
+    settings = make_settings(data, **{"store.url": pg_database})
+    db = Database(settings.store_url)
+    db.create_schema()
+    factory = model_factory(settings)
+    snapshot = TrainerSnapshot(step=1, samples_seen=1, optimizer=None, rng=None)
+    v1 = open_registry(settings, db).publish(factory.instance(None), snapshot, 0, CheckpointStatus.candidate, {})
+    db.dispose()
+
+    # A poll every 60 s: only the NOTIFY of the rollback's transaction can bring the swap sooner.
+    env = {"LLMOS_STORE__URL": pg_database, "LLMOS_SERVING__FOLLOW_INTERVAL_S": "60"}
+    ports = free_port(), free_port()
+    procs = [start_server(data, p, tmp_path / f"api{p}.log", env, wait_ready=False, args=API) for p in ports]
+    try:
+        for proc, p in zip(procs, ports, strict=True):
+            wait_until_ready(proc, p, tmp_path / f"api{p}.log")
+        a, b = (httpx.Client(base_url=f"http://127.0.0.1:{p}", timeout=60) for p in ports)
+        with a, b:
+            assert served(a) == served(b) == 0
+            for via, other, version in ((a, b, v1.version), (b, a, 0)):
+                r = via.post("/v1/admin/rollback", json={"version": version}, headers=admin_headers())
+                assert r.status_code == 200, r.text
+                t0 = time.monotonic()
                 wait_for(lambda o=other, v=version: served(o) == v, timeout=3, interval=0.05)
                 print(f"rollback to {version} served by the other replica after {time.monotonic() - t0:.2f}s")
     finally:

@@ -1,17 +1,20 @@
 """An API replica follows the store: promotions and rollbacks that other processes commit (the
-trainer alone, another replica's admin) reach this one's engine by a poll of the store's active
-version. The engine's sync() swaps one reference, so no request fails during a swap.
-
-Polling only, for now: on PostgreSQL a LISTEN on a channel that promotion and rollback NOTIFY in
-their transaction would bring the swap closer to the commit; the poll would stay as the fallback."""
+trainer alone, another replica's admin) reach this one's engine. It reads the store's active
+version every ``interval_s``, and at once when told (``listen``: PostgreSQL's LISTEN on the
+channel that promotion and rollback NOTIFY, llmos/store/notify.py); the poll stays, for notices a
+dropped connection missed. The engine's sync() swaps one reference: no request fails in a swap."""
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import Protocol
 
 log = logging.getLogger(__name__)
+
+# Blocks until the event is set, calling the callback for each notice (llmos/store/notify.py listen).
+Listen = Callable[[Callable[[], None], threading.Event], None]
 
 
 class Syncs(Protocol):
@@ -19,24 +22,35 @@ class Syncs(Protocol):
 
 
 class Follower:
-    def __init__(self, engine: Syncs, interval_s: float) -> None:
+    def __init__(self, engine: Syncs, interval_s: float, listen: Listen | None = None) -> None:
         self._engine = engine
         self._interval_s = interval_s
+        self._listen = listen
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._due = threading.Event()  # a notice came: read the active version now
+        self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="llmos-follower", daemon=True)
-        self._thread.start()
+        self._threads.append(threading.Thread(target=self._run, name="llmos-follower", daemon=True))
+        if self._listen is not None:
+            args = (self._due.set, self._stop)
+            self._threads.append(threading.Thread(target=self._listen, args=args, name="llmos-listener", daemon=True))
+        for t in self._threads:
+            t.start()
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(10)
+        self._due.set()
+        for t in self._threads:
+            t.join(10)
 
     def _run(self) -> None:
         failing = False  # say once that the store cannot be read, and once that it can again
-        while not self._stop.wait(self._interval_s):
+        while True:
+            self._due.wait(self._interval_s)
+            self._due.clear()
+            if self._stop.is_set():
+                return
             try:
                 self._engine.sync()
             except Exception as exc:  # the store is down, or a version's files are unreadable: keep serving
