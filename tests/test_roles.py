@@ -99,9 +99,12 @@ def test_a_separate_trainer_trains_what_a_replica_took_and_the_replica_serves_it
         stop(trainer, api)
 
 
-def test_a_rollback_through_one_replica_is_served_by_the_other(tmp_path: Path) -> None:
+def rollbacks_through_one_replica_are_served_by_the_other(tmp_path: Path, env: dict[str, str]) -> None:
+    """Two replicas on one store and data directory (``env`` names the store): a rollback through
+    one is served by the other within 3 s, each way."""
     data = tmp_path / "data"
-    settings = make_settings(data)
+    url = env.get("LLMOS_STORE__URL")
+    settings = make_settings(data, **({"store.url": url} if url else {}))
     # A second version in the store, as a trainer leaves it (a candidate: a rollback may serve it).
     db = Database(settings.store_url)
     db.create_schema()
@@ -111,7 +114,7 @@ def test_a_rollback_through_one_replica_is_served_by_the_other(tmp_path: Path) -
     db.dispose()
 
     ports = free_port(), free_port()
-    procs = [start_server(data, p, tmp_path / f"api{p}.log", wait_ready=False, args=API) for p in ports]
+    procs = [start_server(data, p, tmp_path / f"api{p}.log", env, wait_ready=False, args=API) for p in ports]
     try:
         for proc, p in zip(procs, ports, strict=True):
             wait_until_ready(proc, p, tmp_path / f"api{p}.log")
@@ -123,11 +126,15 @@ def test_a_rollback_through_one_replica_is_served_by_the_other(tmp_path: Path) -
                 assert r.status_code == 200, r.text
                 t0 = time.monotonic()
                 assert served(via) == version
-                # The other replica polls the store every serving.follow_interval_s (0.5 s).
                 wait_for(lambda o=other, v=version: served(o) == v, timeout=3, interval=0.05)
                 print(f"rollback to {version} served by the other replica after {time.monotonic() - t0:.2f}s")
     finally:
         stop(*procs)
+
+
+def test_a_rollback_through_one_replica_is_served_by_the_other(tmp_path: Path) -> None:
+    # SQLite: the other replica reads the active version every serving.follow_interval_s (0.5 s).
+    rollbacks_through_one_replica_are_served_by_the_other(tmp_path, {})
 
 
 PG_SERVER = os.environ.get("LLMOS_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -154,30 +161,6 @@ def pg_database() -> Iterator[str]:
 
 @pytest.mark.slow  # a PostgreSQL service test
 def test_on_postgresql_a_replica_is_told_of_a_rollback_through_another(tmp_path: Path, pg_database: str) -> None:
-    data = tmp_path / "data"
-    settings = make_settings(data, **{"store.url": pg_database})
-    db = Database(settings.store_url)
-    db.create_schema()
-    factory = model_factory(settings)
-    snapshot = TrainerSnapshot(step=1, samples_seen=1, optimizer=None, rng=None)
-    v1 = open_registry(settings, db).publish(factory.instance(None), snapshot, 0, CheckpointStatus.candidate, {})
-    db.dispose()
-
     # A poll every 60 s: only the NOTIFY of the rollback's transaction can bring the swap sooner.
     env = {"LLMOS_STORE__URL": pg_database, "LLMOS_SERVING__FOLLOW_INTERVAL_S": "60"}
-    ports = free_port(), free_port()
-    procs = [start_server(data, p, tmp_path / f"api{p}.log", env, wait_ready=False, args=API) for p in ports]
-    try:
-        for proc, p in zip(procs, ports, strict=True):
-            wait_until_ready(proc, p, tmp_path / f"api{p}.log")
-        a, b = (httpx.Client(base_url=f"http://127.0.0.1:{p}", timeout=60) for p in ports)
-        with a, b:
-            assert served(a) == served(b) == 0
-            for via, other, version in ((a, b, v1.version), (b, a, 0)):
-                r = via.post("/v1/admin/rollback", json={"version": version}, headers=admin_headers())
-                assert r.status_code == 200, r.text
-                t0 = time.monotonic()
-                wait_for(lambda o=other, v=version: served(o) == v, timeout=3, interval=0.05)
-                print(f"rollback to {version} served by the other replica after {time.monotonic() - t0:.2f}s")
-    finally:
-        stop(*procs)
+    rollbacks_through_one_replica_are_served_by_the_other(tmp_path, env)
