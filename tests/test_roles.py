@@ -81,6 +81,20 @@ def test_a_separate_trainer_trains_what_a_replica_took_and_the_replica_serves_it
             promotions = re.search(r"^llmos_promotions_total (\S+)$", httpx.get(metrics + "/metrics").text, re.M)
             assert promotions is not None and float(promotions[1]) >= 1
 
+            # Every endpoint works on the replica: pinned versions and the OpenAI API, feedback,
+            # the dashboard, /metrics.
+            r = c.post("/v1/completions", json={"model": "llmos@0", "prompt": PROMPT, "max_tokens": 4})
+            assert r.status_code == 200 and r.json()["model"] == "llmos@0", r.text
+            chat = {"model": "llmos", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 4}
+            r = c.post("/v1/chat/completions", json=chat)
+            assert r.status_code == 200 and r.json()["model"] == f"llmos@{served(c)}", r.text
+            gen = c.get("/generate", params={"prompt": PROMPT, "max_new_tokens": 4}).json()
+            # (A thumbs down alone: nothing to train, so no promotion races the rollback below.)
+            r = c.post("/v1/feedback", json={"generation_id": gen["generation_id"], "rating": -1.0})
+            assert r.status_code == 202, r.text
+            assert c.get("/dashboard").status_code == 200
+            assert 'llmos_trainer_state{state="remote"} 1.0' in c.get("/metrics").text
+
             # The replica cannot steer a trainer in another process, and says so.
             r = c.post("/v1/admin/trainer/pause", headers=admin_headers())
             assert r.status_code == 409 and "llmos train" in r.json()["detail"], r.text
@@ -97,6 +111,22 @@ def test_a_separate_trainer_trains_what_a_replica_took_and_the_replica_serves_it
             assert served(c) == 0
     finally:
         stop(trainer, api)
+
+
+def test_a_second_trainer_waits_as_a_standby_and_takes_over_when_the_first_stops(tmp_path: Path) -> None:
+    data, logs = tmp_path / "data", [tmp_path / "train-a.log", tmp_path / "train-b.log"]
+    first = start_trainer(data, logs[0])
+    second = None
+    try:
+        wait_for(lambda: "holds the trainer lease" in logs[0].read_text(), timeout=90, interval=0.2)
+        second = start_trainer(data, logs[1])
+        wait_for(lambda: "standby:" in logs[1].read_text(), timeout=90, interval=0.2)
+        first.send_signal(signal.SIGINT)  # Ctrl-C: it gives the lease back as it stops
+        assert first.wait(60) == 0, logs[0].read_text()[-2000:]
+        # The standby polls the lease every second (a third of train.trainer_lease_s, at most 1 s).
+        wait_for(lambda: "holds the trainer lease" in logs[1].read_text(), timeout=5, interval=0.1)
+    finally:
+        stop(first, second)
 
 
 def rollbacks_through_one_replica_are_served_by_the_other(tmp_path: Path, env: dict[str, str]) -> None:
