@@ -146,10 +146,11 @@ def train(
     from llmos.trainer.alone import run
 
     try:
-        run(settings)
-    except ValueError as exc:
+        code = run(settings)
+    except ValueError as exc:  # a setting the trainer cannot use (eval.anchor_file), a store that is not durable
         typer.echo(f"llmos: {exc}", err=True)
         raise typer.Exit(2) from exc
+    raise typer.Exit(code)
 
 
 def _settings(config: Path | None, log_level: str, log_format: LogFormat, **overrides: Any) -> Settings:

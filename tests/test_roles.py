@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import admin_headers, free_port, make_settings, settled, wait_for
-from helpers import start_server, start_trainer, wait_until_ready
+from helpers import llmos_env, start_server, start_trainer, wait_until_ready
 from sqlalchemy.engine import make_url
 
 from llmos.store.db import Database
@@ -194,3 +195,12 @@ def test_on_postgresql_a_replica_is_told_of_a_rollback_through_another(tmp_path:
     # A poll every 60 s: only the NOTIFY of the rollback's transaction can bring the swap sooner.
     env = {"LLMOS_STORE__URL": pg_database, "LLMOS_SERVING__FOLLOW_INTERVAL_S": "60"}
     rollbacks_through_one_replica_are_served_by_the_other(tmp_path, env)
+
+
+def test_train_refuses_a_setting_it_cannot_use_before_any_work(tmp_path: Path) -> None:
+    anchors = tmp_path / "anchors.jsonl"
+    anchors.write_text("not json\n")
+    env = llmos_env({"LLMOS_EVAL__ANCHOR_FILE": str(anchors)})
+    cmd = [sys.executable, "-m", "llmos", "train", "--data-dir", str(tmp_path / "data")]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "eval.anchor_file" in r.stderr, r.stderr[-2000:]

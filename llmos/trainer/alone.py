@@ -103,8 +103,9 @@ def serve_metrics(host: str, port: int, collector: TrainerCollector, alive: Call
     return server
 
 
-def run(settings: Settings) -> None:
-    """Train until SIGTERM or SIGINT."""
+def run(settings: Settings) -> int:
+    """Train until SIGTERM or SIGINT (then return 0), or until the loop ends by itself, which it
+    should not (1: a service manager restarts it)."""
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -131,10 +132,12 @@ def run(settings: Settings) -> None:
     trainer.start()
     freeze_startup_objects()
     log.info("trainer running on %s (data in %s)", factory.device, settings.data_dir)
+    code = 0
     try:
         while not stop.wait(1.0):
             if not trainer.alive:
                 log.error("the trainer loop ended unexpectedly")
+                code = 1
                 break
     finally:
         trainer.stop(STOP_TIMEOUT_S)
@@ -142,3 +145,4 @@ def run(settings: Settings) -> None:
             server.shutdown()
         db.dispose()
         log.info("trainer stopped")
+    return code
