@@ -100,10 +100,12 @@ def test_a_separate_trainer_trains_what_a_replica_took_and_the_replica_serves_it
             r = c.post("/v1/admin/trainer/pause", headers=admin_headers())
             assert r.status_code == 409 and "llmos train" in r.json()["detail"], r.text
 
-            # An admin rollback through the replica: served by it at once.
+            # An admin rollback through the replica: served by it at once; the trainer goes back to it.
             r = c.post("/v1/admin/rollback", json={"version": 0}, headers=admin_headers())
             assert r.status_code == 200, r.text
             assert served(c) == 0
+            going_back = " to 0 (a rollback): going back to it"
+            wait_for(lambda: going_back in (tmp_path / "train.log").read_text(), timeout=5, interval=0.1)
 
             # SIGTERM: the trainer stops cleanly and gives its lease back at once.
             trainer.send_signal(signal.SIGTERM)

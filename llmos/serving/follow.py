@@ -1,5 +1,6 @@
 """An API replica follows the store: promotions and rollbacks that other processes commit (the
-trainer alone, another replica's admin) reach this one's engine. It reads the store's active
+trainer alone, another replica's admin) reach this one's engine (and the trainer alone follows
+rollbacks the same way: llmos/trainer/alone.py). It reads the store's active
 version every ``interval_s``, and at once when told (``listen``: PostgreSQL's LISTEN on the
 channel that promotion and rollback NOTIFY, llmos/store/notify.py); the poll stays, for notices a
 dropped connection missed. The engine's sync() swaps one reference: no request fails in a swap."""

@@ -1,7 +1,8 @@
 """The trainer alone (llmos train): the five stages on the configured store and data directory,
 no HTTP API. It trains while it holds the store's trainer lease (a standby otherwise), publishes
-each promotion in the store, and API replicas (serve --role api) follow it from there. SIGTERM
-or SIGINT stops it after its step: it gives back what it claimed and the lease.
+each promotion in the store, and API replicas (serve --role api) follow it from there; it follows
+their rollbacks the same way. SIGTERM or SIGINT stops it after its step: it gives back what it
+claimed and the lease.
 
 With train.metrics_port, /metrics (Prometheus) and /healthz answer on that port."""
 
@@ -11,6 +12,7 @@ import logging
 import signal
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from types import FrameType
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -23,7 +25,9 @@ from llmos.memory import freeze_startup_objects
 from llmos.model.loader import ModelFactory
 from llmos.registry.registry import Registry
 from llmos.serving.engine import Loaded
+from llmos.serving.follow import Follower
 from llmos.settings import Settings
+from llmos.store import notify
 from llmos.store.db import Database
 from llmos.store.queue import SampleQueue
 from llmos.trainer.active import ActiveModel
@@ -56,6 +60,26 @@ class StoreServing:
 
     def sync(self) -> int:
         return self._registry.active_version()
+
+
+class RollbackWatch:
+    """Tells the trainer when the store's active version moved off its line: a rollback through
+    an API replica (in one process the rollback tells it itself). A move along the line, from a
+    version to a descendant, is a promotion: nothing to do. Read by a Follower, as a replica reads
+    the active version (a poll, and PostgreSQL's notices)."""
+
+    def __init__(self, registry: Registry, trainer: Trainer) -> None:
+        self._registry, self._trainer = registry, trainer
+        self._seen = registry.active_version()
+
+    def sync(self) -> int:
+        version = self._registry.active_version()
+        if version != self._seen:
+            if self._seen not in self._registry.lineage(version):
+                log.info("the active version moved from %d to %d (a rollback): going back to it", self._seen, version)
+                self._trainer.request_reset()
+            self._seen = version
+        return version
 
 
 class TrainerCollector:
@@ -129,7 +153,10 @@ def run(settings: Settings) -> int:
             settings.train.metrics_host, settings.train.metrics_port, collector, lambda: trainer.alive
         )
         log.info("trainer metrics on http://%s:%d/metrics", settings.train.metrics_host, settings.train.metrics_port)
+    listen = None if db.is_sqlite else partial(notify.listen, db, notify.ACTIVE_CHANNEL)
+    watch = Follower(RollbackWatch(registry, trainer), settings.serving.follow_interval_s, listen)
     trainer.start()
+    watch.start()
     freeze_startup_objects()
     log.info("trainer running on %s (data in %s)", factory.device, settings.data_dir)
     code = 0
@@ -140,6 +167,7 @@ def run(settings: Settings) -> int:
                 code = 1
                 break
     finally:
+        watch.stop()
         trainer.stop(STOP_TIMEOUT_S)
         if server is not None:
             server.shutdown()

@@ -24,8 +24,8 @@ class TrainerElsewhere(RuntimeError):
 class RemoteTrainer:
     """The trainer's control surface (start, stop, wake, pause, resume, request_reset, status,
     alive) for a process that runs none. A post is found by the trainer's own poll of the queue
-    (train.poll_interval_s), a rollback by its next promotion, which the store refuses (the active
-    version moved: llmos/trainer/swap.py), after which it goes back to the active version."""
+    (train.poll_interval_s), a rollback by its own watch of the active version (llmos/trainer/alone.py;
+    failing that, the store refuses its next promotion: llmos/trainer/swap.py)."""
 
     lease: TrainerLease
     device: str
