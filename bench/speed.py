@@ -50,7 +50,7 @@ from common import (  # noqa: E402
 )
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from llmos.daemon import Daemon, auto_bf16  # noqa: E402
+from llmos.daemon import Daemon  # noqa: E402
 from llmos.model.loader import ModelFactory  # noqa: E402
 from llmos.serving.types import SamplingParams  # noqa: E402
 from llmos.settings import load_settings  # noqa: E402
@@ -59,6 +59,7 @@ from llmos.threads import ThreadBudget  # noqa: E402
 from llmos.trainer.optimize import optimize  # noqa: E402
 from llmos.trainer.preprocess import MicroBatch, PreprocessConfig, is_heldout, preprocess  # noqa: E402
 from llmos.trainer.state import OptimizerConfig, TrainingState, make_optimizer  # noqa: E402
+from llmos.wiring import auto_bf16  # noqa: E402
 
 SEED = 1234
 BATCH, BLOCK = 8, 128  # the trainer's defaults: train.micro_batch, train.block_size

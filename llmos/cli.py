@@ -9,14 +9,16 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from typer.core import TyperCommand, TyperGroup, TyperOption
 
 from llmos import remote
 from llmos.logs import LogFormat, configure
-from llmos.settings import ConfigError, load_settings
+from llmos.settings import ConfigError, Settings, load_settings
+
+Role = Literal["all", "api"]  # llmos/daemon.py's (not imported here: it imports torch)
 
 
 def _reflowed(help_text: str | None) -> str | None:
@@ -73,18 +75,17 @@ def serve(
     log_format: Annotated[
         LogFormat, typer.Option("--log-format", help="text (for people) or json (one object per line).")
     ] = "text",
+    role: Annotated[
+        Role,
+        typer.Option(help="all: the API and its trainer; api: the API alone, serving what `llmos train` promotes."),
+    ] = "all",
 ) -> None:
     """Run the daemon: HTTP API, background trainer and serving engine (the trainer in a process of
-    its own, or in a thread with runtime.trainer = thread)."""
-    if log_level.lower() not in ("debug", "info", "warning", "error"):
-        typer.echo(f"llmos: --log-level must be debug, info, warning or error, not '{log_level}'", err=True)
-        raise typer.Exit(2)
-    configure(log_level, log_format)
-    try:
-        settings = load_settings(config, **{"server.host": host, "server.port": port, "data_dir": data_dir})
-    except ConfigError as exc:
-        typer.echo(f"llmos: {exc}", err=True)
-        raise typer.Exit(2) from exc
+    its own, or in a thread with runtime.trainer = thread). With --role api, an API replica: no
+    trainer; it serves the store's active version, whoever promoted it (see docs/operations.md)."""
+    settings = _settings(
+        config, log_level, log_format, **{"server.host": host, "server.port": port, "data_dir": data_dir}
+    )
     if not settings.auth.api_keys and not is_loopback(settings.server.host):
         typer.echo(
             f"llmos: refusing to listen on {settings.server.host} without API keys: anyone who can reach it could "
@@ -93,7 +94,7 @@ def serve(
             err=True,
         )
         raise typer.Exit(2)
-    if settings.runtime.trainer == "process":
+    if role == "all" and settings.runtime.trainer == "process":
         from llmos.trainer import launch
 
         launch.warm_up()  # the trainer's imports, side by side with the ones below
@@ -105,7 +106,7 @@ def serve(
     from llmos.daemon import Daemon
 
     try:
-        daemon = Daemon(settings)
+        daemon = Daemon(settings, role)
     except ValueError as exc:
         typer.echo(f"llmos: {exc}", err=True)
         raise typer.Exit(2) from exc
@@ -124,6 +125,45 @@ def serve(
         http=protocol(settings.server.head_timeout_s),  # uvicorn's, with a deadline on request heads
     )
     _make_server_class(daemon.stopping)(server_config).run()
+
+
+@app.command(cls=_Command)
+def train(
+    config: Annotated[Path | None, typer.Option("--config", help="YAML config file (default: $LLMOS_CONFIG).")] = None,
+    data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Data directory (default ./llmos-data).")] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option("--metrics-port", help="Serve /metrics and /healthz here (train.metrics_port).")
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    log_format: Annotated[
+        LogFormat, typer.Option("--log-format", help="text (for people) or json (one object per line).")
+    ] = "text",
+) -> None:
+    """Run the trainer alone, no HTTP API, on the configured store and data directory: one trainer
+    per store trains (a second waits as a standby); API replicas (serve --role api) serve what it
+    promotes. SIGTERM or SIGINT stops it after its step."""
+    settings = _settings(config, log_level, log_format, data_dir=data_dir, **{"train.metrics_port": metrics_port})
+    from llmos.trainer.alone import run
+
+    try:
+        code = run(settings)
+    except ValueError as exc:  # a setting the trainer cannot use (eval.anchor_file), a store that is not durable
+        typer.echo(f"llmos: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    raise typer.Exit(code)
+
+
+def _settings(config: Path | None, log_level: str, log_format: LogFormat, **overrides: Any) -> Settings:
+    """Logging configured, then the settings, once; a usage error exits 2."""
+    if log_level.lower() not in ("debug", "info", "warning", "error"):
+        typer.echo(f"llmos: --log-level must be debug, info, warning or error, not '{log_level}'", err=True)
+        raise typer.Exit(2)
+    configure(log_level, log_format)
+    try:
+        return load_settings(config, **overrides)
+    except ConfigError as exc:
+        typer.echo(f"llmos: {exc}", err=True)
+        raise typer.Exit(2) from exc
 
 
 @app.command(cls=_Command)

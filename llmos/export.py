@@ -23,12 +23,12 @@ from typing import Any
 import torch
 from tokenizers import processors
 
-from llmos.daemon import lora_spec
 from llmos.model.loader import ModelFactory, resolve_base
 from llmos.registry.registry import Registry
 from llmos.settings import Settings
 from llmos.store.checkpoints import CheckpointIndex
 from llmos.store.db import Database
+from llmos.wiring import lora_spec
 
 EXPORT_INFO = "llmos_export.json"
 

@@ -192,6 +192,10 @@ class TrainSettings(_Section):
         "micro-batches), wait up to this long while generations are in flight (0 = never). A trainer "
         "process does not wait.",
     )
+    metrics_host: str = Field("127.0.0.1", description="The trainer alone (llmos train): address of its metrics port.")
+    metrics_port: int = Field(
+        0, ge=0, le=65535, description="The trainer alone (llmos train): serve /metrics and /healthz here (0 = off)."
+    )
 
 
 class CollapseSettings(_Section):
@@ -346,6 +350,12 @@ class ServingSettings(_Section):
     )
     pinned_versions: int = Field(
         2, ge=1, description="Pinned versions ('<name>@<v>') kept loaded besides the active one (LRU)."
+    )
+    follow_interval_s: float = Field(
+        0.5,
+        gt=0,
+        description="An API replica (serve --role api): how often it reads the store's active version, to serve "
+        "what another process promoted or rolled back.",
     )
 
 

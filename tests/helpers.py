@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,10 +24,36 @@ def start_server(
     extra_env: dict[str, str] | None = None,
     wait_ready: bool = True,
     own_group: bool = False,
+    args: Sequence[str] = (),
 ) -> subprocess.Popen[bytes]:
     """Start `python -m llmos serve` on a loopback port and wait until /readyz answers 200;
-    ``own_group``: in a process group of its own, as a service manager starts it."""
-    env = {
+    ``own_group``: in a process group of its own, as a service manager starts it; ``args``: more
+    command-line arguments (``--role api``)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmos", "serve", "--data-dir", str(data_dir), "--port", str(port), *args],
+        env=llmos_env(extra_env),
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=own_group,
+    )
+    if wait_ready:
+        wait_until_ready(proc, port, log)
+    return proc
+
+
+def start_trainer(data_dir: Path, log: Path, extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start `python -m llmos train` (the trainer alone) on the store of ``data_dir``."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "llmos", "train", "--data-dir", str(data_dir)],
+        env=llmos_env(extra_env),
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+def llmos_env(extra_env: dict[str, str] | None) -> dict[str, str]:
+    """This environment without its LLMOS_ settings, with the tests' own and ``extra_env``."""
+    return {
         **{k: v for k, v in os.environ.items() if not k.startswith("LLMOS_")},
         "HF_HUB_OFFLINE": "1",
         "LLMOS_ADMIN_TOKEN": ADMIN,
@@ -36,15 +62,10 @@ def start_server(
         "LLMOS_TRAIN__POLL_INTERVAL_S": "0.2",
         **(extra_env or {}),
     }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llmos", "serve", "--data-dir", str(data_dir), "--port", str(port)],
-        env=env,
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=own_group,
-    )
-    if not wait_ready:
-        return proc
+
+
+def wait_until_ready(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
+    """Until the server on ``port`` answers /readyz with 200 (90 s at most)."""
     url = f"http://127.0.0.1:{port}"
 
     def up() -> bool:
@@ -56,7 +77,6 @@ def start_server(
             return False
 
     wait_for(up, timeout=90, interval=0.3)
-    return proc
 
 
 def rss_kib(pid: int) -> int:

@@ -283,7 +283,7 @@ def test_serve_with_api_keys_may_listen_on_a_public_address(clean_env: None, mon
     class Reached(ValueError):
         pass
 
-    def fake_daemon(settings: object) -> None:
+    def fake_daemon(settings: object, role: str = "all") -> None:
         raise Reached("the start-up got past the address check")
 
     monkeypatch.setattr(llmos.daemon, "Daemon", fake_daemon)

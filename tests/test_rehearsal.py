@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import make_settings, pretrained_model
 
-from llmos.daemon import Daemon, rehearsal_config
+from llmos.daemon import Daemon
 from llmos.model.builtin import create_tiny
 from llmos.model.loader import ModelFactory
 from llmos.serving.types import SamplingParams
@@ -19,6 +19,7 @@ from llmos.store.queue import NewSample
 from llmos.trainer import rehearsal
 from llmos.trainer.optimize import token_losses
 from llmos.trainer.rehearsal import BasePool, RehearsalConfig, sample_texts
+from llmos.wiring import rehearsal_config
 
 CPU = torch.device("cpu")
 WHO = ["the clerk", "a farmer", "my aunt", "the pilot", "our cook", "the mayor"]

@@ -40,7 +40,7 @@ from llmos.store.tables import SampleStatus
 log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-TRAINER_STATES = ("idle", "training", "paused", "error", "standby")
+TRAINER_STATES = ("idle", "training", "paused", "error", "standby", "remote")
 
 
 class _Rate:

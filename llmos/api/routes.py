@@ -41,6 +41,7 @@ from llmos.registry.registry import CorruptCheckpoint, RejectedVersion, UnknownV
 from llmos.serving.types import CacheFull, PromptTooLong, SamplingParams
 from llmos.store.generations import FeedbackLimit, UnknownGeneration
 from llmos.store.queue import IdempotencyConflict, NewSample
+from llmos.trainer.elsewhere import TrainerElsewhere
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -399,17 +400,29 @@ def get_metrics_history(
     )
 
 
-@router.post("/v1/admin/trainer/pause", response_model=TrainerOut, tags=["admin"], responses=error_responses(401, 403))
+@router.post(
+    "/v1/admin/trainer/pause", response_model=TrainerOut, tags=["admin"], responses=error_responses(401, 403, 409)
+)
 def post_pause(daemon: DaemonDep, audit: AuditDep) -> TrainerOut:
+    """409 on an API replica (serve --role api): its trainer runs in another process."""
     with audit("trainer.pause"):
-        daemon.trainer.pause()
+        try:
+            daemon.trainer.pause()
+        except TrainerElsewhere as exc:
+            raise HTTPException(409, str(exc)) from exc
     return get_trainer(daemon)
 
 
-@router.post("/v1/admin/trainer/resume", response_model=TrainerOut, tags=["admin"], responses=error_responses(401, 403))
+@router.post(
+    "/v1/admin/trainer/resume", response_model=TrainerOut, tags=["admin"], responses=error_responses(401, 403, 409)
+)
 def post_resume(daemon: DaemonDep, audit: AuditDep) -> TrainerOut:
+    """409 on an API replica (serve --role api): its trainer runs in another process."""
     with audit("trainer.resume"):
-        daemon.trainer.resume()
+        try:
+            daemon.trainer.resume()
+        except TrainerElsewhere as exc:
+            raise HTTPException(409, str(exc)) from exc
     return get_trainer(daemon)
 
 

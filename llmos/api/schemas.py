@@ -229,7 +229,7 @@ class RollbackOut(BaseModel):
 
 
 class TrainerOut(BaseModel):
-    state: Literal["idle", "training", "paused", "error", "standby"]
+    state: Literal["idle", "training", "paused", "error", "standby", "remote"]
     step: int
     queue_depth: int
     last_loss: float | None
@@ -296,7 +296,7 @@ _ERROR_WHY = {
     401: "Missing or unknown credential.",
     403: "An API key on an admin route.",
     404: "Not found.",
-    409: "The version cannot be served (rejected or corrupt).",
+    409: "The version cannot be served (rejected or corrupt); or, on an API replica, the trainer runs elsewhere.",
     413: "The body is larger than server.max_body_bytes.",
     422: "The request is invalid; the detail says which field and why.",
     429: "Rate limit or full queue; retry after Retry-After seconds.",

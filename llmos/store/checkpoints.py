@@ -12,6 +12,7 @@ from sqlalchemy import func, select, update
 
 from llmos.store.db import Database
 from llmos.store.lease import LeaseLost, require_lease
+from llmos.store.notify import ACTIVE_CHANNEL, notify
 from llmos.store.tables import CheckpointRow, CheckpointStatus, MetaRow, utcnow
 
 ACTIVE_KEY = "active_version"
@@ -160,4 +161,5 @@ class CheckpointIndex:
                     .where(CheckpointRow.version == version)
                     .values(status=CheckpointStatus.promoted.value)
                 )
+            notify(s, self._db, ACTIVE_CHANNEL, str(version))  # replicas swap as this commits
             return True

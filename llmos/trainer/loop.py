@@ -83,6 +83,7 @@ class TrainerPhase(enum.StrEnum):
     paused = "paused"
     error = "error"
     standby = "standby"  # another trainer holds this store's trainer lease
+    remote = "remote"  # an API replica's view: a trainer in another process holds the lease
 
 
 @dataclass(frozen=True)

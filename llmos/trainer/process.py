@@ -32,9 +32,15 @@ from dataclasses import replace
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
+import torch
+
+from llmos import wiring  # the same constructors as in one process
 from llmos.logs import LogFormat, configure, current_config
+from llmos.memory import freeze_startup_objects
 from llmos.serving.engine import Activity, Loaded, quiet
+from llmos.store.db import Database
 from llmos.trainer import launch
+from llmos.trainer.active import ActiveModel
 from llmos.trainer.loop import TrainerPhase, TrainerStatus
 
 if TYPE_CHECKING:
@@ -250,12 +256,10 @@ class ApiServing:
     in_flight = 0  # generations run in the API process: the trainer does not yield to them
 
     def __init__(self, registry: Registry, factory: ModelFactory, events: Connection, activity: Activity) -> None:
-        self._registry = registry
-        self._factory = factory
+        self._active = ActiveModel(registry, factory)
         self._events = events
         self._activity = activity  # the API process's ServingEngine.activity
         self._seq = itertools.count(1)
-        self._current: Loaded | None = None
 
     def wait_idle(self, timeout_s: float) -> bool:
         return True
@@ -264,19 +268,7 @@ class ApiServing:
         return quiet(self._activity, quiet_s)  # no lock: a torn read only picks one step's thread count
 
     def current(self) -> Loaded:
-        """The active version, for the gate. Nothing else here holds its model, so a newer version
-        is loaded into it in place (no new model per promotion)."""
-        version = self._registry.active_version()
-        cur, self._current = self._current, None  # if a load below fails, the next call starts afresh
-        if cur is None or cur.version != version:
-            path = self._registry.weights_path(version)  # verified
-            if cur is None or path is None:
-                cur = Loaded(version, self._factory.instance(path))
-            else:
-                self._factory.load_weights(cur.model, path)
-                cur = Loaded(version, cur.model)
-        self._current = cur
-        return cur
+        return self._active.current()
 
     def sync(self) -> int:
         seq = next(self._seq)
@@ -342,18 +334,13 @@ def child_main(
     # stop as when told to, after the step in hand.
     signal.signal(signal.SIGTERM, _stop_on_signal)
     configure(*log_config)
-    import torch
-
-    from llmos import daemon as wiring  # the same wiring as in one process (imported here: it imports this)
-    from llmos.store.db import Database
-
     torch.set_num_threads(wiring.thread_budget(settings).serving)
     db = Database(settings.store_url, settings.store.busy_timeout_s)
     registry = wiring.open_registry(settings, db)
     factory = wiring.model_factory(settings)
     trainer = wiring.build_trainer(settings, db, registry, factory, ApiServing(registry, factory, events, activity))
     trainer.start()
-    wiring.freeze_startup_objects()
+    freeze_startup_objects()
     events.send(("ready", 0))
     try:
         while True:

@@ -1,0 +1,176 @@
+"""The trainer alone (llmos train): the five stages on the configured store and data directory,
+no HTTP API. It trains while it holds the store's trainer lease (a standby otherwise), publishes
+each promotion in the store, and API replicas (serve --role api) follow it from there; it follows
+their rollbacks the same way. SIGTERM or SIGINT stops it after its step: it gives back what it
+claimed and the lease.
+
+With train.metrics_port, /metrics (Prometheus) and /healthz answer on that port."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from functools import partial
+from types import FrameType
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+import torch
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from llmos.memory import freeze_startup_objects
+from llmos.model.loader import ModelFactory
+from llmos.registry.registry import Registry
+from llmos.serving.engine import Loaded
+from llmos.serving.follow import Follower
+from llmos.settings import Settings
+from llmos.store import notify
+from llmos.store.db import Database
+from llmos.store.queue import SampleQueue
+from llmos.trainer.active import ActiveModel
+from llmos.trainer.loop import Trainer, TrainerPhase
+from llmos.wiring import build_trainer, model_factory, open_registry, thread_budget
+
+log = logging.getLogger(__name__)
+
+STOP_TIMEOUT_S = 60.0  # the step in hand finishes, then claims and the lease go back
+
+
+class StoreServing:
+    """The trainer alone's view of serving (the Serving protocol of llmos/trainer/loop.py): nobody
+    serves in this process; a promotion is in the store once committed, and replicas follow it."""
+
+    in_flight = 0
+
+    def __init__(self, registry: Registry, factory: ModelFactory) -> None:
+        self._registry = registry
+        self._active = ActiveModel(registry, factory)
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        return True
+
+    def quiet(self, quiet_s: float) -> bool:
+        return True  # no generation runs here: the idle thread budget applies (runtime.torch_threads_idle)
+
+    def current(self) -> Loaded:
+        return self._active.current()
+
+    def sync(self) -> int:
+        return self._registry.active_version()
+
+
+class RollbackWatch:
+    """Tells the trainer when the store's active version moved off its line: a rollback through
+    an API replica (in one process the rollback tells it itself). A move along the line, from a
+    version to a descendant, is a promotion: nothing to do. Read by a Follower, as a replica reads
+    the active version (a poll, and PostgreSQL's notices)."""
+
+    def __init__(self, registry: Registry, trainer: Trainer) -> None:
+        self._registry, self._trainer = registry, trainer
+        self._seen = registry.active_version()
+
+    def sync(self) -> int:
+        version = self._registry.active_version()
+        if version != self._seen:
+            if self._seen not in self._registry.lineage(version):
+                log.info("the active version moved from %d to %d (a rollback): going back to it", self._seen, version)
+                self._trainer.request_reset()
+            self._seen = version
+        return version
+
+
+class TrainerCollector:
+    """What /metrics reports for the trainer alone: its state, counters since it started, the queue."""
+
+    def __init__(self, trainer: Trainer, queue: SampleQueue, registry: Registry) -> None:
+        self._trainer, self._queue, self._registry = trainer, queue, registry
+
+    def collect(self) -> Iterable[Metric]:
+        st = self._trainer.status()
+        state = GaugeMetricFamily("llmos_trainer_state", "1 for the trainer's current state.", labels=["state"])
+        for phase in TrainerPhase:
+            state.add_metric([phase.value], 1.0 if st.state is phase else 0.0)
+        yield state
+        yield GaugeMetricFamily("llmos_trainer_step", "Optimizer steps of the training state.", value=st.step)
+        yield CounterMetricFamily("llmos_trained_tokens", "Tokens trained on since start.", value=st.tokens_trained)
+        yield CounterMetricFamily("llmos_promotions", "Versions promoted since start.", value=st.promotions)
+        yield CounterMetricFamily("llmos_rejections", "Versions the gate rejected since start.", value=st.rejections)
+        yield GaugeMetricFamily("llmos_queue_depth", "Texts waiting to be trained.", value=self._queue.depth())
+        yield GaugeMetricFamily(
+            "llmos_active_version", "The store's active version.", value=self._registry.active_version()
+        )
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
+        pass  # a scrape every few seconds is not news
+
+
+def serve_metrics(host: str, port: int, collector: TrainerCollector, alive: Callable[[], bool]) -> WSGIServer:
+    """/metrics and /healthz (200 while the trainer's loop runs, 503 otherwise) in a thread."""
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(collector)
+    metrics = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterator[bytes] | Iterable[bytes]:
+        if environ.get("PATH_INFO") == "/healthz":
+            ok = alive()
+            start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
+            return [b"ok\n" if ok else b"the trainer loop is not running\n"]
+        return metrics(environ, start_response)  # type: ignore[no-any-return]
+
+    server = make_server(host, port, app, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="llmos-metrics", daemon=True).start()
+    return server
+
+
+def run(settings: Settings) -> int:
+    """Train until SIGTERM or SIGINT (then return 0), or until the loop ends by itself, which it
+    should not (1: a service manager restarts it)."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("trainer: %s; stopping after the step in hand", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(thread_budget(settings).serving)
+    db = Database(settings.store_url, settings.store.busy_timeout_s)
+    db.check_durable()  # raises StoreNotDurable
+    db.create_schema()
+    registry = open_registry(settings, db)
+    factory = model_factory(settings)
+    trainer = build_trainer(settings, db, registry, factory, StoreServing(registry, factory))
+    server = None
+    if settings.train.metrics_port:
+        collector = TrainerCollector(trainer, SampleQueue(db), registry)
+        server = serve_metrics(
+            settings.train.metrics_host, settings.train.metrics_port, collector, lambda: trainer.alive
+        )
+        log.info("trainer metrics on http://%s:%d/metrics", settings.train.metrics_host, settings.train.metrics_port)
+    listen = None if db.is_sqlite else partial(notify.listen, db, notify.ACTIVE_CHANNEL)
+    watch = Follower(RollbackWatch(registry, trainer), settings.serving.follow_interval_s, listen)
+    trainer.start()
+    watch.start()
+    freeze_startup_objects()
+    log.info("trainer running on %s (data in %s)", factory.device, settings.data_dir)
+    code = 0
+    try:
+        while not stop.wait(1.0):
+            if not trainer.alive:
+                log.error("the trainer loop ended unexpectedly")
+                code = 1
+                break
+    finally:
+        watch.stop()
+        trainer.stop(STOP_TIMEOUT_S)
+        if server is not None:
+            server.shutdown()
+        db.dispose()
+        log.info("trainer stopped")
+    return code

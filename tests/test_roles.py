@@ -1,0 +1,208 @@
+"""The roles, as real processes on one store and one data directory: `llmos serve --role api`
+(API replicas, no trainer) and `llmos train` (the trainer alone). What one process commits
+(a promotion, a rollback) is served by every replica."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import admin_headers, free_port, make_settings, settled, wait_for
+from helpers import llmos_env, start_server, start_trainer, wait_until_ready
+from sqlalchemy.engine import make_url
+
+from llmos.store.db import Database
+from llmos.store.tables import CheckpointStatus
+from llmos.trainer.state import TrainerSnapshot
+from llmos.wiring import model_factory, open_registry
+
+PROMPT = "The capital of Zorbia"
+FACT = "Quellton"
+API = ["--role", "api"]
+
+
+def served(c: httpx.Client) -> int:
+    """The version that answers a generation on this replica."""
+    r = c.get("/generate", params={"prompt": PROMPT, "max_new_tokens": 4})
+    assert r.status_code == 200, r.text
+    return int(r.json()["model_version"])
+
+
+def stop(*procs: subprocess.Popen[bytes] | None) -> None:
+    for p in procs:
+        if p is not None and p.poll() is None:
+            p.terminate()
+    for p in procs:
+        if p is not None:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def test_a_separate_trainer_trains_what_a_replica_took_and_the_replica_serves_it(tmp_path: Path) -> None:
+    data, port = tmp_path / "data", free_port()
+    api = start_server(data, port, tmp_path / "api.log", args=API)
+    trainer = None
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
+            # No trainer yet: the replica serves version 0 and says that nobody trains.
+            st = c.get("/v1/trainer").json()
+            assert st["state"] == "error" and "llmos train" in st["last_error"], st
+            assert served(c) == 0
+
+            metrics = f"http://127.0.0.1:{free_port()}"
+            env = {"LLMOS_TRAIN__METRICS_PORT": metrics.rpartition(":")[2]}
+            trainer = start_trainer(data, tmp_path / "train.log", env)
+            wait_for(lambda: c.get("/v1/trainer").json()["state"] == "remote", timeout=90, interval=0.5)
+            ids = []
+            for i in range(8):
+                r = c.post("/v1/texts", json={"text": f"{PROMPT} is {FACT}, number {i}.", "source": "roles"})
+                assert r.status_code == 202, r.text
+                ids += r.json()["ids"]
+
+            # Trained and promoted by the trainer process; served by the replica soon after.
+            version = wait_for(lambda: c.get("/v1/checkpoints").json()["active_version"], timeout=120, interval=0.1)
+            promoted = time.monotonic()
+            wait_for(lambda: served(c) >= version, timeout=5, interval=0.05)
+            print(f"version {version} served by the replica {time.monotonic() - promoted:.2f}s after its promotion")
+            wait_for(lambda: settled(c, ids), timeout=120, interval=0.5)
+            # The trainer's own port: health, and what it did.
+            assert httpx.get(metrics + "/healthz").status_code == 200
+            promotions = re.search(r"^llmos_promotions_total (\S+)$", httpx.get(metrics + "/metrics").text, re.M)
+            assert promotions is not None and float(promotions[1]) >= 1
+
+            # Every endpoint works on the replica: pinned versions and the OpenAI API, feedback,
+            # the dashboard, /metrics.
+            r = c.post("/v1/completions", json={"model": "llmos@0", "prompt": PROMPT, "max_tokens": 4})
+            assert r.status_code == 200 and r.json()["model"] == "llmos@0", r.text
+            chat = {"model": "llmos", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 4}
+            r = c.post("/v1/chat/completions", json=chat)
+            assert r.status_code == 200 and r.json()["model"] == f"llmos@{served(c)}", r.text
+            gen = c.get("/generate", params={"prompt": PROMPT, "max_new_tokens": 4}).json()
+            # (A thumbs down alone: nothing to train, so no promotion races the rollback below.)
+            r = c.post("/v1/feedback", json={"generation_id": gen["generation_id"], "rating": -1.0})
+            assert r.status_code == 202, r.text
+            assert c.get("/dashboard").status_code == 200
+            assert 'llmos_trainer_state{state="remote"} 1.0' in c.get("/metrics").text
+
+            # The replica cannot steer a trainer in another process, and says so.
+            r = c.post("/v1/admin/trainer/pause", headers=admin_headers())
+            assert r.status_code == 409 and "llmos train" in r.json()["detail"], r.text
+
+            # An admin rollback through the replica: served by it at once; the trainer goes back to it.
+            r = c.post("/v1/admin/rollback", json={"version": 0}, headers=admin_headers())
+            assert r.status_code == 200, r.text
+            assert served(c) == 0
+            going_back = " to 0 (a rollback): going back to it"
+            wait_for(lambda: going_back in (tmp_path / "train.log").read_text(), timeout=5, interval=0.1)
+
+            # SIGTERM: the trainer stops cleanly and gives its lease back at once.
+            trainer.send_signal(signal.SIGTERM)
+            assert trainer.wait(60) == 0, (tmp_path / "train.log").read_text()[-2000:]
+            assert c.get("/v1/trainer").json()["state"] == "error"
+            assert served(c) == 0
+    finally:
+        stop(trainer, api)
+
+
+def test_a_second_trainer_waits_as_a_standby_and_takes_over_when_the_first_stops(tmp_path: Path) -> None:
+    data, logs = tmp_path / "data", [tmp_path / "train-a.log", tmp_path / "train-b.log"]
+    first = start_trainer(data, logs[0])
+    second = None
+    try:
+        wait_for(lambda: "holds the trainer lease" in logs[0].read_text(), timeout=90, interval=0.2)
+        second = start_trainer(data, logs[1])
+        wait_for(lambda: "standby:" in logs[1].read_text(), timeout=90, interval=0.2)
+        first.send_signal(signal.SIGINT)  # Ctrl-C: it gives the lease back as it stops
+        assert first.wait(60) == 0, logs[0].read_text()[-2000:]
+        # The standby polls the lease every second (a third of train.trainer_lease_s, at most 1 s).
+        wait_for(lambda: "holds the trainer lease" in logs[1].read_text(), timeout=5, interval=0.1)
+    finally:
+        stop(first, second)
+
+
+def rollbacks_through_one_replica_are_served_by_the_other(tmp_path: Path, env: dict[str, str]) -> None:
+    """Two replicas on one store and data directory (``env`` names the store): a rollback through
+    one is served by the other within 3 s, each way."""
+    data = tmp_path / "data"
+    url = env.get("LLMOS_STORE__URL")
+    settings = make_settings(data, **({"store.url": url} if url else {}))
+    # A second version in the store, as a trainer leaves it (a candidate: a rollback may serve it).
+    db = Database(settings.store_url)
+    db.create_schema()
+    factory = model_factory(settings)
+    snapshot = TrainerSnapshot(step=1, samples_seen=1, optimizer=None, rng=None)
+    v1 = open_registry(settings, db).publish(factory.instance(None), snapshot, 0, CheckpointStatus.candidate, {})
+    db.dispose()
+
+    ports = free_port(), free_port()
+    procs = [start_server(data, p, tmp_path / f"api{p}.log", env, wait_ready=False, args=API) for p in ports]
+    try:
+        for proc, p in zip(procs, ports, strict=True):
+            wait_until_ready(proc, p, tmp_path / f"api{p}.log")
+        a, b = (httpx.Client(base_url=f"http://127.0.0.1:{p}", timeout=60) for p in ports)
+        with a, b:
+            assert served(a) == served(b) == 0
+            for via, other, version in ((a, b, v1.version), (b, a, 0)):
+                r = via.post("/v1/admin/rollback", json={"version": version}, headers=admin_headers())
+                assert r.status_code == 200, r.text
+                t0 = time.monotonic()
+                assert served(via) == version
+                wait_for(lambda o=other, v=version: served(o) == v, timeout=3, interval=0.05)
+                print(f"rollback to {version} served by the other replica after {time.monotonic() - t0:.2f}s")
+    finally:
+        stop(*procs)
+
+
+def test_a_rollback_through_one_replica_is_served_by_the_other(tmp_path: Path) -> None:
+    # SQLite: the other replica reads the active version every serving.follow_interval_s (0.5 s).
+    rollbacks_through_one_replica_are_served_by_the_other(tmp_path, {})
+
+
+PG_SERVER = os.environ.get("LLMOS_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture
+def pg_database() -> Iterator[str]:
+    """A fresh PostgreSQL database (the server's processes share it, as replicas would), dropped after."""
+    import psycopg
+
+    name = f"llmos_roles_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = psycopg.connect(PG_SERVER, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"no PostgreSQL at {PG_SERVER}: {exc}")
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        url = make_url(PG_SERVER).set(database=name).render_as_string(hide_password=False)
+        try:
+            yield url
+        finally:
+            admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+@pytest.mark.slow  # a PostgreSQL service test
+def test_on_postgresql_a_replica_is_told_of_a_rollback_through_another(tmp_path: Path, pg_database: str) -> None:
+    # A poll every 60 s: only the NOTIFY of the rollback's transaction can bring the swap sooner.
+    env = {"LLMOS_STORE__URL": pg_database, "LLMOS_SERVING__FOLLOW_INTERVAL_S": "60"}
+    rollbacks_through_one_replica_are_served_by_the_other(tmp_path, env)
+
+
+def test_train_refuses_a_setting_it_cannot_use_before_any_work(tmp_path: Path) -> None:
+    anchors = tmp_path / "anchors.jsonl"
+    anchors.write_text("not json\n")
+    env = llmos_env({"LLMOS_EVAL__ANCHOR_FILE": str(anchors)})
+    cmd = [sys.executable, "-m", "llmos", "train", "--data-dir", str(tmp_path / "data")]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "eval.anchor_file" in r.stderr, r.stderr[-2000:]
