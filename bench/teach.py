@@ -264,8 +264,8 @@ def write(rows: list[dict[str, Any]], out: Path, elapsed: float, baseline: str |
         "",
         "Unrelated answers changed (greedy, 16 tokens, before the corrections against after them): *taught*, "
         "the 8 facts of the first domain; *base*, 24 prompts of the base's corpus; *base 1*, those of them with "
-        "one right answer in the corpus (the other 13 have several, whose top two answers the base holds within "
-        "0.07-1.1 nats of each other, so any learning flips some from one right answer to another). *Base corpus "
+        "one right answer in the corpus (the other 13 have several, and learning can flip one right answer to "
+        "another). *Base corpus "
         "right*: prompts answered with one of their right answers, at the start → after the corrections → at "
         "the end.",
         "",
