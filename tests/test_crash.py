@@ -10,12 +10,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import pytest
 from conftest import free_port, wait_for
 from helpers import start_server
 
 FINAL = {"trained", "heldout", "rejected"}
 
 
+@pytest.mark.slow  # the heaviest of the fast tier (35-150 s on 2 cores): CI runs it in the slow tier
 def test_kill_9_after_500_acknowledged_posts(tmp_path: Path) -> None:
     data, log, port = tmp_path / "data", tmp_path / "server.log", free_port()
     url = f"http://127.0.0.1:{port}"

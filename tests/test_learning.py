@@ -43,6 +43,7 @@ def post_fact(c: httpx.Client, n: int = 50) -> list[str]:
     return list(r.json()["ids"])
 
 
+@pytest.mark.slow  # the heaviest of the fast tier (35-150 s on 2 cores): CI runs it in the slow tier
 def test_gate_refuses_a_batch_that_makes_the_model_forget(tmp_path: Path) -> None:
     # Replay off (it would soften the damage: here the gate alone must stop it) and a tight
     # forgetting budget, as an operator who wants strict retention would set it.
@@ -111,6 +112,7 @@ def pretrained_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return pretrained_model(tmp_path_factory.mktemp("models") / "pretrained", texts, epochs=6)
 
 
+@pytest.mark.slow  # the heaviest of the fast tier (35-150 s on 2 cores): CI runs it in the slow tier
 def test_lora_end_to_end_checkpoints_hold_the_adapter_only(tmp_path: Path, pretrained_base: Path) -> None:
     settings = make_settings(
         tmp_path / "data",

@@ -9,6 +9,7 @@ import random
 from pathlib import Path
 
 import httpx
+import pytest
 import torch
 from conftest import LiveServer, make_settings, settled, wait_for
 
@@ -143,6 +144,7 @@ def test_the_collapse_guard_refuses_a_degenerate_batch_that_the_loss_checks_pass
     assert "ha ha ha" in answer
 
 
+@pytest.mark.slow  # the heaviest of the fast tier (35-150 s on 2 cores): CI runs it in the slow tier
 def test_sources_of_one_text_each_cannot_veto_learning(tmp_path: Path) -> None:
     """A caller sends 300 short texts, each under a source of its own; the held-out ones (one in
     ten) join the anchor set, one text per source. Checked source by source
@@ -176,6 +178,7 @@ def test_sources_of_one_text_each_cannot_veto_learning(tmp_path: Path) -> None:
     assert learned["status"] == "trained", learned
 
 
+@pytest.mark.slow  # the heaviest of the fast tier (35-150 s on 2 cores): CI runs it in the slow tier
 def test_the_regularizer_follows_each_promotion_and_resume_is_exact(tmp_path: Path) -> None:
     """L2-SP and EWC pull toward the weights being served: after each promotion, the penalty's
     anchor is the promoted version's weights. A trainer restarted between two batches ends with the
