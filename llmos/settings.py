@@ -71,6 +71,12 @@ class LimitsSettings(_Section):
     queue_full_retry_after_s: int = Field(
         10, ge=1, description="Retry-After, in seconds, sent with a 429 for a full queue."
     )
+    storage_url: str | None = Field(
+        None,
+        pattern=r"^(redis|rediss|redis\+unix|redis\+sentinel|redis\+cluster)://",
+        description="Where the rate limits are counted: none = in memory, per process; a Redis URL "
+        "(redis://host:6379/0) = shared, so that API replicas share each key's and each source's budget.",
+    )
 
 
 class StoreSettings(_Section):
@@ -285,8 +291,8 @@ class ReplaySettings(_Section):
     base_rehearsal: Literal["auto", "on", "off"] = Field(
         "auto",
         description="Also pack texts sampled from the base model into each pass, so that what the base knew "
-        "is kept (see docs/learning.md); auto: on for a model loaded from a directory, off for the built-in model's "
-        "random weights.",
+        "is kept (see docs/learning.md); auto: on for a pretrained model, off for random weights llmos made (the "
+        "built-in model, or a directory holding llmos-random-weights.json).",
     )
     base_per_pass: int = Field(
         128, ge=1, description="Base rehearsal: texts from the pool packed into each pass over a batch (drawn afresh)."

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from llmos.model.builtin import has_random_weights
 from llmos.model.loader import BUILTIN_TINY, LoraSpec, ModelFactory, resolve_base, resolve_device
 from llmos.registry.registry import Registry
 from llmos.settings import Settings
@@ -134,7 +135,7 @@ def trainer_config(settings: Settings, device: torch.device) -> TrainerConfig:
 def rehearsal_config(settings: Settings) -> RehearsalConfig | None:
     """Base rehearsal, when replay is on and the base is pretrained (or it is asked for)."""
     r = settings.replay
-    pretrained = not settings.model.name_or_path.startswith("builtin:")
+    pretrained = not has_random_weights(settings.model.name_or_path)
     if not r.enabled or r.base_rehearsal == "off" or (r.base_rehearsal == "auto" and not pretrained):
         return None
     path = settings.data_dir / "rehearsal" / "base-texts.json"

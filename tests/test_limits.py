@@ -5,9 +5,11 @@ the real server over HTTP."""
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,7 +19,7 @@ import httpx
 import pytest
 from conftest import ADMIN, LiveServer, make_settings, wait_for
 
-from llmos.api.limits import RateLimiter, retry_after
+from llmos.api.limits import RateLimiter, SharedRateLimiter, retry_after
 from llmos.daemon import Daemon
 
 # ---- token buckets ----------------------------------------------------------------------------
@@ -74,6 +76,61 @@ def test_retry_after_is_whole_seconds_at_least_one() -> None:
     assert retry_after(0.01) == "1"
     assert retry_after(1.2) == "2"
     assert retry_after(7) == "7"
+
+
+# ---- shared by replicas: the same limits in Redis ----------------------------------------------
+
+REDIS = "redis://127.0.0.1:6379/0"  # the Redis every machine of this project runs
+
+
+def test_replicas_share_one_budget_in_redis() -> None:
+    # Two limiters on one Redis, as two API replicas hold them: each key has one budget.
+    ns = f"test-{uuid.uuid4().hex}"
+    a, b = (SharedRateLimiter(rate_per_s=0.5, burst=6, storage_url=REDIS, namespace=ns) for _ in range(2))
+    assert a.reachable()
+    assert [a.take({"k": 1}) for _ in range(3)] + [b.take({"k": 1}) for _ in range(3)] == [0] * 6
+    assert a.take({"k": 1}) > 0 and b.take({"k": 1}) > 0  # spent, whichever replica asks
+    assert 0 < b.take({"k": 1}) <= 12  # a wait no longer than the window (6 at 0.5 per second)
+    assert b.take({"other": 6}) == 0  # another key has its own budget
+    assert a.take({"c": 2, "k": 1}) > 0 and b.take({"c": 6}) == 0  # all or nothing: c was not taken
+    assert a.take({"c": 7}) == math.inf  # past the burst: never
+
+
+def test_shared_limits_pass_while_their_storage_is_down(caplog: pytest.LogCaptureFixture) -> None:
+    # Nothing listens on port 1: the limiter fails open and says so (an outage of the limiter's
+    # storage is not an outage of the API).
+    lim = SharedRateLimiter(rate_per_s=0.1, burst=1, storage_url="redis://127.0.0.1:1/0", namespace="down")
+    with caplog.at_level(logging.WARNING, logger="llmos.api.limits"):
+        assert not lim.reachable()
+        assert [lim.take({"k": 1}) for _ in range(5)] == [0] * 5
+    assert sum("rate limits not enforced" in r.getMessage() for r in caplog.records) == 1  # once a minute
+
+
+def test_two_servers_on_one_redis_share_each_keys_and_each_sources_limit(tmp_path: Path) -> None:
+    key, source = f"replica-key-{uuid.uuid4().hex}", f"replica-source-{uuid.uuid4().hex}"  # fresh in Redis
+    shared = {
+        "auth.api_keys": [key],
+        "limits.storage_url": REDIS,
+        "limits.key_rate_per_s": 0.1,
+        "limits.key_burst": 5,
+        "limits.source_rate_per_s": 0.1,
+        "limits.source_burst": 4,
+    }
+    one, two = (make_settings(tmp_path / name, **shared) for name in ("one", "two"))
+    with LiveServer(one) as s1, LiveServer(two) as s2, s1.client() as c1, s2.client() as c2:
+        c1.headers.update(bearer(key))
+        c2.headers.update(bearer(key))
+        texts = {"items": [{"text": f"shared budget {i}", "source": source} for i in range(2)]}
+        assert c1.post("/v1/texts", json=texts).status_code == 202
+        assert c2.post("/v1/texts", json=texts).status_code == 202
+        r = c1.post("/v1/texts", json={"text": "one more", "source": source})
+        assert r.status_code == 429 and "limits.source_rate_per_s" in r.json()["detail"], r.text
+        codes = [c.get("/v1/trainer").status_code for c in (c1, c2)]  # the key's 4th and 5th requests
+        assert codes == [200, 200]
+        for c in (c1, c2):
+            r = c.get("/v1/trainer")
+            assert r.status_code == 429 and "limits.key_rate_per_s" in r.json()["detail"], r.text
+            assert int(r.headers["retry-after"]) >= 1
 
 
 # ---- over HTTP --------------------------------------------------------------------------------

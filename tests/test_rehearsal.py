@@ -131,6 +131,9 @@ def test_auto_rehearses_a_pretrained_base_only(tmp_path: Path) -> None:
         and cfg.path.parent == tmp_path / "rehearsal"
     )
     assert rehearsal_config(make_settings(tmp_path, **{"replay.base_rehearsal": "on"})) is not None
+    # random weights written to a directory (the scaling bench's shapes): nothing to keep
+    made = {"model.name_or_path": str(create_tiny(tmp_path / "random", n_layer=1))}
+    assert rehearsal_config(make_settings(tmp_path, **made)) is None
     off = {"model.name_or_path": str(tmp_path / "some-model"), "replay.base_rehearsal": "off"}
     assert rehearsal_config(make_settings(tmp_path, **off)) is None
     no_replay = {"model.name_or_path": str(tmp_path / "some-model"), "replay.enabled": False}

@@ -161,6 +161,13 @@ def rollbacks_through_one_replica_are_served_by_the_other(tmp_path: Path, env: d
                 assert served(via) == version
                 wait_for(lambda o=other, v=version: served(o) == v, timeout=3, interval=0.05)
                 print(f"rollback to {version} served by the other replica after {time.monotonic() - t0:.2f}s")
+            if "LLMOS_LIMITS__STORAGE_URL" in env:  # one source's budget, counted in Redis, across both
+                source = f"roles-{uuid.uuid4().hex}"
+                two = {"items": [{"text": f"a shared budget {i}", "source": source} for i in range(2)]}
+                assert [c.post("/v1/texts", json=two).status_code for c in (a, b)] == [202, 202]
+                for c in (a, b):
+                    r = c.post("/v1/texts", json={"text": "over the budget", "source": source})
+                    assert r.status_code == 429 and "limits.source_rate_per_s" in r.json()["detail"], r.text
     finally:
         stop(*procs)
 
@@ -193,9 +200,16 @@ def pg_database() -> Iterator[str]:
 
 
 @pytest.mark.slow  # a PostgreSQL service test
-def test_on_postgresql_a_replica_is_told_of_a_rollback_through_another(tmp_path: Path, pg_database: str) -> None:
+def test_on_postgresql_replicas_follow_a_rollback_and_share_rate_limits(tmp_path: Path, pg_database: str) -> None:
     # A poll every 60 s: only the NOTIFY of the rollback's transaction can bring the swap sooner.
-    env = {"LLMOS_STORE__URL": pg_database, "LLMOS_SERVING__FOLLOW_INTERVAL_S": "60"}
+    # Both replicas count rate limits in the Redis every machine here runs: a source's budget is one.
+    env = {
+        "LLMOS_STORE__URL": pg_database,
+        "LLMOS_SERVING__FOLLOW_INTERVAL_S": "60",
+        "LLMOS_LIMITS__STORAGE_URL": "redis://127.0.0.1:6379/0",
+        "LLMOS_LIMITS__SOURCE_RATE_PER_S": "0.1",
+        "LLMOS_LIMITS__SOURCE_BURST": "4",
+    }
     rollbacks_through_one_replica_are_served_by_the_other(tmp_path, env)
 
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -18,13 +21,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from llmos import __version__
 from llmos.api import dashboard
 from llmos.api.deps import Keyring
-from llmos.api.limits import RateLimiter
+from llmos.api.limits import RateLimiter, make_limiter
 from llmos.api.metrics import instrument
 from llmos.api.openai import router as openai_router
 from llmos.api.relay import Slots
 from llmos.api.routes import router
 from llmos.api.schemas import clean_errors
 from llmos.daemon import Daemon
+from llmos.store.db import is_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +95,22 @@ async def _drain(receive: Receive, limit: int) -> None:
         await asyncio.wait_for(drop(), DRAIN_S)
 
 
+STORE_RETRY_AFTER_S = 5  # the Retry-After of a 503 while the store cannot be reached
+
+
+class _OncePer:
+    """A warning logged at most once per ``interval_s`` (an outage fails every request)."""
+
+    def __init__(self, interval_s: float, message: str) -> None:
+        self.interval_s, self.message, self._last = interval_s, message, -math.inf
+
+    def warn(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        if now - self._last >= self.interval_s:
+            self._last = now
+            log.warning(self.message, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+
+
 _METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
 
 
@@ -112,10 +132,14 @@ def create_app(daemon: Daemon, manage_lifecycle: bool = True) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.daemon = daemon
+    store_down = _OncePer(10.0, "the store cannot be reached: answering 503 (%s)")
     limits = daemon.settings.limits
     app.state.keyring = Keyring(daemon.admin_token, daemon.settings.auth.api_keys)
-    app.state.key_limiter = RateLimiter(limits.key_rate_per_s, limits.key_burst, limits.max_tracked)
-    app.state.source_limiter = RateLimiter(limits.source_rate_per_s, limits.source_burst, limits.max_tracked)
+    shared = limits.storage_url
+    app.state.key_limiter = make_limiter(limits.key_rate_per_s, limits.key_burst, limits.max_tracked, shared, "key")
+    app.state.source_limiter = make_limiter(
+        limits.source_rate_per_s, limits.source_burst, limits.max_tracked, shared, "source"
+    )
     # Refused admin attempts are audited, a burst of 60 per client address and then one a second:
     # a flood of bad tokens cannot fill the store with audit rows.
     app.state.refusal_audit = RateLimiter(1.0, 60, limits.max_tracked)
@@ -144,6 +168,15 @@ def create_app(daemon: Daemon, manage_lifecycle: bool = True) -> FastAPI:
             }
             headers = {**(headers or {}), "Allow": ", ".join(sorted(allowed))}
         return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=headers)
+
+    @app.exception_handler(DBAPIError)
+    async def _store(_req: Request, exc: DBAPIError) -> JSONResponse:
+        if not is_unavailable(exc):
+            raise exc  # a bug, not an outage: the 500 below
+        # The store is down or locked: nothing was acknowledged; the client retries later.
+        store_down.warn(exc)
+        headers = {"Retry-After": str(STORE_RETRY_AFTER_S)}
+        return JSONResponse({"detail": "the store cannot be reached; retry later"}, status_code=503, headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(req: Request, exc: Exception) -> JSONResponse:

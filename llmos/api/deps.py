@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from llmos.api.limits import RateLimiter, retry_after
+from llmos.api.limits import Limiter, RateLimiter, retry_after
 from llmos.api.relay import Slots
 from llmos.daemon import Daemon
 from llmos.store.audit import AuditOutcome
@@ -82,13 +82,13 @@ def get_keyring(request: Request) -> Keyring:
     return keyring
 
 
-def get_key_limiter(request: Request) -> RateLimiter:
-    limiter: RateLimiter = request.app.state.key_limiter
+def get_key_limiter(request: Request) -> Limiter:
+    limiter: Limiter = request.app.state.key_limiter
     return limiter
 
 
-def get_source_limiter(request: Request) -> RateLimiter:
-    limiter: RateLimiter = request.app.state.source_limiter
+def get_source_limiter(request: Request) -> Limiter:
+    limiter: Limiter = request.app.state.source_limiter
     return limiter
 
 
@@ -99,7 +99,7 @@ def get_slots(request: Request) -> Slots:
 
 KeyringDep = Annotated[Keyring, Depends(get_keyring)]
 SlotsDep = Annotated[Slots, Depends(get_slots)]
-SourceLimiterDep = Annotated[RateLimiter, Depends(get_source_limiter)]
+SourceLimiterDep = Annotated[Limiter, Depends(get_source_limiter)]
 
 
 def too_many(detail: str, wait_s: float) -> HTTPException:
@@ -110,7 +110,7 @@ def require_api_key(
     request: Request,
     creds: BearerDep,
     keyring: KeyringDep,
-    limiter: Annotated[RateLimiter, Depends(get_key_limiter)],
+    limiter: Annotated[Limiter, Depends(get_key_limiter)],
 ) -> Caller:
     """An API key (or the admin token); none needed when no keys are configured. Then the
     key's rate limit."""

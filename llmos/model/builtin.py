@@ -8,6 +8,7 @@ The tokenizer's vocabulary is the 256 byte symbols plus EOS and has no merges, s
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -23,6 +24,9 @@ TINY_SHAPE: dict[str, Any] = {"n_layer": 2, "n_embd": 128, "n_head": 4, "n_posit
 # No dropout: online learning sees each fact a few times and must pick it up quickly, and
 # training then draws nothing from the global RNG (exact resume stays simple).
 NO_DROPOUT: dict[str, Any] = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+# Written beside the weights create_tiny makes: they are random, so there is nothing the base knew
+# to keep (base rehearsal's auto mode reads it). A model saved elsewhere after training lacks it.
+RANDOM_WEIGHTS = "llmos-random-weights.json"
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
@@ -59,10 +63,17 @@ def create_tiny(target: Path, seed: int = 0, **shape: int) -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        (tmp / RANDOM_WEIGHTS).write_text(json.dumps({"seed": seed, "weights": "random, as initialised"}) + "\n")
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def has_random_weights(name_or_path: str) -> bool:
+    """Whether the model is llmos's own random initialisation: the built-in model, or a directory
+    create_tiny wrote (the scaling bench's larger shapes) and nothing has trained since."""
+    return name_or_path.startswith("builtin:") or (Path(name_or_path) / RANDOM_WEIGHTS).is_file()
 
 
 def ensure_tiny(models_dir: Path, seed: int = 0) -> Path:

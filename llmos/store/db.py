@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 
@@ -62,6 +63,31 @@ def _sqlite_engine(url: str, begin: str, busy_timeout_s: float, connections: int
     return engine
 
 
+# Words of the drivers' errors that say the store cannot be reached now (PostgreSQL down, starting
+# or shutting down, a connection cut; SQLite's write lock held past the busy timeout, its disk
+# failing), where a retry later can succeed. Other errors (a missing table, a bad query) are bugs.
+_UNAVAILABLE = (
+    "connection",
+    "could not connect",
+    "server closed",
+    "terminating",
+    "the database system is",
+    "consuming input failed",
+    "timeout expired",
+    "database is locked",
+    "disk i/o error",
+)
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether a store error means the store cannot be reached for now (answer 503, retry later)."""
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated or isinstance(exc, InterfaceError):
+        return True
+    return isinstance(exc, OperationalError) and any(w in str(exc.orig).lower() for w in _UNAVAILABLE)
+
+
 class StoreNotDurable(ValueError):
     """The store's settings would let an acknowledged write be lost."""
 
@@ -79,7 +105,11 @@ class Database:
             self._write_engine = _sqlite_engine(self.url, "BEGIN IMMEDIATE", busy_timeout_s, connections=2)
             self._read_engine = _sqlite_engine(self.url, "BEGIN", busy_timeout_s, connections=8)
         else:
-            self._write_engine = create_engine(self.url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+            # A connection that fails is replaced at its next checkout (pre-ping), and a server that
+            # does not answer fails a connect in 5 s instead of hanging a request.
+            self._write_engine = create_engine(
+                self.url, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args={"connect_timeout": 5}
+            )
             self._read_engine = self._write_engine
         self._writer = sessionmaker(self._write_engine, expire_on_commit=False)
         self._reader = sessionmaker(self._read_engine, expire_on_commit=False)

@@ -17,8 +17,9 @@ prompts (24 of 24 right before, 0 after) under replay alone. Distillation of 128
 kept them; 64 a pass, or the sampled tokens instead of the distributions, kept fewer (scratch runs
 of bench/teach.py). It costs training time, each pass carrying ``per_pass`` more rows and a
 forward pass of the base over them; and on a base with random weights (the built-in model
-``make run`` starts from) it would rehearse noise: ``replay.base_rehearsal: auto`` turns it on only
-for a model loaded from a directory.
+``make run`` starts from) it would rehearse noise: ``replay.base_rehearsal: auto`` turns it off for
+random weights llmos made itself (the built-in model, or any directory ``create_tiny`` wrote, which
+holds ``llmos-random-weights.json``) and on for every other model.
 """
 
 from __future__ import annotations
