@@ -121,7 +121,7 @@ def serve(
         port=settings.server.port,
         log_level=log_level.lower(),
         log_config=None,  # keep the handler configure() installed: one format for every line
-        timeout_graceful_shutdown=8,
+        timeout_graceful_shutdown=settings.server.shutdown_timeout_s,
         http=protocol(settings.server.head_timeout_s),  # uvicorn's, with a deadline on request heads
     )
     _make_server_class(daemon.stopping)(server_config).run()

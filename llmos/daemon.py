@@ -129,7 +129,7 @@ class Daemon:
         self.queue = SampleQueue(self.db)
         self.preferences = PreferenceQueue(self.db)
         self.generations = GenerationLog(self.db, settings.store.keep_generations)
-        self.registry = open_registry(settings, self.db)
+        self.registry = open_registry(settings, self.db, remove_leftovers=role == "all")
         self.factory = model_factory(settings)
         self.engine = ServingEngine(
             self.factory,

@@ -29,6 +29,12 @@ class ServerSettings(_Section):
     max_body_bytes: int = Field(
         1 << 20, gt=0, description="Largest request body, counted as it streams in (413 past it)."
     )
+    shutdown_timeout_s: int = Field(
+        20,
+        ge=1,
+        description="After SIGTERM, how long requests in flight may take to finish before they are cut; keep "
+        "it under the service manager's kill timeout (Docker and Kubernetes: 30 s).",
+    )
     head_timeout_s: float = Field(
         10.0,
         gt=0,

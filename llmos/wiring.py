@@ -180,9 +180,12 @@ def model_factory(settings: Settings) -> ModelFactory:
     return ModelFactory(base, device, lora_spec(settings), attention_kernels(settings, device))
 
 
-def open_registry(settings: Settings, db: Database) -> Registry:
+def open_registry(settings: Settings, db: Database, remove_leftovers: bool = False) -> Registry:
+    """The checkpoint registry. Leftovers of interrupted writes are removed by the trainer when it
+    takes the store's trainer lease (llmos/trainer/loop.py), or here where asked (a single box,
+    before its trainer starts): an API replica or a standby must not, while a trainer writes."""
     registry = Registry(settings.data_dir / "checkpoints", CheckpointIndex(db), settings.registry.keep_last)
-    registry.open()
+    registry.open(remove_leftovers)
     return registry
 
 

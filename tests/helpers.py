@@ -254,3 +254,33 @@ def memory_metrics(text: str) -> dict[str, float]:
             elif s.name == "llmos_decode_attended_positions_total":
                 out["attended_positions"] = s.value
     return out
+
+
+class Poster:
+    """Posts one text at a time from a thread and keeps what each answer said."""
+
+    def __init__(self, url: str, label: str = "outage") -> None:
+        self.url, self.label = url, label
+        self.acked: list[str] = []  # ids answered 202
+        self.answers: list[tuple[float, int, str | None]] = []  # (when, status, Retry-After)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=30) as c:
+            i = 0
+            while not self.stop.is_set():
+                i += 1
+                try:
+                    r = c.post("/v1/texts", json={"text": f"{self.label} text {i}: the tide rose {i} inches."})
+                except httpx.TransportError:
+                    self.answers.append((time.monotonic(), 0, None))  # no answer at all: recorded, and fails the test
+                    time.sleep(0.1)
+                    continue
+                self.answers.append((time.monotonic(), r.status_code, r.headers.get("retry-after")))
+                if r.status_code == 202:
+                    self.acked.extend(r.json()["ids"])
+                time.sleep(0.05)
+
+    def since(self, t: float) -> list[int]:
+        return [code for when, code, _ in self.answers if when >= t]

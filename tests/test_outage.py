@@ -11,7 +11,6 @@ import pwd
 import shutil
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import free_port, wait_for
-from helpers import start_server
+from helpers import Poster, start_server
 
 pytestmark = pytest.mark.slow  # a server and a PostgreSQL of its own, restarted
 
@@ -70,36 +69,6 @@ def postgres() -> Iterator[PrivatePostgres]:
         yield pg
     finally:
         pg.remove()
-
-
-class Poster:
-    """Posts one text at a time from a thread and keeps what each answer said."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.acked: list[str] = []  # ids answered 202
-        self.answers: list[tuple[float, int, str | None]] = []  # (when, status, Retry-After)
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        with httpx.Client(base_url=self.url, timeout=30) as c:
-            i = 0
-            while not self.stop.is_set():
-                i += 1
-                try:
-                    r = c.post("/v1/texts", json={"text": f"outage text {i}: the tide rose {i} inches."})
-                except httpx.TransportError:
-                    self.answers.append((time.monotonic(), 0, None))  # no answer at all: recorded, and fails the test
-                    time.sleep(0.1)
-                    continue
-                self.answers.append((time.monotonic(), r.status_code, r.headers.get("retry-after")))
-                if r.status_code == 202:
-                    self.acked.extend(r.json()["ids"])
-                time.sleep(0.05)
-
-    def since(self, t: float) -> list[int]:
-        return [code for when, code, _ in self.answers if when >= t]
 
 
 def test_a_postgresql_restart_gives_503s_then_the_server_recovers_and_keeps_every_acked_text(

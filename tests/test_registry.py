@@ -100,6 +100,11 @@ def test_open_removes_leftovers_of_interrupted_writes(
     (root / "v000007" / MANIFEST).write_text("{}")
     (root / "notes").mkdir()  # not ours to touch
 
+    # An API replica (or a standby trainer) opening the registry while a trainer writes must not
+    # take a write in progress for a leftover: it leaves them all.
+    Registry(tmp_path / "checkpoints", CheckpointIndex(db)).open(remove_leftovers=False)
+    assert sorted(p.name for p in root.iterdir()) == [".tmp-abc123", "notes", "v000001", "v000007"]
+
     restarted = Registry(tmp_path / "checkpoints", CheckpointIndex(db))
     restarted.open()
 

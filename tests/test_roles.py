@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import admin_headers, free_port, make_settings, settled, wait_for
-from helpers import llmos_env, start_server, start_trainer, wait_until_ready
+from helpers import Poster, llmos_env, start_server, start_trainer, wait_until_ready
 from sqlalchemy.engine import make_url
 
 from llmos.store.db import Database
@@ -220,3 +220,58 @@ def test_train_refuses_a_setting_it_cannot_use_before_any_work(tmp_path: Path) -
     cmd = [sys.executable, "-m", "llmos", "train", "--data-dir", str(tmp_path / "data")]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "eval.anchor_file" in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.slow  # a PostgreSQL service test
+def test_on_a_fresh_postgresql_replicas_and_a_trainer_start_together_and_lose_nothing_to_a_kill(
+    tmp_path: Path, pg_database: str
+) -> None:
+    # As compose or a cluster starts them: all at once on an empty store and an empty data
+    # directory. One migrates the schema (the others wait on its lock), one registers version 0 and
+    # one writes the built-in model; nobody deletes what another is writing.
+    data, env = tmp_path / "data", {"LLMOS_STORE__URL": pg_database}
+    ports = free_port(), free_port()
+    logs = [tmp_path / f"api{p}.log" for p in ports]
+    procs: list[subprocess.Popen[bytes] | None] = [
+        start_server(data, p, log, env, wait_ready=False, args=API) for p, log in zip(ports, logs, strict=True)
+    ]
+    procs.append(start_trainer(data, tmp_path / "train.log", env))
+    try:
+        for proc, p, log in zip(procs, ports, logs, strict=False):
+            assert proc is not None
+            wait_until_ready(proc, p, log)
+        a, b = (httpx.Client(base_url=f"http://127.0.0.1:{p}", timeout=60) for p in ports)
+        with a, b:
+            wait_for(lambda: all(c.get("/v1/trainer").json()["state"] == "remote" for c in (a, b)), timeout=90)
+            assert [r["version"] for r in a.get("/v1/checkpoints").json()["checkpoints"]] == [0]
+            ids = []
+            for i, c in enumerate((a, b, a, b, a, b, a, b)):  # texts posted across both replicas
+                r = c.post("/v1/texts", json={"text": f"{PROMPT} is {FACT}, number {i}.", "source": "together"})
+                assert r.status_code == 202, r.text
+                ids += r.json()["ids"]
+            wait_for(lambda: settled(a, ids) and settled(b, ids), timeout=180, interval=0.5)
+            version = a.get("/v1/checkpoints").json()["active_version"]
+            assert version >= 1
+            wait_for(lambda: served(a) == served(b) == version, timeout=5, interval=0.05)
+            assert all(proc is not None and proc.poll() is None for proc in procs)  # none died on the way
+
+            # kill -9 of a replica mid-ingest: what either replica acknowledged is kept and trained.
+            posters = [Poster(f"http://127.0.0.1:{p}", label=f"replica {p}") for p in ports]
+            for poster in posters:
+                poster.thread.start()
+            wait_for(lambda: all(len(poster.acked) >= 10 for poster in posters), timeout=60)
+            killed = procs[0]
+            assert killed is not None
+            killed.kill()
+            killed.wait(10)
+            n = len(posters[1].acked)
+            wait_for(lambda: len(posters[1].acked) >= n + 5, timeout=30)  # the other replica goes on
+            for poster in posters:
+                poster.stop.set()
+                poster.thread.join(30)
+            acked = posters[0].acked + posters[1].acked
+            missing = [i for i in acked if b.get(f"/v1/texts/{i}").status_code != 200]
+            assert not missing, missing
+            wait_for(lambda: settled(b, acked, every=7) and settled(b, acked[-1:]), timeout=180, interval=1.0)
+    finally:
+        stop(*procs)

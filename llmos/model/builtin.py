@@ -64,7 +64,13 @@ def create_tiny(target: Path, seed: int = 0, **shape: int) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / RANDOM_WEIGHTS).write_text(json.dumps({"seed": seed, "weights": "random, as initialised"}) + "\n")
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            # Another process starting on this data directory made it first (the same seed gives
+            # the same weights): keep theirs.
+            if not (target / "config.json").exists():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -126,19 +126,17 @@ class Registry:
         self._corrupt: dict[int, str] = {}  # version -> why its files fail verify(); never served
 
     # ---- start-up -------------------------------------------------------------------------
-    def open(self) -> None:
-        """Create the layout, register version 0 and remove leftovers of interrupted writes."""
+    def open(self, remove_leftovers: bool = True) -> None:
+        """Create the layout, register version 0, remove leftovers of interrupted writes (only
+        where no other process may be writing: ``remove_leftovers``) and check every version's
+        files. Several processes may open one registry at once (replicas starting together)."""
         self.root.mkdir(parents=True, exist_ok=True)
         if self.index.get(0, include_pruned=True) is None:
-            self.index.add(CheckpointRecord(0, None, CheckpointStatus.promoted, BASE_PATH, 0, 0, {}))
+            self.index.add_unless_there(CheckpointRecord(0, None, CheckpointStatus.promoted, BASE_PATH, 0, 0, {}))
         if self.index.active_version() is None:
             self.index.activate(0)
-        known = {r.version for r in self.index.list() if r.path}
-        for child in self.root.iterdir():
-            m = _DIR_RE.match(child.name)
-            if child.name.startswith(".tmp-") or (m and int(m.group(1)) not in known):
-                # A write that never reached the index: never served, never listed.
-                shutil.rmtree(child, ignore_errors=True)
+        if remove_leftovers:
+            self.remove_leftovers()
         for rec in self.index.list():  # an incomplete or tampered checkpoint is listed as corrupt
             if not rec.path or rec.status is CheckpointStatus.rejected:
                 continue  # no files to check (or, from an older llmos, files nothing will read)
@@ -146,6 +144,17 @@ class Registry:
                 self.verify(rec.version)
             except CorruptCheckpoint:
                 pass
+
+    def remove_leftovers(self) -> None:
+        """Delete what writes that never reached the index left: the writer's own job (a trainer
+        that holds the store's trainer lease, or a single box before its trainer starts), since a
+        write in progress looks the same until it is recorded."""
+        known = {r.version for r in self.index.list() if r.path}
+        for child in self.root.iterdir():
+            m = _DIR_RE.match(child.name)
+            if child.name.startswith(".tmp-") or (m and int(m.group(1)) not in known):
+                # A write that never reached the index: never served, never listed.
+                shutil.rmtree(child, ignore_errors=True)
 
     # ---- writing --------------------------------------------------------------------------
     def publish(

@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
 
 from llmos.store.db import Database
 from llmos.store.lease import LeaseLost, require_lease
@@ -48,6 +49,15 @@ def _record(row: CheckpointRow) -> CheckpointRecord:
 class CheckpointIndex:
     def __init__(self, db: Database) -> None:
         self._db = db
+
+    def add_unless_there(self, rec: CheckpointRecord) -> None:
+        """Record a version unless it is recorded already, by this process or another one that
+        started beside it (two API replicas registering version 0 at once)."""
+        try:
+            self.add(rec)
+        except IntegrityError:
+            if self.get(rec.version, include_pruned=True) is None:
+                raise
 
     def add(self, rec: CheckpointRecord, fence: int | None = None) -> None:
         """Record a version; a trainer's (``fence``, its lease's token) only while it holds the

@@ -88,6 +88,9 @@ def is_unavailable(exc: BaseException) -> bool:
     return isinstance(exc, OperationalError) and any(w in str(exc.orig).lower() for w in _UNAVAILABLE)
 
 
+_MIGRATION_LOCK = 0x6C6C6D6F73  # "llmos": the PostgreSQL advisory lock held while the schema migrates
+
+
 class StoreNotDurable(ValueError):
     """The store's settings would let an acknowledged write be lost."""
 
@@ -123,6 +126,10 @@ class Database:
         cfg = Config()
         cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
         with self._migration_engine().begin() as conn:
+            if not self.is_sqlite:
+                # Replicas starting together: one migrates, the others wait here and then find the
+                # schema current (SQLite's write lock does the same there).
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, revision)
 

@@ -823,6 +823,7 @@ class Trainer:
             return False
         self._drop_work()  # an earlier term's, if any: given back just below
         self._clear_pending()
+        self.registry.remove_leftovers()  # the writer now: what an earlier holder left half-written
         fence = self._leader.token
         n = self.queue.requeue_stale(fence)
         n_prefs = self._preference_rows.requeue_stale(fence) if self._preference_rows is not None else 0
