@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from llmos.trainer.parallel import Ranks
 from llmos.trainer.preference import Loss, PreferenceSet, Reference, preference_loss
 from llmos.trainer.preprocess import MicroBatch
 from llmos.trainer.state import OptimizerConfig, TrainingState
@@ -92,16 +93,19 @@ def optimize(
     bf16: bool = False,
     penalty: Penalty | None = None,
     teacher: torch.nn.Module | None = None,
+    ranks: Ranks | None = None,
 ) -> StepReport:
     """One optimizer step over ``micro_batches``, gradients accumulated; rows of base rehearsal
     learn ``teacher``'s distribution (``token_losses``). The losses it reports are
     those before the update: on the new samples' rows, that is the prequential (test-then-train)
-    loss, which the trainer takes from a batch's first pass instead of a forward pass of its own."""
+    loss, which the trainer takes from a batch's first pass instead of a forward pass of its own.
+    With ``ranks`` (data parallel, llmos/trainer/parallel.py) every rank is given the same
+    ``micro_batches``, trains its share and takes the step one process would take on them all."""
     model = state.model
     losses_sum = torch.zeros((), device=device)
     new_sum = torch.zeros((), device=device)
     n_tokens = n_new = 0
-    for ids, weights, new, positions, rehearse in micro_batches:
+    for ids, weights, new, positions, rehearse in micro_batches if ranks is None else ranks.share(micro_batches):
         targets = weights[:, 1:] > 0  # (B, T) real targets (weight 0 is padding), on the host
         n = int(targets.sum())
         ids = ids.to(device, non_blocking=True)  # (B, T+1)
@@ -114,8 +118,12 @@ def optimize(
         losses_sum = losses_sum + (losses.detach() * (w > 0)).sum()
         new_sum = new_sum + (losses.detach() * fresh.to(device, non_blocking=True)).sum()
         n_tokens, n_new = n_tokens + n, n_new + int(fresh.sum())
-    if penalty is not None:
+    if penalty is not None and (ranks is None or ranks.rank == 0):
         penalty(model).backward()
+    if ranks is not None:  # the gradients and counts of every rank's share, summed on each
+        counts = torch.stack([losses_sum, new_sum, losses_sum.new_tensor(n_tokens), losses_sum.new_tensor(n_new)])
+        losses_sum, new_sum, tokens, fresh_tokens = ranks.sum_gradients(model, counts.float())
+        n_tokens, n_new = int(tokens), int(fresh_tokens)
     # One host sync per step: the losses for the log and the finiteness check.
     norm = _clipped_norm(model, cfg)
     stats = torch.stack([losses_sum / n_tokens, norm, new_sum / max(n_new, 1)]).tolist()
