@@ -132,9 +132,15 @@ class Server:
     interpreter lock), configured through LLMOS_* variables."""
 
     def __init__(
-        self, data_dir: Path, env: dict[str, str] | None = None, log: Path | None = None, tree: Path | None = None
+        self,
+        data_dir: Path,
+        env: dict[str, str] | None = None,
+        log: Path | None = None,
+        tree: Path | None = None,
+        args: Sequence[str] = (),
     ) -> None:
         self.data_dir = data_dir
+        self.args = list(args)  # more arguments of `llmos serve` (--role api)
         self.tree = tree  # another checkout of llmos to run instead of this one (a baseline)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -153,7 +159,7 @@ class Server:
     def __enter__(self) -> Server:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "llmos", "serve", "--data-dir", str(self.data_dir), "--port", str(self.port)]
-        cmd += ["--log-level", "warning"]  # no access log line per request
+        cmd += ["--log-level", "warning", *self.args]  # no access log line per request
         self.proc = subprocess.Popen(
             cmd, env=self.env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT, cwd=self.tree or ROOT
         )
