@@ -91,3 +91,51 @@ def test_two_ranks_take_the_steps_one_process_takes(tmp_path: Path) -> None:
                 assert math.isclose(loss, loss1, rel_tol=1e-5) and math.isclose(norm, norm1, rel_tol=1e-4)
         # The steps moved the weights (an exactness test of nothing would pass too).
         assert max(float((w - start[n].detach()).abs().max()) for n, w in alone.items()) > 1e-3
+
+
+def _sender_or_follower(rank: int, world: int, init: str, model_dir: str, out: str) -> None:
+    from llmos.trainer.distributed import StepSender, follow
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        ranks = Ranks.of_group()
+        assert ranks is not None
+        factory = ModelFactory(model_dir, CPU)
+        if rank > 0:
+            model = follow(ranks, factory, CFG).model  # rank 0's, through every step and sync
+        else:
+            sender, steps = StepSender(ranks), steps_of(1) + steps_of(2)
+            model = factory.instance(None).train()
+            state = TrainingState(model, make_optimizer(model, CFG), 0)
+            for mbs in steps[:2]:
+                sender.step(state, mbs, CFG, CPU)
+            mark = state.mark()
+            for mbs in steps[2:4]:
+                sender.step(state, mbs, CFG, CPU)
+            state.restore(mark)  # the early stop keeps an earlier pass: the others must follow
+            sender.step(state, steps[4], CFG, CPU)
+            with torch.no_grad():  # a new state, as when going back to a version: sent whole
+                model = factory.instance(None).train()
+                for p in model.parameters():
+                    p.mul_(0.5)
+            state = TrainingState(model, make_optimizer(model, CFG), 7)
+            for mbs in steps[5:7]:
+                sender.step(state, mbs, CFG, CPU)
+            sender.stop()
+        torch.save({n: p.detach().clone() for n, p in model.named_parameters()}, os.path.join(out, f"s{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_other_ranks_follow_rank_0s_state_through_restores_and_new_states(tmp_path: Path) -> None:
+    # Rank 1 ends where rank 0 ends only if it was sent the state each time rank 0 changed it
+    # otherwise than by a step they took together (each change is followed by a step here).
+    model_dir = create_tiny(tmp_path / "tiny", n_layer=1, n_positions=128)
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.start_processes(
+        _sender_or_follower, args=(2, init, str(model_dir), str(tmp_path)), nprocs=2, start_method="spawn"
+    )
+    a, b = (torch.load(tmp_path / f"s{rank}.pt") for rank in range(2))
+    for name, w in a.items():
+        torch.testing.assert_close(b[name], w, rtol=0, atol=0, msg=name)  # the same arithmetic on each rank

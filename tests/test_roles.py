@@ -275,3 +275,34 @@ def test_on_a_fresh_postgresql_replicas_and_a_trainer_start_together_and_lose_no
             wait_for(lambda: settled(b, acked, every=7) and settled(b, acked[-1:]), timeout=180, interval=1.0)
     finally:
         stop(*procs)
+
+
+@pytest.mark.slow  # torchrun, two trainer ranks and an API replica
+def test_torchrun_trains_on_two_ranks_and_the_replica_serves_it(tmp_path: Path) -> None:
+    # `torchrun --nproc-per-node 2 -m llmos train`: rank 0 is the trainer (lease, claims,
+    # evaluation, checkpoints), rank 1 takes its share of every optimizer step (gloo on the CPU).
+    data, port, log = tmp_path / "data", free_port(), tmp_path / "torchrun.log"
+    api = start_server(data, port, tmp_path / "api.log", args=API)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += ["--tee", "3", "--log-dir", str(tmp_path / "ranks"), "-m", "llmos", "train", "--data-dir", str(data)]
+    group = subprocess.Popen(
+        cmd, env=llmos_env({"OMP_NUM_THREADS": "1"}), stdout=log.open("ab"), stderr=subprocess.STDOUT
+    )
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
+            wait_for(lambda: c.get("/v1/trainer").json()["state"] == "remote", timeout=120, interval=0.5)
+            ids = []
+            for i in range(8):
+                r = c.post("/v1/texts", json={"text": f"{PROMPT} is {FACT}, number {i}.", "source": "ranks"})
+                assert r.status_code == 202, r.text
+                ids += r.json()["ids"]
+            wait_for(lambda: settled(c, ids), timeout=180, interval=0.5)
+            assert served(c) >= 1
+        group.send_signal(signal.SIGTERM)
+        group.wait(90)
+    finally:
+        stop(group, api)
+    text = log.read_text()
+    assert "rank 0 of 2 (gloo)" in text and "rank 1 of 2 (gloo)" in text, text[-3000:]
+    taken = re.search(r"rank 1: rank 0 stopped after (\d+) steps taken together", text)
+    assert taken is not None and int(taken[1]) > 0, text[-3000:]

@@ -18,6 +18,7 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import torch
+import torch.distributed as dist
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -30,9 +31,10 @@ from llmos.settings import Settings
 from llmos.store import notify
 from llmos.store.db import Database
 from llmos.store.queue import SampleQueue
+from llmos.trainer import distributed
 from llmos.trainer.active import ActiveModel
 from llmos.trainer.loop import Trainer, TrainerPhase
-from llmos.wiring import build_trainer, model_factory, open_registry, thread_budget
+from llmos.wiring import build_trainer, model_factory, open_registry, thread_budget, trainer_config
 
 log = logging.getLogger(__name__)
 
@@ -140,12 +142,21 @@ def run(settings: Settings) -> int:
     signal.signal(signal.SIGINT, on_signal)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(thread_budget(settings).serving)
+    factory = model_factory(settings)
+    ranks = distributed.init_from_env(factory.device)  # under torchrun
+    if ranks is not None and ranks.rank > 0:  # a rank that only takes part in rank 0's steps
+        try:
+            distributed.follow(ranks, factory, trainer_config(settings, factory.device).optimizer)
+        finally:
+            dist.destroy_process_group()
+        return 0
     db = Database(settings.store_url, settings.store.busy_timeout_s)
     db.check_durable()  # raises StoreNotDurable
     db.create_schema()
     registry = open_registry(settings, db)
-    factory = model_factory(settings)
     trainer = build_trainer(settings, db, registry, factory, StoreServing(registry, factory))
+    if ranks is not None:
+        trainer.sender = distributed.StepSender(ranks)
     server = None
     if settings.train.metrics_port:
         collector = TrainerCollector(trainer, SampleQueue(db), registry)
@@ -169,6 +180,9 @@ def run(settings: Settings) -> int:
     finally:
         watch.stop()
         trainer.stop(STOP_TIMEOUT_S)
+        if trainer.sender is not None:  # the other ranks stop with rank 0
+            trainer.sender.stop()
+            dist.destroy_process_group()
         if server is not None:
             server.shutdown()
         db.dispose()

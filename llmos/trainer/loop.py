@@ -40,6 +40,7 @@ from llmos.store.reservoir import Reservoir
 from llmos.text import text_hash
 from llmos.trainer.checkpoint import checkpoint
 from llmos.trainer.collapse import ProbeReport, probes
+from llmos.trainer.distributed import StepSender
 from llmos.trainer.evaluate import EarlyStop, EvalConfig, EvalReport, EvalSets, Known, evaluate
 from llmos.trainer.leader import Leader
 from llmos.trainer.optimize import Penalty, PreferenceConfig, optimize, optimize_preferences
@@ -168,6 +169,7 @@ class Trainer:
         self.preferences = preferences if cfg.preference is not None else None
         self._preference_rows = preferences  # trained or not: a new term returns those left in training
         self._leader = Leader(lease, cfg.trainer_lease_s)
+        self.sender: StepSender | None = None  # under torchrun: each step taken with the other ranks
         self.device = factory.device
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -531,7 +533,7 @@ class Trainer:
             for start in range(0, len(micro), k):
                 self._step_boundary()
                 self._yield_to_requests()
-                report = optimize(
+                report = (optimize if self.sender is None else self.sender.step)(
                     state,
                     micro[start : start + k],
                     self.cfg.optimizer,

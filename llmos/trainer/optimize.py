@@ -179,6 +179,7 @@ def _apply(
     state.optimizer.step()
     state.optimizer.zero_grad(set_to_none=True)
     state.step += 1
+    state.revision += 1
     if text_loss:
         state.last_loss = loss
     return None

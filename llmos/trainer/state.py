@@ -49,6 +49,7 @@ class TrainingState:
     samples_seen: int = 0
     last_loss: float | None = None
     prequential_loss: float | None = None  # running average of losses measured before training on the data
+    revision: int = 0  # counts changes to the weights (steps, restores): data-parallel ranks sync on it
 
     def mark(self) -> Mark:
         weights = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
@@ -57,6 +58,7 @@ class TrainingState:
     @torch.no_grad()
     def restore(self, mark: Mark) -> None:
         """Go back to ``mark``. A mark is used once: the optimizer may keep its tensors."""
+        self.revision += 1
         for name, param in self.model.named_parameters():
             if name in mark.weights:
                 param.copy_(mark.weights[name])

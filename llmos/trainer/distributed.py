@@ -1,0 +1,113 @@
+"""The trainer under ``torchrun``: rank 0 is the trainer (it holds the lease, claims, evaluates,
+checkpoints and promotes, as one process does); the other ranks hold a copy of the model and
+optimizer and take part in each optimizer step, training their share of its micro-batches
+(llmos/trainer/parallel.py).
+
+Rank 0 sends each step's micro-batches to the others (``broadcast_object_list``) and, before a
+step, the whole training state (weights, optimizer state, step) whenever it changed otherwise
+than by the steps they took together: a new term, going back to a version, the early stop
+restoring its best pass, a preference step. The others never touch the store. When rank 0
+stops it tells them to; if any rank dies, ``torchrun`` stops the group, and the claims of rank 0
+go back to the queue after their lease, as a dead single trainer's do.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from llmos.model.loader import ModelFactory
+from llmos.trainer.optimize import Penalty, StepReport, optimize
+from llmos.trainer.parallel import Ranks
+from llmos.trainer.preprocess import MicroBatch
+from llmos.trainer.state import OptimizerConfig, TrainingState, load_optimizer, make_optimizer
+
+log = logging.getLogger(__name__)
+
+# A rank waits for rank 0's next step however long the queue stays empty.
+IDLE_TIMEOUT = timedelta(days=365)
+
+
+def init_from_env(device: torch.device) -> Ranks | None:
+    """Join the process group ``torchrun`` describes (WORLD_SIZE, RANK, MASTER_ADDR, ...): gloo on
+    a CPU, nccl on CUDA. None when not started by torchrun, or with one rank."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=IDLE_TIMEOUT)
+    ranks = Ranks.of_group()
+    if ranks is not None:
+        log.info("rank %d of %d (%s)", ranks.rank, ranks.world, backend)
+    return ranks
+
+
+def _broadcast(obj: Any = None) -> Any:
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _state_of(state: TrainingState) -> dict[str, Any]:
+    weights = {n: p.detach().cpu() for n, p in state.model.named_parameters() if p.requires_grad}
+    return {"weights": weights, "optimizer": state.optimizer.state_dict(), "step": state.step}
+
+
+class StepSender:
+    """Rank 0's optimize stage: each step sent to the other ranks and taken with them."""
+
+    def __init__(self, ranks: Ranks) -> None:
+        assert ranks.rank == 0
+        self.ranks = ranks
+        self._synced: tuple[TrainingState, int] | None = None  # the state and revision the others hold
+
+    def step(
+        self,
+        state: TrainingState,
+        micro_batches: Sequence[MicroBatch],
+        cfg: OptimizerConfig,
+        device: torch.device,
+        bf16: bool = False,
+        penalty: Penalty | None = None,
+        teacher: torch.nn.Module | None = None,
+    ) -> StepReport:
+        if self._synced is None or self._synced[0] is not state or self._synced[1] != state.revision:
+            _broadcast(("state", _state_of(state)))
+        _broadcast(("step", list(micro_batches), bf16, teacher is not None))
+        report = optimize(state, micro_batches, cfg, device, bf16, penalty, teacher, self.ranks)
+        self._synced = (state, state.revision)
+        return report
+
+    def stop(self) -> None:
+        _broadcast(("stop",))
+
+
+def follow(ranks: Ranks, factory: ModelFactory, cfg: OptimizerConfig) -> TrainingState:
+    """A rank other than 0: take rank 0's steps until it stops. Returns the state it ends with."""
+    model = factory.instance(None).train()
+    state = TrainingState(model, make_optimizer(model, cfg), 0)
+    steps = 0
+    log.info("rank %d follows rank 0's steps", ranks.rank)
+    while True:
+        cmd = _broadcast()
+        if cmd[0] == "stop":
+            log.info("rank %d: rank 0 stopped after %d steps taken together", ranks.rank, steps)
+            return state
+        if cmd[0] == "state":
+            saved = cmd[1]
+            with torch.no_grad():
+                params = dict(state.model.named_parameters())
+                for name, w in saved["weights"].items():
+                    params[name].copy_(w)
+            load_optimizer(state.optimizer, saved["optimizer"])
+            state.step = saved["step"]
+        elif cmd[0] == "step":
+            _kind, micro, bf16, distill = cmd
+            teacher = factory.base_model() if distill else None
+            optimize(state, micro, cfg, factory.device, bf16, None, teacher, ranks)
+            steps += 1
