@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-slow test-all lint run clean dashboard-screenshot bench-forgetting bench-teach bench bench-speed bench-scaling bench-serving bench-replicas
+.PHONY: install test test-slow test-all lint run clean dashboard-screenshot bench-forgetting bench-teach bench bench-speed bench-scaling bench-serving bench-replicas bench-parallel
 
 # One command sets everything up: a virtual environment with torch (CPU wheel unless you have
 # installed another build) and llmos with its test tools (among them the openai client and
@@ -68,6 +68,11 @@ bench-serving:
 # PostgreSQL (the service at 127.0.0.1:5432) and SQLite: bench/results/replicas.md.
 bench-replicas:
 	$(BIN)/python bench/replicas.py --out bench/results/replicas.md
+
+# Data-parallel training (the optimize stage on 2 gloo ranks against one process):
+# bench/results/parallel.md.
+bench-parallel:
+	$(BIN)/python bench/parallel.py --out bench/results/parallel.md
 
 # Speed (issue 4): trainer, generation, serving while training, hot-swap, freshness, ingest, and
 # their growth with model size, each as a ratio against a reference measured side by side in the
