@@ -21,7 +21,8 @@ from helpers import Poster, llmos_env, start_server, start_trainer, wait_until_r
 from sqlalchemy.engine import make_url
 
 from llmos.store.db import Database
-from llmos.store.tables import CheckpointStatus
+from llmos.store.queue import NewSample, SampleQueue
+from llmos.store.tables import CheckpointStatus, SampleStatus
 from llmos.trainer.state import TrainerSnapshot
 from llmos.wiring import model_factory, open_registry
 
@@ -306,3 +307,72 @@ def test_torchrun_trains_on_two_ranks_and_the_replica_serves_it(tmp_path: Path) 
     assert "rank 0 of 2 (gloo)" in text and "rank 1 of 2 (gloo)" in text, text[-3000:]
     taken = re.search(r"rank 1: rank 0 stopped after (\d+) steps taken together", text)
     assert taken is not None and int(taken[1]) > 0, text[-3000:]
+
+
+@pytest.mark.slow  # two trainer processes, one stopped past its lease
+def test_a_trainer_stopped_past_its_lease_promotes_nothing_when_it_resumes(tmp_path: Path) -> None:
+    # SIGSTOP freezes trainer A mid-training with texts claimed; B, its standby, takes the lease
+    # once it runs out, trains those texts and promotes. SIGCONT: A finds its lease gone (fencing
+    # token refused) and stands down; nothing it writes lands, and every text trains once.
+    data, logs = tmp_path / "data", [tmp_path / "train-a.log", tmp_path / "train-b.log"]
+    env = {"LLMOS_TRAIN__TRAINER_LEASE_S": "3", "LLMOS_TRAIN__PASSES_PER_BATCH": "60"}
+    a = start_trainer(data, logs[0], env)
+    b = None
+    try:
+        wait_for(lambda: "holds the trainer lease" in logs[0].read_text(), timeout=90, interval=0.2)
+        b = start_trainer(data, logs[1], env)
+        wait_for(lambda: "standby:" in logs[1].read_text(), timeout=90, interval=0.2)
+        settings = make_settings(data)
+        db = Database(settings.store_url)
+        queue = SampleQueue(db)
+        ids = queue.enqueue([NewSample(f"{PROMPT} is {FACT}, copy {i}.") for i in range(24)])
+        training = SampleStatus.training.value
+        wait_for(lambda: queue.counts().by_status.get(training, 0) > 0, timeout=60, interval=0.05)
+        a.send_signal(signal.SIGSTOP)
+        try:
+            wait_for(lambda: "promoted:" in logs[1].read_text(), timeout=120, interval=0.2)  # B took over
+        finally:
+            resumed_at = len(logs[0].read_bytes())
+            a.send_signal(signal.SIGCONT)
+        wait_for(lambda: "lost the trainer lease" in logs[0].read_text()[resumed_at:], timeout=30, interval=0.2)
+        left = (training, SampleStatus.queued.value)
+        wait_for(lambda: not any(queue.counts().by_status.get(k, 0) for k in left), timeout=120, interval=0.2)
+        after = logs[0].read_text()[resumed_at:]
+        assert "promoted:" not in after, after  # A wrote nothing once resumed
+        statuses = {queue.get(i).status for i in ids}  # type: ignore[union-attr]
+        assert statuses <= {SampleStatus.trained, SampleStatus.heldout}, statuses
+        db.dispose()
+    finally:
+        stop(a, b)
+
+
+@pytest.mark.slow  # torchrun, then a trainer alone
+def test_kill_9_of_one_rank_mid_step_stops_the_group_and_loses_no_text(tmp_path: Path) -> None:
+    # Rank 1 dies mid-step: torchrun stops the whole group; the texts rank 0 had claimed go back
+    # to the queue (at once when rank 0 stops cleanly, else after train.lease_s), and the next
+    # trainer trains every one of them.
+    data, log = tmp_path / "data", tmp_path / "torchrun.log"
+    env = llmos_env({"OMP_NUM_THREADS": "1", "LLMOS_TRAIN__PASSES_PER_BATCH": "200", "LLMOS_TRAIN__LEASE_S": "5"})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += ["--tee", "3", "--log-dir", str(tmp_path / "ranks"), "-m", "llmos", "train", "--data-dir", str(data)]
+    group = subprocess.Popen(cmd, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
+    alone = None
+    try:
+        pid = wait_for(lambda: re.search(r"rank 1 of 2 \(gloo\), pid (\d+)", log.read_text()), timeout=120)
+        wait_for(lambda: "holds the trainer lease" in log.read_text(), timeout=120, interval=0.2)
+        db = Database(make_settings(data).store_url)
+        queue = SampleQueue(db)
+        ids = queue.enqueue([NewSample(f"{PROMPT} is {FACT}, copy {i}.") for i in range(24)])
+        training = SampleStatus.training.value
+        wait_for(lambda: queue.counts().by_status.get(training, 0) > 0, timeout=60, interval=0.05)
+        time.sleep(1.0)  # mid-step: rank 1 is in its share of a step or waiting on rank 0's next one
+        os.kill(int(pid[1]), signal.SIGKILL)
+        assert group.wait(120) != 0  # the group stops: a rank failed
+        alone = start_trainer(data, tmp_path / "train.log", {"LLMOS_TRAIN__LEASE_S": "5"})
+        left = (training, SampleStatus.queued.value)
+        wait_for(lambda: not any(queue.counts().by_status.get(k, 0) for k in left), timeout=180, interval=0.5)
+        statuses = {queue.get(i).status for i in ids}  # type: ignore[union-attr]
+        assert statuses <= {SampleStatus.trained, SampleStatus.heldout}, statuses
+        db.dispose()
+    finally:
+        stop(group, alone)

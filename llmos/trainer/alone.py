@@ -177,11 +177,16 @@ def run(settings: Settings) -> int:
                 log.error("the trainer loop ended unexpectedly")
                 code = 1
                 break
+            if trainer.sender is not None and trainer.sender.broken:
+                log.error("another rank of the trainer's group failed: stopping (torchrun stops the group)")
+                code = 1
+                break
     finally:
         watch.stop()
         trainer.stop(STOP_TIMEOUT_S)
         if trainer.sender is not None:  # the other ranks stop with rank 0
-            trainer.sender.stop()
+            if not trainer.sender.broken:
+                trainer.sender.stop()
             dist.destroy_process_group()
         if server is not None:
             server.shutdown()

@@ -43,7 +43,7 @@ def init_from_env(device: torch.device) -> Ranks | None:
     dist.init_process_group(backend, timeout=IDLE_TIMEOUT)
     ranks = Ranks.of_group()
     if ranks is not None:
-        log.info("rank %d of %d (%s)", ranks.rank, ranks.world, backend)
+        log.info("rank %d of %d (%s), pid %d", ranks.rank, ranks.world, backend, os.getpid())
     return ranks
 
 
@@ -65,6 +65,7 @@ class StepSender:
         assert ranks.rank == 0
         self.ranks = ranks
         self._synced: tuple[TrainingState, int] | None = None  # the state and revision the others hold
+        self.broken = False  # a collective failed: another rank is gone, and the group with it
 
     def step(
         self,
@@ -76,10 +77,14 @@ class StepSender:
         penalty: Penalty | None = None,
         teacher: torch.nn.Module | None = None,
     ) -> StepReport:
-        if self._synced is None or self._synced[0] is not state or self._synced[1] != state.revision:
-            _broadcast(("state", _state_of(state)))
-        _broadcast(("step", list(micro_batches), bf16, teacher is not None))
-        report = optimize(state, micro_batches, cfg, device, bf16, penalty, teacher, self.ranks)
+        try:
+            if self._synced is None or self._synced[0] is not state or self._synced[1] != state.revision:
+                _broadcast(("state", _state_of(state)))
+            _broadcast(("step", list(micro_batches), bf16, teacher is not None))
+            report = optimize(state, micro_batches, cfg, device, bf16, penalty, teacher, self.ranks)
+        except (RuntimeError, OSError):  # gloo and nccl report a lost peer so (DistBackendError included)
+            self.broken = True
+            raise
         self._synced = (state, state.revision)
         return report
 
