@@ -51,6 +51,18 @@ def start_trainer(data_dir: Path, log: Path, extra_env: dict[str, str] | None = 
     )
 
 
+def start_torchrun(
+    data_dir: Path, log: Path, extra_env: dict[str, str] | None = None, nproc: int = 2
+) -> subprocess.Popen[bytes]:
+    """Start `torchrun --standalone --nproc-per-node N -m llmos train` (gloo on the CPU); every
+    rank's output goes to ``log``, each line prefixed with its rank."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+    cmd += ["--tee", "3", "--log-dir", str(log.parent / f"{log.stem}-ranks"), "-m", "llmos", "train"]
+    env = llmos_env({"OMP_NUM_THREADS": "1", **(extra_env or {})})
+    cmd += ["--data-dir", str(data_dir)]
+    return subprocess.Popen(cmd, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
+
+
 def llmos_env(extra_env: dict[str, str] | None) -> dict[str, str]:
     """This environment without its LLMOS_ settings, with the tests' own and ``extra_env``."""
     return {

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import admin_headers, free_port, make_settings, settled, wait_for
-from helpers import Poster, llmos_env, start_server, start_trainer, wait_until_ready
+from helpers import Poster, llmos_env, start_server, start_torchrun, start_trainer, wait_until_ready
 from sqlalchemy.engine import make_url
 
 from llmos.store.db import Database
@@ -224,19 +224,20 @@ def test_train_refuses_a_setting_it_cannot_use_before_any_work(tmp_path: Path) -
 
 
 @pytest.mark.slow  # a PostgreSQL service test
-def test_on_a_fresh_postgresql_replicas_and_a_trainer_start_together_and_lose_nothing_to_a_kill(
+def test_on_postgresql_two_replicas_and_a_torchrun_trainer_start_together_and_lose_nothing_to_a_kill(
     tmp_path: Path, pg_database: str
 ) -> None:
     # As compose or a cluster starts them: all at once on an empty store and an empty data
-    # directory. One migrates the schema (the others wait on its lock), one registers version 0 and
-    # one writes the built-in model; nobody deletes what another is writing.
+    # directory, the trainer on 2 ranks. One migrates the schema (the others wait on its lock),
+    # one registers version 0 and one writes the built-in model; nobody deletes what another is
+    # writing.
     data, env = tmp_path / "data", {"LLMOS_STORE__URL": pg_database}
     ports = free_port(), free_port()
     logs = [tmp_path / f"api{p}.log" for p in ports]
     procs: list[subprocess.Popen[bytes] | None] = [
         start_server(data, p, log, env, wait_ready=False, args=API) for p, log in zip(ports, logs, strict=True)
     ]
-    procs.append(start_trainer(data, tmp_path / "train.log", env))
+    procs.append(start_torchrun(data, tmp_path / "torchrun.log", env))
     try:
         for proc, p, log in zip(procs, ports, logs, strict=False):
             assert proc is not None
@@ -255,6 +256,14 @@ def test_on_a_fresh_postgresql_replicas_and_a_trainer_start_together_and_lose_no
             assert version >= 1
             wait_for(lambda: served(a) == served(b) == version, timeout=5, interval=0.05)
             assert all(proc is not None and proc.poll() is None for proc in procs)  # none died on the way
+            assert "rank 1 follows rank 0's steps" in (tmp_path / "torchrun.log").read_text()
+
+            # A rollback through one replica: the other serves it within 1 s (NOTIFY).
+            r = a.post("/v1/admin/rollback", json={"version": 0}, headers=admin_headers())
+            assert r.status_code == 200, r.text
+            t0 = time.monotonic()
+            wait_for(lambda: served(b) == 0, timeout=1, interval=0.02)
+            print(f"rollback through one replica served by the other after {time.monotonic() - t0:.2f}s")
 
             # kill -9 of a replica mid-ingest: what either replica acknowledged is kept and trained.
             posters = [Poster(f"http://127.0.0.1:{p}", label=f"replica {p}") for p in ports]
@@ -284,11 +293,7 @@ def test_torchrun_trains_on_two_ranks_and_the_replica_serves_it(tmp_path: Path) 
     # evaluation, checkpoints), rank 1 takes its share of every optimizer step (gloo on the CPU).
     data, port, log = tmp_path / "data", free_port(), tmp_path / "torchrun.log"
     api = start_server(data, port, tmp_path / "api.log", args=API)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    cmd += ["--tee", "3", "--log-dir", str(tmp_path / "ranks"), "-m", "llmos", "train", "--data-dir", str(data)]
-    group = subprocess.Popen(
-        cmd, env=llmos_env({"OMP_NUM_THREADS": "1"}), stdout=log.open("ab"), stderr=subprocess.STDOUT
-    )
+    group = start_torchrun(data, log)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
             wait_for(lambda: c.get("/v1/trainer").json()["state"] == "remote", timeout=120, interval=0.5)
@@ -352,10 +357,7 @@ def test_kill_9_of_one_rank_mid_step_stops_the_group_and_loses_no_text(tmp_path:
     # to the queue (at once when rank 0 stops cleanly, else after train.lease_s), and the next
     # trainer trains every one of them.
     data, log = tmp_path / "data", tmp_path / "torchrun.log"
-    env = llmos_env({"OMP_NUM_THREADS": "1", "LLMOS_TRAIN__PASSES_PER_BATCH": "200", "LLMOS_TRAIN__LEASE_S": "5"})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    cmd += ["--tee", "3", "--log-dir", str(tmp_path / "ranks"), "-m", "llmos", "train", "--data-dir", str(data)]
-    group = subprocess.Popen(cmd, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
+    group = start_torchrun(data, log, {"LLMOS_TRAIN__PASSES_PER_BATCH": "200", "LLMOS_TRAIN__LEASE_S": "5"})
     alone = None
     try:
         pid = wait_for(lambda: re.search(r"rank 1 of 2 \(gloo\), pid (\d+)", log.read_text()), timeout=120)
