@@ -142,6 +142,7 @@ def run(settings: Settings) -> int:
     signal.signal(signal.SIGINT, on_signal)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(thread_budget(settings).serving)
+    distributed.use_local_gpu()
     factory = model_factory(settings)
     ranks = distributed.init_from_env(factory.device)  # under torchrun
     if ranks is not None and ranks.rank > 0:  # a rank that only takes part in rank 0's steps

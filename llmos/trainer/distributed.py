@@ -34,6 +34,13 @@ log = logging.getLogger(__name__)
 IDLE_TIMEOUT = timedelta(days=365)
 
 
+def use_local_gpu() -> None:
+    """Under torchrun with CUDA: make this rank's own GPU (LOCAL_RANK) the current device before
+    anything is placed, so that "cuda" means it (nccl wants one GPU per rank)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def init_from_env(device: torch.device) -> Ranks | None:
     """Join the process group ``torchrun`` describes (WORLD_SIZE, RANK, MASTER_ADDR, ...): gloo on
     a CPU, nccl on CUDA. None when not started by torchrun, or with one rank."""
