@@ -122,7 +122,7 @@ class Daemon:
         threads = thread_budget(settings)
         torch.set_num_threads(threads.serving)  # for threads that start later; trainer and decoder set their own
         self.admin_token, self.admin_token_path = admin_token(settings)
-        self.db = Database(settings.store_url, settings.store.busy_timeout_s)
+        self.db = Database(settings.store_url, settings.store.busy_timeout_s, settings.store.idle_transaction_s)
         self.db.check_durable()  # raises StoreNotDurable: never acknowledge what a crash could lose
         self.db.create_schema()
         self.audit_log = AuditLog(self.db)

@@ -71,7 +71,7 @@ def export_version(settings: Settings, version: int, target: Path) -> dict[str, 
         raise ExportError(f"{target} exists and is not an empty directory")
     if settings.store.url is None and not (settings.data_dir / "llmos.db").exists():
         raise ExportError(f"no llmos data in {settings.data_dir} (no llmos.db); pass --data-dir")
-    db = Database(settings.store_url, settings.store.busy_timeout_s)
+    db = Database(settings.store_url, settings.store.busy_timeout_s, settings.store.idle_transaction_s)
     try:
         # No Registry.open(): that tidies the checkpoint directory, which a running server owns.
         registry = Registry(settings.data_dir / "checkpoints", CheckpointIndex(db), settings.registry.keep_last)

@@ -90,6 +90,12 @@ class StoreSettings(_Section):
         None, description="SQLAlchemy URL; default sqlite:///<data_dir>/llmos.db (WAL, synchronous=FULL)."
     )
     busy_timeout_s: float = Field(30.0, gt=0, description="How long a SQLite writer waits for the write lock.")
+    idle_transaction_s: float = Field(
+        60.0,
+        ge=0,
+        description="PostgreSQL: end a session left idle inside a transaction this long (a paused process), so "
+        "that its row locks, the trainer lease's among them, do not hold every other writer (0 = never).",
+    )
     keep_generations: int = Field(
         100_000,
         ge=1,

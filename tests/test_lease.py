@@ -9,19 +9,22 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import make_settings, wait_for
+from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 
 from llmos.daemon import Daemon
 from llmos.store.checkpoints import CheckpointIndex, CheckpointRecord
 from llmos.store.db import Database
 from llmos.store.lease import LeaseLost, TrainerLease
 from llmos.store.queue import NewSample, SampleQueue
-from llmos.store.tables import CheckpointStatus, SampleStatus
+from llmos.store.tables import CheckpointStatus, SampleStatus, TrainerLeaseRow
 from llmos.trainer.leader import Leader, pid_space
 from llmos.trainer.loop import Trainer, TrainerPhase
 
@@ -109,6 +112,48 @@ def test_a_stale_token_promotes_nothing_and_checkpoints_nothing(db: Database, le
     assert index.activate(1, expected=0, promote=True, fence=new)  # the holder's token is good
     assert index.active_version() == 1
     assert index.activate(0)  # an admin's rollback carries no token
+
+
+def test_a_process_paused_inside_a_lease_transaction_holds_a_standby_off_only_as_long_as_the_store_allows(
+    db_url: str,
+) -> None:
+    # Trainer A pauses (SIGSTOP, a debugger) inside the transaction that renews its lease, holding
+    # the lease row. PostgreSQL ends A's idle session after store.idle_transaction_s, and standby B
+    # takes the run-out lease; SQLite cannot break another process's write lock: B waits its busy
+    # timeout and fails, until A resumes (docs/limits.md).
+    a_db = Database(db_url, busy_timeout_s=1.0, idle_transaction_s=1.0)
+    a_db.create_schema()
+    b_db = Database(db_url, busy_timeout_s=1.0, idle_transaction_s=1.0)
+    assert TrainerLease(a_db).acquire("a", SHORT_S) == 1
+    paused, resumed = threading.Event(), threading.Event()
+    failures: list[BaseException] = []
+
+    def pause_in_transaction() -> None:
+        try:
+            with a_db.write() as s:
+                s.scalar(select(TrainerLeaseRow).with_for_update())
+                paused.set()
+                resumed.wait(30)
+        except BaseException as e:  # noqa: BLE001 - what A meets when it resumes
+            failures.append(e)
+
+    a = threading.Thread(target=pause_in_transaction)
+    a.start()
+    try:
+        assert paused.wait(10)
+        started = time.monotonic()
+        if b_db.is_sqlite:
+            with pytest.raises(OperationalError, match="locked"):
+                TrainerLease(b_db).acquire("b", 30)
+        else:
+            assert wait_for(lambda: TrainerLease(b_db).acquire("b", 30), timeout=20, interval=0.1) == 2
+            assert time.monotonic() - started < 10
+    finally:
+        resumed.set()
+        a.join(30)
+        a_db.dispose()
+        b_db.dispose()
+    assert bool(failures) != b_db.is_sqlite  # on PostgreSQL, A's transaction was ended under it
 
 
 def test_a_stale_trainer_claims_and_acknowledges_nothing(db: Database, lease: TrainerLease) -> None:

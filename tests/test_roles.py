@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -314,6 +315,26 @@ def test_torchrun_trains_on_two_ranks_and_the_replica_serves_it(tmp_path: Path) 
     assert taken is not None and int(taken[1]) > 0, text[-3000:]
 
 
+def pause_outside_a_write(proc: subprocess.Popen[bytes], db_file: Path) -> None:
+    """SIGSTOP ``proc`` at a moment it holds no SQLite write lock. SQLite has one write lock per
+    file, and a process paused inside a write transaction keeps it until it resumes: every other
+    writer waits (docs/limits.md). The test is about a trainer paused while it trains, so
+    pause it again until the lock is free (a write takes milliseconds; CI once caught one)."""
+    for _ in range(50):
+        proc.send_signal(signal.SIGSTOP)
+        con = sqlite3.connect(db_file, timeout=1.0)
+        try:
+            con.execute("BEGIN IMMEDIATE")
+            con.rollback()
+            return
+        except sqlite3.OperationalError:
+            proc.send_signal(signal.SIGCONT)
+            time.sleep(0.01)
+        finally:
+            con.close()
+    raise AssertionError("the trainer held SQLite's write lock at 50 pauses in a row")
+
+
 @pytest.mark.slow  # two trainer processes, one stopped past its lease
 def test_a_trainer_stopped_past_its_lease_promotes_nothing_when_it_resumes(tmp_path: Path) -> None:
     # SIGSTOP freezes trainer A mid-training with texts claimed; B, its standby, takes the lease
@@ -333,9 +354,11 @@ def test_a_trainer_stopped_past_its_lease_promotes_nothing_when_it_resumes(tmp_p
         ids = queue.enqueue([NewSample(f"{PROMPT} is {FACT}, copy {i}.") for i in range(24)])
         training = SampleStatus.training.value
         wait_for(lambda: queue.counts().by_status.get(training, 0) > 0, timeout=60, interval=0.05)
-        a.send_signal(signal.SIGSTOP)
+        pause_outside_a_write(a, data / "llmos.db")
         try:
             wait_for(lambda: "promoted:" in logs[1].read_text(), timeout=120, interval=0.2)  # B took over
+        except AssertionError:
+            raise AssertionError("\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in logs)) from None
         finally:
             resumed_at = len(logs[0].read_bytes())
             a.send_signal(signal.SIGCONT)

@@ -63,6 +63,18 @@ def _sqlite_engine(url: str, begin: str, busy_timeout_s: float, connections: int
     return engine
 
 
+def _end_idle_transactions(engine: Engine, after_s: float) -> None:
+    # A process paused inside a transaction (SIGSTOP, a debugger, a VM frozen) keeps its row locks
+    # until it resumes: a trainer paused while renewing its lease would hold its standby off the
+    # lease for as long. PostgreSQL ends such a session after ``after_s``; the process finds its
+    # connection gone when it resumes (SQLite cannot do this for its one write lock, docs/limits.md).
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        with dbapi_conn.cursor() as cur:
+            cur.execute(f"SET SESSION idle_in_transaction_session_timeout = {int(after_s * 1000)}")
+        dbapi_conn.commit()
+
+
 # Words of the drivers' errors that say the store cannot be reached now (PostgreSQL down, starting
 # or shutting down, a connection cut; SQLite's write lock held past the busy timeout, its disk
 # failing), where a retry later can succeed. Other errors (a missing table, a bad query) are bugs.
@@ -98,7 +110,7 @@ class StoreNotDurable(ValueError):
 class Database:
     """Owns the engines; hands out short transactions. Repositories take one of these."""
 
-    def __init__(self, url: str, busy_timeout_s: float = 30.0) -> None:
+    def __init__(self, url: str, busy_timeout_s: float = 30.0, idle_transaction_s: float = 60.0) -> None:
         self.url = normalise_url(url)
         self.is_sqlite = self.url.startswith("sqlite")
         if self.is_sqlite:
@@ -113,6 +125,8 @@ class Database:
             self._write_engine = create_engine(
                 self.url, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args={"connect_timeout": 5}
             )
+            if idle_transaction_s > 0:
+                _end_idle_transactions(self._write_engine, idle_transaction_s)
             self._read_engine = self._write_engine
         self._writer = sessionmaker(self._write_engine, expire_on_commit=False)
         self._reader = sessionmaker(self._read_engine, expire_on_commit=False)

@@ -151,7 +151,7 @@ def run(settings: Settings) -> int:
         finally:
             dist.destroy_process_group()
         return 0
-    db = Database(settings.store_url, settings.store.busy_timeout_s)
+    db = Database(settings.store_url, settings.store.busy_timeout_s, settings.store.idle_transaction_s)
     db.check_durable()  # raises StoreNotDurable
     db.create_schema()
     registry = open_registry(settings, db)

@@ -335,7 +335,7 @@ def child_main(
     signal.signal(signal.SIGTERM, _stop_on_signal)
     configure(*log_config)
     torch.set_num_threads(wiring.thread_budget(settings).serving)
-    db = Database(settings.store_url, settings.store.busy_timeout_s)
+    db = Database(settings.store_url, settings.store.busy_timeout_s, settings.store.idle_transaction_s)
     registry = wiring.open_registry(settings, db)
     factory = wiring.model_factory(settings)
     trainer = wiring.build_trainer(settings, db, registry, factory, ApiServing(registry, factory, events, activity))
