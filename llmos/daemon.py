@@ -33,8 +33,10 @@ from llmos.store.checkpoints import CheckpointRecord
 from llmos.store.db import Database
 from llmos.store.generations import Feedback, GenerationLog
 from llmos.store.lease import TrainerLease
+from llmos.store.lineage import Lineage, TextKind, VersionTexts, influenced
 from llmos.store.preferences import PreferenceQueue
 from llmos.store.queue import NewSample, Sample, SampleQueue
+from llmos.store.tables import CheckpointStatus
 from llmos.trainer.elsewhere import RemoteTrainer
 from llmos.trainer.loop import Trainer, TrainerStatus
 from llmos.trainer.preprocess import FEEDBACK_SOURCE_PREFIX
@@ -70,6 +72,19 @@ class GenerationResult:
 class RollbackResult:
     active_version: int
     requeued: int
+
+
+@dataclass(frozen=True)
+class TextLineage:
+    sample: Sample
+    trained: list[tuple[int, TextKind, CheckpointStatus | None]]  # (version, how, its status), oldest first
+    influenced: list[int]  # those versions and every descendant: what carries the text in its weights
+
+
+@dataclass(frozen=True)
+class VersionLineage:
+    record: CheckpointRecord  # pruned ones too: lineage outlives the files
+    texts: VersionTexts
 
 
 class ServiceCounters:
@@ -129,6 +144,7 @@ class Daemon:
         self.queue = SampleQueue(self.db)
         self.preferences = PreferenceQueue(self.db)
         self.generations = GenerationLog(self.db, settings.store.keep_generations)
+        self.lineage = Lineage(self.db)
         self.registry = open_registry(settings, self.db, remove_leftovers=role == "all")
         self.factory = model_factory(settings)
         self.engine = ServingEngine(
@@ -220,6 +236,24 @@ class Daemon:
 
     def sample(self, sample_id: str) -> Sample | None:
         return self.queue.get(sample_id)
+
+    def text_lineage(self, sample_id: str) -> TextLineage | None:
+        """The versions a text trained (its batch's, and those it was replayed into) and every
+        version descended from them; None for an unknown id."""
+        sample = self.queue.get(sample_id)
+        if sample is None:
+            return None
+        trained = self.lineage.of_text(sample_id)
+        status = self.registry.index.statuses([v for v, _ in trained])
+        rows = [(v, kind, status.get(v)) for v, kind in trained]
+        return TextLineage(sample, rows, influenced({v for v, _ in trained}, self.registry.index.parents()))
+
+    def version_lineage(self, version: int, limit: int, offset: int) -> VersionLineage | None:
+        """A version's record and a page of the texts that trained it; None for an unknown version."""
+        record = self.registry.index.get(version, include_pruned=True)
+        if record is None:
+            return None
+        return VersionLineage(record, self.lineage.of_version(version, limit, offset))
 
     def generate(self, prompt: str, params: SamplingParams) -> GenerationResult:
         c = self.engine.generate(prompt, params)

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import LiveServer, make_settings, settled, wait_for
+from conftest import LiveServer, admin_headers, make_settings, settled, wait_for
 
 from llmos.daemon import Daemon
 from llmos.store.queue import NewSample
@@ -134,10 +134,13 @@ def test_the_collapse_guard_refuses_a_degenerate_batch_that_the_loss_checks_pass
             teach(c, [p + ans for p, ans in facts for _ in range(12)])
             ids = teach(c, flood, source="flood")
             text = c.get(f"/v1/texts/{ids[0]}").json()
+            text["lineage"] = c.get(f"/v1/admin/lineage/texts/{ids[0]}", headers=admin_headers()).json()
             return text, greedy(c, "Hello, my name is", 16)
 
     refused, answer = run(tmp_path / "guarded")
     assert refused["status"] == "rejected" and refused["reason"].startswith("gate: collapse: "), refused
+    [version] = refused["lineage"]["trained"]  # the refused version is recorded with what trained it
+    assert version["kind"] == "batch" and version["status"] == "rejected", refused
     assert "ha ha" not in answer
     passed, answer = run(tmp_path / "open", **{"eval.collapse.min_entropy": 0.0, "eval.collapse.min_distinct": 0.0})
     assert passed["status"] == "trained", passed

@@ -9,7 +9,7 @@ import math
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, HTTPException, Path, Query
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from llmos.api.deps import AdminDep, ApiKey, ApiKeyDep, AuditDep, DaemonDep, SlotsDep, SourceLimiterDep, too_many
@@ -30,10 +30,14 @@ from llmos.api.schemas import (
     ReadyOut,
     RollbackIn,
     RollbackOut,
+    TextLineageOut,
     TextOrTexts,
     TextOut,
     TextsIn,
+    TrainedInOut,
     TrainerOut,
+    VersionLineageOut,
+    VersionTextOut,
     error_responses,
 )
 from llmos.daemon import Daemon, GenerationResult, QueueFull
@@ -303,6 +307,7 @@ def post_feedback(body: FeedbackIn, daemon: DaemonDep, caller: ApiKeyDep, source
 )
 def get_checkpoints(daemon: DaemonDep) -> CheckpointsOut:
     active, records = daemon.checkpoints()
+    texts = daemon.lineage.counts([r.version for r in records])
     return CheckpointsOut(
         active_version=active,
         served_version=daemon.engine.current().version,
@@ -317,6 +322,8 @@ def get_checkpoints(daemon: DaemonDep) -> CheckpointsOut:
                 metrics=r.metrics,
                 corrupt=r.corrupt is not None,
                 corrupt_reason=r.corrupt,
+                texts_batch=texts[r.version][0],
+                texts_replay=texts[r.version][1],
             )
             for r in records
         ],
@@ -424,6 +431,62 @@ def post_resume(daemon: DaemonDep, audit: AuditDep) -> TrainerOut:
         except TrainerElsewhere as exc:
             raise HTTPException(409, str(exc)) from exc
     return get_trainer(daemon)
+
+
+@router.get(
+    "/v1/admin/lineage/texts/{sample_id}",
+    response_model=TextLineageOut,
+    dependencies=[AdminDep],
+    tags=["admin"],
+    responses=error_responses(401, 403, 404),
+)
+def get_text_lineage(sample_id: str, daemon: DaemonDep) -> TextLineageOut:
+    """The versions a text trained (in its own batch, or replayed into a later one) and every
+    version descended from them: the versions whose weights carry it."""
+    found = daemon.text_lineage(sample_id) if len(sample_id) <= 64 else None
+    if found is None:
+        raise HTTPException(404, f"no text with id '{sample_id[:64]}'")
+    return TextLineageOut(
+        id=found.sample.id,
+        status=found.sample.status.value,
+        source=found.sample.source,
+        trained=[
+            TrainedInOut(version=v, kind=kind.value, status=None if st is None else st.value)
+            for v, kind, st in found.trained
+        ],
+        influenced=found.influenced,
+    )
+
+
+@router.get(
+    "/v1/admin/lineage/versions/{version}",
+    response_model=VersionLineageOut,
+    dependencies=[AdminDep],
+    tags=["admin"],
+    responses=error_responses(401, 403, 404, 422),
+)
+def get_version_lineage(
+    version: Annotated[int, Path(ge=0, le=2**31 - 1)],
+    daemon: DaemonDep,
+    limit: Annotated[int, Query(ge=1, le=10_000, description="Most text ids to return")] = 1000,
+    offset: Annotated[int, Query(ge=0, le=2**31 - 1, description="Skip this many first")] = 0,
+) -> VersionLineageOut:
+    """A version's parent and the texts that trained it: its own batch, then those replayed into
+    it. Known for pruned versions too (their files are gone, their lineage is not)."""
+    found = daemon.version_lineage(version, limit, offset)
+    if found is None:
+        raise HTTPException(404, f"no checkpoint with version {version}")
+    t, r = found.texts, found.record
+    end = offset + len(t.texts)
+    return VersionLineageOut(
+        version=r.version,
+        parent_version=r.parent_version,
+        status=r.status.value,
+        texts_batch=t.batch,
+        texts_replay=t.replay,
+        texts=[VersionTextOut(id=sid, kind=kind.value) for sid, kind in t.texts],
+        next_offset=end if end < t.batch + t.replay else None,
+    )
 
 
 @router.get(

@@ -208,6 +208,42 @@ class CheckpointOut(BaseModel):
     metrics: dict[str, Any]
     corrupt: bool = False  # its files fail verification against the manifest: never served
     corrupt_reason: str | None = None
+    texts_batch: int = 0  # texts of its own batch (lineage: GET /v1/admin/lineage/versions/{version})
+    texts_replay: int = 0  # texts replayed into it
+
+
+CheckpointStatusName = Literal["candidate", "promoted", "rejected"]
+TextKindName = Literal["batch", "replay"]
+
+
+class TrainedInOut(BaseModel):
+    version: int
+    kind: TextKindName  # batch: taught in that version; replay: replayed into it
+    status: CheckpointStatusName | None  # the version's
+
+
+class TextLineageOut(BaseModel):
+    id: str
+    status: Literal["queued", "training", "trained", "heldout", "rejected"]
+    source: str | None
+    trained: list[TrainedInOut]  # the versions it trained, oldest first
+    # Those versions and every version descended from them: each one's weights carry the text.
+    influenced: list[int]
+
+
+class VersionTextOut(BaseModel):
+    id: str
+    kind: TextKindName
+
+
+class VersionLineageOut(BaseModel):
+    version: int
+    parent_version: int | None
+    status: CheckpointStatusName
+    texts_batch: int  # texts of its own batch
+    texts_replay: int  # texts replayed into it
+    texts: list[VersionTextOut]  # this page of them, its batch first
+    next_offset: int | None  # the offset of the next page, if there is one
 
 
 class CheckpointsOut(BaseModel):

@@ -23,7 +23,7 @@ import re
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file, save_model
 
 from llmos.store.checkpoints import CheckpointIndex, CheckpointRecord
 from llmos.store.lease import LeaseLost
+from llmos.store.lineage import TextKind
 from llmos.store.tables import CheckpointStatus
 
 MODEL_FILE = "model.safetensors"
@@ -165,9 +166,11 @@ class Registry:
         status: CheckpointStatus,
         metrics: dict[str, Any],
         fence: int | None = None,
+        texts: Mapping[str, TextKind] | None = None,
     ) -> CheckpointRecord:
-        """Write a version and record it; a trainer's (``fence``: its lease's token) only while it
-        holds the trainer lease (LeaseLost otherwise: the files go again, nothing names them)."""
+        """Write a version and record it, with the ``texts`` that trained it; a trainer's
+        (``fence``: its lease's token) only while it holds the trainer lease (LeaseLost otherwise:
+        the files go again, nothing names them)."""
         with self._lock:
             on_disk = [int(m.group(1)) for c in self.root.iterdir() if (m := _DIR_RE.match(c.name))]
             version = max([self.index.max_version() or 0, *on_disk]) + 1
@@ -215,21 +218,27 @@ class Registry:
                 metrics=metrics,
             )
             try:
-                self.index.add(rec, fence)
+                self.index.add(rec, fence, texts)
             except LeaseLost:
                 shutil.rmtree(final, ignore_errors=True)
                 raise
             return self.index.get(version) or rec
 
     def record_refused(
-        self, parent: int, step: int, samples_seen: int, metrics: dict[str, Any], fence: int | None = None
+        self,
+        parent: int,
+        step: int,
+        samples_seen: int,
+        metrics: dict[str, Any],
+        fence: int | None = None,
+        texts: Mapping[str, TextKind] | None = None,
     ) -> CheckpointRecord:
-        """A version the gate refused: a row in the index with its metrics, and no files."""
+        """A version the gate refused: a row in the index with its metrics and lineage, and no files."""
         with self._lock:
             on_disk = [int(m.group(1)) for c in self.root.iterdir() if (m := _DIR_RE.match(c.name))]
             version = max([self.index.max_version() or 0, *on_disk]) + 1
             rec = CheckpointRecord(version, parent, CheckpointStatus.rejected, "", step, samples_seen, metrics)
-            self.index.add(rec, fence)
+            self.index.add(rec, fence, texts)
             return self.index.get(version) or rec
 
     def promote(self, version: int, expected_active: int, fence: int | None = None) -> bool:

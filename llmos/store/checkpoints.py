@@ -4,6 +4,7 @@ A trainer's writes here carry its lease's token (``fence``, llmos/store/lease.py
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -13,6 +14,7 @@ from sqlalchemy.exc import IntegrityError
 
 from llmos.store.db import Database
 from llmos.store.lease import LeaseLost, require_lease
+from llmos.store.lineage import TextKind, add_rows
 from llmos.store.notify import ACTIVE_CHANNEL, notify
 from llmos.store.tables import CheckpointRow, CheckpointStatus, MetaRow, utcnow
 
@@ -59,12 +61,15 @@ class CheckpointIndex:
             if self.get(rec.version, include_pruned=True) is None:
                 raise
 
-    def add(self, rec: CheckpointRecord, fence: int | None = None) -> None:
-        """Record a version; a trainer's (``fence``, its lease's token) only while it holds the
-        trainer lease (LeaseLost otherwise, nothing recorded)."""
+    def add(self, rec: CheckpointRecord, fence: int | None = None, texts: Mapping[str, TextKind] | None = None) -> None:
+        """Record a version, with the ``texts`` that trained it (lineage); a trainer's (``fence``,
+        its lease's token) only while it holds the trainer lease (LeaseLost otherwise, nothing
+        recorded)."""
         with self._db.write() as s:
             if fence is not None:
                 require_lease(s, fence)
+            if texts:
+                add_rows(s, rec.version, texts)
             s.add(
                 CheckpointRow(
                     version=rec.version,
@@ -103,6 +108,16 @@ class CheckpointIndex:
                 select(CheckpointRow).where(CheckpointRow.pruned_at.is_(None)).order_by(CheckpointRow.version.desc())
             ).all()
             return [_record(r) for r in rows]
+
+    def statuses(self, versions: Sequence[int]) -> dict[int, CheckpointStatus]:
+        """The status of each of ``versions`` that is recorded (pruned ones too)."""
+        if not versions:
+            return {}
+        with self._db.read() as s:
+            rows = s.execute(
+                select(CheckpointRow.version, CheckpointRow.status).where(CheckpointRow.version.in_(versions))
+            )
+            return {v: CheckpointStatus(st) for v, st in rows}
 
     def parents(self) -> dict[int, int | None]:
         with self._db.read() as s:

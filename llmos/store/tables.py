@@ -126,6 +126,20 @@ class CheckpointRow(Base):
     pruned_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
+class VersionTextRow(Base):
+    """Lineage: a text that trained a version, in the version's own batch or replayed into it
+    (llmos/store/lineage.py). Written with the version's checkpoint row, kept when its files are
+    pruned, so that what trained each version stays known for as long as the store."""
+
+    __tablename__ = "version_texts"
+
+    version: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    sample_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(8), nullable=False)  # TextKind
+
+    __table_args__ = (Index("ix_version_texts_sample_id", "sample_id"),)
+
+
 class MetaRow(Base):
     """Small named values shared by every process on this store (e.g. the active version)."""
 

@@ -9,7 +9,7 @@ otherwise cost a full checkpoint each.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ import torch
 
 from llmos.registry.registry import Registry
 from llmos.store.checkpoints import CheckpointRecord
+from llmos.store.lineage import TextKind
 from llmos.store.tables import CheckpointStatus
 from llmos.trainer.evaluate import EvalReport
 from llmos.trainer.state import TrainingState
@@ -35,12 +36,13 @@ def checkpoint(
     extra: dict[str, Any],
     write_weights: Callable[[torch.nn.Module, Path], None] | None = None,
     fence: int | None = None,
+    texts: Mapping[str, TextKind] | None = None,
 ) -> CheckpointRecord:
-    """Record the candidate; ``fence``, the trainer lease's token: a trainer that lost the lease
-    records nothing (LeaseLost)."""
+    """Record the candidate, with the ``texts`` that trained it (lineage, llmos/store/lineage.py);
+    ``fence``, the trainer lease's token: a trainer that lost the lease records nothing (LeaseLost)."""
     metrics = _finite({**report.metrics(), "train_loss": state.last_loss, "gate": report.reason, **extra})
     if not report.promote:
-        return registry.record_refused(state.base_version, state.step, state.samples_seen, metrics, fence)
+        return registry.record_refused(state.base_version, state.step, state.samples_seen, metrics, fence, texts)
     weights = state.model if write_weights is None else partial(write_weights, state.model)
     return registry.publish(
         weights,
@@ -49,4 +51,5 @@ def checkpoint(
         status=CheckpointStatus.candidate,
         metrics=metrics,
         fence=fence,
+        texts=texts,
     )

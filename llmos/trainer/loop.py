@@ -34,6 +34,7 @@ from llmos.model.loader import ModelFactory
 from llmos.registry.registry import Registry
 from llmos.serving.engine import Loaded
 from llmos.store.lease import LeaseLost, TrainerLease
+from llmos.store.lineage import TextKind
 from llmos.store.preferences import Preference, PreferenceQueue
 from llmos.store.queue import Sample, SampleQueue
 from llmos.store.reservoir import Reservoir
@@ -191,6 +192,7 @@ class Trainer:
         self._claimed: list[str] = []  # the batch in hand
         self._pending_heldout: list[str] = []  # held out from pending batches, not yet anchors
         self._taught: dict[str, Sample] = {}  # pending texts by text hash: what the gate's recall reads
+        self._replayed: dict[str, None] = {}  # ids replayed into pending batches, in order (lineage)
         self._pending_prefs: list[str] = []
         self._claimed_prefs: list[str] = []
         self._pending_pref_heldout: list[str] = []
@@ -365,6 +367,7 @@ class Trainer:
             return True
         self._pending += self._claimed
         self._pending_prefs += self._claimed_prefs
+        self._replayed.update(dict.fromkeys(s.id for s in replay))
         for sample in new:
             self._taught[sample.text_hash or text_hash(sample.text)] = sample
         self._claimed, self._claimed_prefs = [], []
@@ -383,7 +386,8 @@ class Trainer:
             "passes": self._passes_since_eval,
             "prequential_loss": state.prequential_loss,
         }
-        record = checkpoint(state, report, self.registry, extra, self.factory.save_weights, fence)  # 4. durable
+        texts = {**dict.fromkeys(self._replayed, TextKind.replay), **dict.fromkeys(self._pending, TextKind.batch)}
+        record = checkpoint(state, report, self.registry, extra, self.factory.save_weights, fence, texts)  # 4. durable
         prefs = self.preferences
         if not report.promote:
             log.info("version %d rejected: %s", record.version, report.reason)
@@ -431,7 +435,7 @@ class Trainer:
             self.preferences.ack(self._pending_prefs, version, self._leader.token)
 
     def _clear_pending(self) -> None:
-        self._pending, self._pending_heldout, self._taught = [], [], {}
+        self._pending, self._pending_heldout, self._taught, self._replayed = [], [], {}, {}
         self._pending_prefs, self._pending_pref_heldout = [], []
 
     # ---- stage helpers ----------------------------------------------------------------------
@@ -794,7 +798,7 @@ class Trainer:
 
     def _drop_work(self) -> None:
         """Forget the work in hand (it is in the store's hands: given back, or taken over)."""
-        self._claimed, self._pending, self._taught = [], [], {}
+        self._claimed, self._pending, self._taught, self._replayed = [], [], {}, {}
         self._claimed_prefs, self._pending_prefs = [], []
         self._steps_since_eval = self._passes_since_eval = 0
 

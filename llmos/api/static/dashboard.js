@@ -146,13 +146,15 @@ async function refreshCheckpoints() {
       c.status + (c.corrupt ? " (corrupt)" : ""),
       null, // the parent, filled in below
       when(c.created_at), c.step, c.samples_seen,
+      c.texts_batch + (c.texts_replay ? " + " + c.texts_replay + " replayed" : ""),
       fmt(m.heldout_loss), fmt(m.anchor_loss), fmt(m.train_loss), m.gate || "",
     ];
     cells.forEach((v, i) => {
       const td = document.createElement("td");
       td.textContent = v;
       if (i === 1) td.className = "status-" + c.status;
-      if (i === 9) { td.className = "gate"; td.title = v; }
+      if (i === 6) { td.className = "texts"; td.title = "GET /v1/admin/lineage/versions/" + c.version + " lists them"; }
+      if (i === 10) { td.className = "gate"; td.title = v; }
       if (i === 2) parentCell(td, c.parent_version, stored);
       tr.appendChild(td);
     });
