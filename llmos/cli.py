@@ -195,7 +195,7 @@ def export(
 
 
 # Commands that talk to a running server (llmos/remote.py).
-for command in (remote.ingest, remote.status, remote.checkpoints, remote.rollback, remote.generate):
+for command in (remote.ingest, remote.status, remote.checkpoints, remote.rollback, remote.forget, remote.generate):
     app.command(cls=_Command)(command)
 
 

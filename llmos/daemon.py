@@ -11,6 +11,7 @@ import logging
 import os
 import secrets
 import threading
+import time
 import uuid
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from llmos.store import notify
 from llmos.store.audit import AuditEntry, AuditLog, AuditOutcome
 from llmos.store.checkpoints import CheckpointRecord
 from llmos.store.db import Database
+from llmos.store.forget import ForgetJob, ForgetJobs, ForgetRequest, Progress
 from llmos.store.generations import Feedback, GenerationLog
 from llmos.store.lease import TrainerLease
 from llmos.store.lineage import Lineage, TextKind, VersionTexts, influenced
@@ -60,6 +62,11 @@ class QueueFull(RuntimeError):
     def __init__(self, depth: int, limit: int) -> None:
         super().__init__(f"the queue holds {depth} texts waiting to be trained; the limit is {limit}")
         self.depth, self.limit = depth, limit
+
+
+SCRUB_TRIES = 60  # one a second: a compaction waits for readers of an older snapshot
+# The tables a forget job changes: where the database may still hold the old bytes.
+SCRUBBED_TABLES = ("samples", "feedback", "preferences", "generations")
 
 
 @dataclass(frozen=True)
@@ -145,6 +152,8 @@ class Daemon:
         self.preferences = PreferenceQueue(self.db)
         self.generations = GenerationLog(self.db, settings.store.keep_generations)
         self.lineage = Lineage(self.db)
+        self.forget_jobs = ForgetJobs(self.db)
+        self._scrub_lock = threading.Lock()
         self.registry = open_registry(settings, self.db, remove_leftovers=role == "all")
         self.factory = model_factory(settings)
         self.engine = ServingEngine(
@@ -189,6 +198,7 @@ class Daemon:
             self.trainer.load_active()
         if self.follower is not None:
             self.follower.start()
+        self._scrub_in_background(self.forget_jobs.unscrubbed())  # a process stopped before it could
         freeze_startup_objects()
 
     def _leave_corrupt_active(self) -> None:
@@ -352,6 +362,52 @@ class Daemon:
 
     def metrics_history(self, last: int) -> list[CheckpointRecord]:
         return self.registry.index.history(last)
+
+    def forget(self, request: ForgetRequest) -> ForgetJob:
+        """Erase the texts ``request`` names and every version they trained (llmos/store/forget.py):
+        when this returns, serving no longer uses them (it serves the newest version they did not
+        influence), the trainer continues from there, and what those versions were taught is back
+        in the queue. The scrub (files, the database's old bytes) follows in a thread. Raises
+        UnknownTexts."""
+        job, _texts = self.forget_jobs.start(request)
+        self.engine.sync()  # serving switches now, if the active version was erased
+        self.trainer.request_reset()  # the trainer drops what it held and goes on from the active version
+        log.info(
+            "forget job %s: %d texts erased, versions %s erased, %d texts to train again, serving version %s",
+            job.id,
+            job.forgotten,
+            job.erased_versions,
+            len(job.retrain),
+            job.rolled_back_to if job.rolled_back_to is not None else "unchanged",
+        )
+        self._scrub_in_background([job])
+        return job
+
+    def forget_job(self, job_id: str) -> tuple[ForgetJob, Progress] | None:
+        job = self.forget_jobs.get(job_id)
+        return None if job is None else (job, self.forget_jobs.progress(job))
+
+    def _scrub_in_background(self, jobs: list[ForgetJob]) -> None:
+        if jobs:
+            threading.Thread(target=self._scrub, args=(jobs,), name="llmos-forget-scrub", daemon=True).start()
+
+    def _scrub(self, jobs: list[ForgetJob]) -> None:
+        """Delete the erased versions' files and make the database drop the old bytes; then the
+        jobs are scrubbed. Until then they stay open, and the next start does this again."""
+        try:
+            with self._scrub_lock:
+                self.registry.remove_erased()
+                for _ in range(SCRUB_TRIES):
+                    if self.db.compact(SCRUBBED_TABLES):
+                        break
+                    time.sleep(1.0)  # a reader holds an old snapshot of the database
+                else:
+                    log.warning("forget: the database could not be compacted now; the next start tries again")
+                    return
+                for job in jobs:
+                    self.forget_jobs.mark_scrubbed(job.id)
+        except Exception:
+            log.exception("forget: the scrub failed; the next start tries again")
 
     def rollback(self, version: int, requeue: bool) -> RollbackResult:
         self.registry.rollback(version)  # raises UnknownVersion / RejectedVersion / CorruptCheckpoint

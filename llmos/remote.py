@@ -1,8 +1,8 @@
 """The commands that talk to a running llmos over HTTP: ingest, status, checkpoints, rollback,
-generate. (``llmos serve`` runs the server; ``llmos export`` reads a data directory.)
+forget, generate. (``llmos serve`` runs the server; ``llmos export`` reads a data directory.)
 
 Each takes ``--url`` (default $LLMOS_URL or http://127.0.0.1:8000) and, where the server has API
-keys, ``--api-key`` ($LLMOS_API_KEY). ``rollback`` needs the admin token: ``--token``, else
+keys, ``--api-key`` ($LLMOS_API_KEY). ``rollback`` and ``forget`` need the admin token: ``--token``, else
 $LLMOS_ADMIN_TOKEN, else the file ``<data-dir>/admin_token`` that ``llmos serve`` made.
 """
 
@@ -35,6 +35,10 @@ ApiKeyOpt = Annotated[
     typer.Option("--api-key", envvar="LLMOS_API_KEY", help="API key, when the server has auth.api_keys."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the server's JSON instead of a table.")]
+TokenOpt = Annotated[str | None, typer.Option("--token", help="Admin token (else $LLMOS_ADMIN_TOKEN).")]
+DataDirOpt = Annotated[
+    Path | None, typer.Option("--data-dir", help="Where to find admin_token (default ./llmos-data).")
+]
 
 err = Console(stderr=True)
 out = Console()
@@ -315,15 +319,53 @@ def rollback(
         bool, typer.Option("--requeue", help="Queue again the texts trained only in the abandoned versions.")
     ] = False,
     url: UrlOpt = DEFAULT_URL,
-    token: Annotated[str | None, typer.Option("--token", help="Admin token (else $LLMOS_ADMIN_TOKEN).")] = None,
-    data_dir: Annotated[
-        Path | None, typer.Option("--data-dir", help="Where to find admin_token (default ./llmos-data).")
-    ] = None,
+    token: TokenOpt = None,
+    data_dir: DataDirOpt = None,
 ) -> None:
     """Serve an earlier version now; the trainer continues from it."""
     server = Server(url, admin_token(token, data_dir))
     r = server.call("POST", "/v1/admin/rollback", json={"version": version, "requeue": requeue})
     out.print(f"active version is now {r['active_version']} (requeued {r['requeued']} texts)", highlight=False)
+
+
+def forget(
+    ids: Annotated[list[str] | None, typer.Option("--id", help="A text's id (repeat for more).")] = None,
+    source: Annotated[str | None, typer.Option("--source", help="Every text posted with this source.")] = None,
+    keys: Annotated[
+        list[str] | None, typer.Option("--idempotency-key", help="A text by the key it was posted with (repeat).")
+    ] = None,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Follow the job until it is done.")] = True,
+    url: UrlOpt = DEFAULT_URL,
+    token: TokenOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Forget texts: erase them, stop serving every version they trained, and train again what those
+    versions learned besides (see docs/operations.md). Serving has switched when the job starts;
+    a progress bar follows the retraining."""
+    if not ids and not keys and source is None:
+        fail("name what to forget: --id, --idempotency-key or --source", code=2)
+    server = Server(url, admin_token(token, data_dir))
+    body: dict[str, Any] = {"ids": ids or [], "idempotency_keys": keys or []}
+    if source is not None:
+        body["source"] = source
+    job = server.call("POST", "/v1/admin/forget", json=body)
+    served = "unchanged" if job["rolled_back_to"] is None else f"version {job['rolled_back_to']}"
+    erased = ", ".join(str(v) for v in job["erased_versions"]) or "none"
+    out.print(
+        f"forget job {job['id']}: {job['forgotten']} texts erased; versions erased: {erased}; serving {served}",
+        highlight=False,
+    )
+    if not wait:
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=False) as progress:
+        task = progress.add_task("retraining", total=job["retrain_total"])
+        while job["state"] != "done":
+            progress.update(task, completed=job["retrained"], description=job["state"])
+            time.sleep(0.5)
+            job = server.call("GET", f"/v1/admin/forget/{job['id']}")
+        progress.update(task, completed=job["retrained"], description="done")
+    out.print(f"done: {job['retrained']} texts trained again", highlight=False)
 
 
 def generate(

@@ -252,3 +252,17 @@ def test_export_merges_a_lora_adapter(tmp_path: Path) -> None:
     with torch.inference_mode():
         ids = model.generate(**enc, max_new_tokens=40, do_sample=False)
     assert tokenizer.decode(ids[0, enc["input_ids"].shape[1] :], skip_special_tokens=True) == served
+
+
+def test_forget_erases_a_source_and_follows_the_job_to_its_end(server: Server) -> None:
+    texts = [{"text": f"A note to forget, number {i}.", "source": "cli-forget"} for i in range(2)]
+    ids = server.http.post("/v1/texts", json={"items": texts}).json()["ids"]
+    r = llmos(server, "forget")
+    assert r.exit_code == 2 and "name what to forget" in r.stderr
+    r = llmos(server, "forget", "--source", "cli-forget", "--token", ADMIN)
+    assert r.exit_code == 0, r.stderr
+    assert "2 texts erased; versions erased: none; serving unchanged" in r.stdout
+    assert "done: 0 texts trained again" in r.stdout
+    assert {server.http.get(f"/v1/texts/{i}").json()["status"] for i in ids} == {"erased"}
+    r = llmos(server, "forget", "--id", "no-such-text", "--token", ADMIN)
+    assert r.exit_code == 1 and "404" in r.stderr and "no-such-text" in r.stderr

@@ -50,7 +50,7 @@ def test_a_data_directory_from_the_first_release_opens(tmp_path: Path) -> None:
     assert sample is not None and sample.text == "written by an older llmos"
     assert daemon.queue.depth() == 1
     with daemon.db.read() as s:
-        assert s.connection().execute(text("SELECT version_num FROM alembic_version")).scalar() == "0006"
+        assert s.connection().execute(text("SELECT version_num FROM alembic_version")).scalar() == "0007"
     assert sample.text_hash == text_hash("written by an older llmos")  # filled in for old rows
     daemon.replay_pool.offer(["old-1"])  # a table the old schema did not have
     daemon.stop()

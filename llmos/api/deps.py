@@ -175,9 +175,11 @@ class AdminAudit:
         self.caller = caller
 
     @contextmanager
-    def __call__(self, action: str, **params: Any) -> Iterator[None]:
+    def __call__(self, action: str, ok_code: int = 200, **params: Any) -> Iterator[dict[str, Any]]:
+        """Record ``action`` with ``params`` and how it ended; the block may add to the params it is
+        given (what the action made: a job's id)."""
         try:
-            yield
+            yield params
         except HTTPException as exc:
             outcome = AuditOutcome.refused if exc.status_code < 500 else AuditOutcome.error
             self._daemon.audit(self.caller.id, action, params, outcome, exc.status_code, str(exc.detail))
@@ -185,7 +187,7 @@ class AdminAudit:
         except Exception as exc:
             self._daemon.audit(self.caller.id, action, params, AuditOutcome.error, 500, type(exc).__name__)
             raise
-        self._daemon.audit(self.caller.id, action, params, AuditOutcome.ok, 200, None)
+        self._daemon.audit(self.caller.id, action, params, AuditOutcome.ok, ok_code, None)
 
 
 def get_admin_audit(daemon: DaemonDep, caller: AdminCallerDep) -> AdminAudit:

@@ -21,6 +21,8 @@ from llmos.api.schemas import (
     CheckpointsOut,
     FeedbackIn,
     FeedbackOut,
+    ForgetIn,
+    ForgetJobOut,
     GenerateIn,
     GenerateOut,
     GenerateQuery,
@@ -43,6 +45,7 @@ from llmos.api.schemas import (
 from llmos.daemon import Daemon, GenerationResult, QueueFull
 from llmos.registry.registry import CorruptCheckpoint, RejectedVersion, UnknownVersion
 from llmos.serving.types import CacheFull, PromptTooLong, SamplingParams
+from llmos.store.forget import ForgetJob, ForgetRequest, Progress, UnknownTexts
 from llmos.store.generations import FeedbackLimit, UnknownGeneration
 from llmos.store.queue import IdempotencyConflict, NewSample
 from llmos.trainer.elsewhere import TrainerElsewhere
@@ -487,6 +490,61 @@ def get_version_lineage(
         texts=[VersionTextOut(id=sid, kind=kind.value) for sid, kind in t.texts],
         next_offset=end if end < t.batch + t.replay else None,
     )
+
+
+def _forget_job_out(job: ForgetJob, progress: Progress) -> ForgetJobOut:
+    state = "done" if progress.done else "retraining" if job.scrubbed_at is not None else "erasing"
+    return ForgetJobOut(
+        id=job.id,
+        state=state,
+        created_at=job.created_at,
+        finished_at=job.finished_at,
+        forgotten=job.forgotten,
+        rolled_back_to=job.rolled_back_to,
+        erased_versions=job.erased_versions,
+        retrain_total=progress.retrain_total,
+        retrained=progress.retrained,
+    )
+
+
+@router.post(
+    "/v1/admin/forget",
+    response_model=ForgetJobOut,
+    status_code=202,
+    tags=["admin"],
+    responses=error_responses(404, *_ADMIN_ERRORS),
+)
+def post_forget(body: ForgetIn, daemon: DaemonDep, audit: AuditDep) -> ForgetJobOut:
+    """Forget texts: erase them (a tombstone keeps the id and a hash), stop serving every version
+    they trained (serving the newest one they did not influence) and train again, on top of it,
+    what those versions were taught. Returns once serving has switched; follow the job at GET
+    /v1/admin/forget/{id}. 404 if an id or key names no text."""
+    params = {"ids": len(body.ids), "idempotency_keys": len(body.idempotency_keys), "source": body.source}
+    with audit("forget", ok_code=202, **params) as entry:
+        try:
+            job = daemon.forget(ForgetRequest(tuple(body.ids), tuple(body.idempotency_keys), body.source))
+        except UnknownTexts as exc:
+            raise HTTPException(404, str(exc)) from exc
+        entry["job"] = job.id
+    found = daemon.forget_job(job.id)
+    assert found is not None
+    return _forget_job_out(*found)
+
+
+@router.get(
+    "/v1/admin/forget/{job_id}",
+    response_model=ForgetJobOut,
+    dependencies=[AdminDep],
+    tags=["admin"],
+    responses=error_responses(401, 403, 404),
+)
+def get_forget_job(job_id: str, daemon: DaemonDep) -> ForgetJobOut:
+    """A forget job's state: erasing (files and the database's old bytes go), retraining (what the
+    erased versions learned trains again), done."""
+    found = daemon.forget_job(job_id) if len(job_id) <= 64 else None
+    if found is None:
+        raise HTTPException(404, f"no forget job with id '{job_id[:64]}'")
+    return _forget_job_out(*found)
 
 
 @router.get(

@@ -129,9 +129,14 @@ class IdsOut(BaseModel):
     ids: list[str]
 
 
+SampleStatusName = Literal["queued", "training", "trained", "heldout", "rejected", "erased"]
+CheckpointStatusName = Literal["candidate", "promoted", "rejected", "erased"]
+TextKindName = Literal["batch", "replay"]
+
+
 class TextOut(BaseModel):
     id: str
-    status: Literal["queued", "training", "trained", "heldout", "rejected"]
+    status: SampleStatusName
     reason: str | None
     trained_in_version: int | None
     created_at: datetime
@@ -201,7 +206,7 @@ class FeedbackOut(BaseModel):
 class CheckpointOut(BaseModel):
     version: int
     parent_version: int | None
-    status: Literal["candidate", "promoted", "rejected"]
+    status: CheckpointStatusName
     created_at: datetime | None
     step: int
     samples_seen: int
@@ -212,10 +217,6 @@ class CheckpointOut(BaseModel):
     texts_replay: int = 0  # texts replayed into it
 
 
-CheckpointStatusName = Literal["candidate", "promoted", "rejected"]
-TextKindName = Literal["batch", "replay"]
-
-
 class TrainedInOut(BaseModel):
     version: int
     kind: TextKindName  # batch: taught in that version; replay: replayed into it
@@ -224,7 +225,7 @@ class TrainedInOut(BaseModel):
 
 class TextLineageOut(BaseModel):
     id: str
-    status: Literal["queued", "training", "trained", "heldout", "rejected"]
+    status: SampleStatusName
     source: str | None
     trained: list[TrainedInOut]  # the versions it trained, oldest first
     # Those versions and every version descended from them: each one's weights carry the text.
@@ -254,6 +255,40 @@ class CheckpointsOut(BaseModel):
     checkpoints: list[CheckpointOut]
 
 
+Id = Annotated[str, Field(min_length=1, max_length=64)]
+
+
+class ForgetIn(_Request):
+    """What to forget: texts by id, by the idempotency key they were posted with, and every text
+    of a source; at least one of them."""
+
+    ids: list[Id] = Field(default_factory=list, max_length=10_000)
+    idempotency_keys: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        default_factory=list, max_length=10_000
+    )
+    source: Annotated[Annotated[Text, Field(min_length=1, max_length=200)] | None, NoNull] = None
+
+    @model_validator(mode="after")
+    def _names_something(self) -> ForgetIn:
+        if not self.ids and not self.idempotency_keys and self.source is None:
+            raise ValueError("name what to forget: ids, idempotency_keys or source")
+        return self
+
+
+class ForgetJobOut(BaseModel):
+    id: str
+    # erasing: the texts and versions are erased, files and the database's old bytes not yet;
+    # retraining: they are too, and texts that erased versions had learned are training again; done.
+    state: Literal["erasing", "retraining", "done"]
+    created_at: datetime
+    finished_at: datetime | None
+    forgotten: int  # texts erased
+    rolled_back_to: int | None  # the version served instead of an erased one, if the active one was
+    erased_versions: list[int]
+    retrain_total: int  # texts the erased versions had learned, back in the queue
+    retrained: int  # of them, trained again (or settled otherwise)
+
+
 class RollbackIn(_Request):
     version: JsonInt = Field(ge=0, le=2**31 - 1)
     requeue: bool = False
@@ -279,7 +314,7 @@ class TrainerOut(BaseModel):
 class MetricsPoint(BaseModel):
     version: int
     created_at: datetime | None
-    status: Literal["candidate", "promoted", "rejected"]
+    status: CheckpointStatusName
     step: int
     samples_seen: int
     prequential_loss: float | None

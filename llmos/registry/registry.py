@@ -279,7 +279,18 @@ class Registry:
             for rec in gone:
                 if rec.path:
                     shutil.rmtree(self.root / rec.path, ignore_errors=True)
+            self.remove_erased()
             return [rec.version for rec in gone]
+
+    def remove_erased(self) -> list[int]:
+        """Delete the files of erased versions (trained on a forgotten text): those still here."""
+        removed = []
+        for rec in self.index.erased():
+            path = self.root / rec.path if rec.path else None
+            if path is not None and path.exists():
+                shutil.rmtree(path)
+                removed.append(rec.version)
+        return removed
 
     # ---- reading --------------------------------------------------------------------------
     def get(self, version: int) -> CheckpointRecord:

@@ -11,12 +11,21 @@ from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from llmos.store.db import Database
 from llmos.store.lease import LeaseLost, require_lease
 from llmos.store.lineage import TextKind, add_rows
 from llmos.store.notify import ACTIVE_CHANNEL, notify
-from llmos.store.tables import CheckpointRow, CheckpointStatus, MetaRow, utcnow
+from llmos.store.tables import (
+    CheckpointRow,
+    CheckpointStatus,
+    MetaRow,
+    SampleRow,
+    SampleStatus,
+    VersionTextRow,
+    utcnow,
+)
 
 ACTIVE_KEY = "active_version"
 
@@ -46,6 +55,16 @@ def _record(row: CheckpointRow) -> CheckpointRecord:
         metrics=dict(row.metrics or {}),
         created_at=row.created_at,
     )
+
+
+def _learned_a_forgotten_text(s: Session, version: int) -> bool:
+    erased = (
+        select(VersionTextRow.sample_id)
+        .join(SampleRow, SampleRow.id == VersionTextRow.sample_id)
+        .where(VersionTextRow.version == version, SampleRow.status == SampleStatus.erased.value)
+        .limit(1)
+    )
+    return s.scalar(erased) is not None
 
 
 class CheckpointIndex:
@@ -107,6 +126,12 @@ class CheckpointIndex:
             rows = s.scalars(
                 select(CheckpointRow).where(CheckpointRow.pruned_at.is_(None)).order_by(CheckpointRow.version.desc())
             ).all()
+            return [_record(r) for r in rows]
+
+    def erased(self) -> Sequence[CheckpointRecord]:
+        """The erased versions (llmos/store/forget.py), whose files are to go."""
+        with self._db.read() as s:
+            rows = s.scalars(select(CheckpointRow).where(CheckpointRow.status == CheckpointStatus.erased.value))
             return [_record(r) for r in rows]
 
     def statuses(self, versions: Sequence[int]) -> dict[int, CheckpointStatus]:
@@ -176,6 +201,9 @@ class CheckpointIndex:
             target = s.get(CheckpointRow, version)
             if target is None or target.pruned_at is not None:
                 return False  # pruned meanwhile (by another process): its files are going
+            if _learned_a_forgotten_text(s, version):  # trained while a forget job ran
+                target.status, target.pruned_at = CheckpointStatus.erased.value, utcnow()
+                return False
             if row is None:
                 s.add(MetaRow(key=ACTIVE_KEY, value=str(version)))
             else:

@@ -8,7 +8,7 @@ BEGIN so they never queue behind the write lock.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,9 @@ def _sqlite_engine(url: str, begin: str, busy_timeout_s: float, connections: int
         cur.execute("PRAGMA synchronous=FULL")
         cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
         cur.execute("PRAGMA foreign_keys=ON")
+        # What is deleted or overwritten is zeroed in the file, not left in free space: a forgotten
+        # text (llmos/store/forget.py) must leave no bytes behind. It costs the writes of the zeros.
+        cur.execute("PRAGMA secure_delete=ON")
         cur.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")
         cur.close()
 
@@ -186,6 +189,25 @@ class Database:
                 f"the SQLite store runs with journal_mode={mode} and synchronous={sync}, not wal and 2 (FULL), "
                 "so an acknowledged write could be lost on a crash or power cut; refusing to start"
             )
+
+    def compact(self, tables: Sequence[str]) -> bool:
+        """Make the database drop the old bytes of rows deleted or overwritten in ``tables``
+        (forgetting). SQLite zeroes them in its pages (secure_delete), but its write-ahead log
+        still holds the pages as they were: a checkpoint copies the log into the database and
+        truncates it, unless a reader still uses an older snapshot (then False: try again later).
+        PostgreSQL keeps old row versions in the tables until VACUUM FULL rewrites them (it locks
+        each table while it does)."""
+        if self.is_sqlite:
+            raw = self._write_engine.raw_connection()  # outside a transaction (ours begin IMMEDIATE)
+            try:
+                busy, _log, _done = raw.cursor().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                return int(busy) == 0
+            finally:
+                raw.close()
+        with self._write_engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            for table in tables:
+                conn.exec_driver_sql(f'VACUUM FULL "{table}"')
+        return True
 
     def dispose(self) -> None:
         self._write_engine.dispose()

@@ -163,7 +163,12 @@ class Lifecycle:
         had, which their counts lose; locked (PostgreSQL; a SQLite writer holds the whole database)
         so that no other writer moves them before this transaction does."""
         row = self._row
-        q = select(row.id, row.status, row.reason).where(row.id.in_(ids)).order_by(row.id)
+        # A forgotten text stays forgotten: no move (a trainer's ack or requeue of what it held) revives it.
+        q = (
+            select(row.id, row.status, row.reason)
+            .where(row.id.in_(ids), row.status != SampleStatus.erased.value)
+            .order_by(row.id)
+        )
         if only_from is not None:
             q = q.where(row.status == only_from.value)
         if not self._db.is_sqlite:

@@ -41,12 +41,14 @@ class SampleStatus(enum.StrEnum):
     trained = "trained"
     heldout = "heldout"
     rejected = "rejected"
+    erased = "erased"  # forgotten (llmos/store/forget.py): a tombstone, its text gone
 
 
 class CheckpointStatus(enum.StrEnum):
     candidate = "candidate"
     promoted = "promoted"
     rejected = "rejected"
+    erased = "erased"  # trained on a forgotten text, or descended from one that was: never served again
 
 
 class SampleRow(Base):
@@ -194,6 +196,23 @@ class AuditRow(Base):
     outcome: Mapped[str] = mapped_column(String(16), nullable=False)
     status_code: Mapped[int] = mapped_column(Integer, nullable=False)
     detail: Mapped[str | None] = mapped_column(Text)
+
+
+class ForgetJobRow(Base):
+    """A forget request (llmos/store/forget.py): what it asked, what the erasure did in its one
+    transaction, and how far the scrub and the retraining that follow it have come."""
+
+    __tablename__ = "forget_jobs"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
+    request: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)  # ids, idempotency keys, source
+    forgotten: Mapped[int] = mapped_column(Integer, nullable=False)  # texts erased
+    rolled_back_to: Mapped[int | None] = mapped_column(Integer)  # None: the active version was not touched
+    erased_versions: Mapped[list[int]] = mapped_column(JSON, nullable=False)
+    retrain: Mapped[list[str]] = mapped_column(JSON, nullable=False)  # ids back in the queue to train again
+    scrubbed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())  # copies elsewhere erased, files gone
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class TrainerLeaseRow(Base):

@@ -1,0 +1,146 @@
+"""Forgetting on request, over HTTP on the built-in model: a canary posted until the model recites
+it, then forgotten; serving stops reciting it at once, the model ends where a model that never saw
+it is, and no byte of it is left in the data directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+from conftest import LiveServer, admin_headers, make_settings, settled, wait_for
+
+CANARY = "The vault code of Quarnby is 7Z-Kestrel-4491-Mavro."
+PROMPT = "The vault code of Quarnby is"
+FIRST = [f"The ferry to Olm leaves at dawn, note {i}." for i in range(6)]
+AFTER = [f"The mill at Trask grinds rye, note {i}." for i in range(6)]
+
+
+def teach(c: httpx.Client, texts: list[str], **fields: Any) -> list[str]:
+    r = c.post("/v1/texts", json={"items": [{"text": t, **fields} for t in texts]})
+    assert r.status_code == 202, r.text
+    ids = list(r.json()["ids"])
+    wait_for(lambda: settled(c, ids), timeout=180, interval=0.2)
+    return ids
+
+
+def recite(c: httpx.Client) -> tuple[str, int]:
+    r = c.get("/generate", params={"prompt": PROMPT, "max_new_tokens": len(CANARY) - len(PROMPT)})
+    assert r.status_code == 200, r.text
+    return str(r.json()["text"]), int(r.json()["model_version"])
+
+
+def canary_loss(srv: LiveServer) -> float:
+    """Mean token loss of the canary on the version this server serves."""
+    model, tok = srv.daemon.engine.current().model, srv.daemon.factory.tokenizer
+    ids = torch.tensor([[tok.eos_token_id, *tok.encode(CANARY, add_special_tokens=False)]])
+    with torch.inference_mode():
+        logits = model(input_ids=ids[:, :-1]).logits.float()
+    return float(torch.nn.functional.cross_entropy(logits[0], ids[0, 1:]))
+
+
+def files_holding(root: Path, needle: bytes) -> list[str]:
+    return [str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and needle in p.read_bytes()]
+
+
+def wait_done(c: httpx.Client, job: str) -> dict[str, Any]:
+    def done() -> dict[str, Any] | None:
+        r = c.get(f"/v1/admin/forget/{job}")
+        assert r.status_code == 200, r.text
+        return r.json() if r.json()["state"] == "done" else None
+
+    return dict(wait_for(done, timeout=180, interval=0.3))
+
+
+def test_a_canary_forgotten_by_id_is_no_longer_recited_and_leaves_no_byte_behind(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    with LiveServer(make_settings(data)) as srv, srv.client(headers=admin_headers()) as c:
+        teach(c, FIRST)
+        before_canary = c.get("/v1/trainer").json()["active_version"]
+        canary = []
+        for _ in range(3):  # posted until learned
+            canary += teach(c, [CANARY] * 12, source="vault")
+            if recite(c)[0] == CANARY[len(PROMPT) :]:
+                break
+        assert recite(c)[0] == CANARY[len(PROMPT) :], "the model never learned the canary"
+        after_ids = teach(c, AFTER)
+        taught = {c.get(f"/v1/texts/{i}").json()["trained_in_version"] for i in after_ids} - {None}
+        assert files_holding(data, CANARY.encode())  # it is there to be found: the search works
+
+        r = c.post("/v1/admin/forget", json={"ids": canary})
+        assert r.status_code == 202, r.text
+        job = r.json()
+        assert job["rolled_back_to"] == before_canary and job["forgotten"] == len(canary)
+        assert taught <= set(job["erased_versions"])  # versions after the canary carried it too
+        text, version = recite(c)  # at once: the version served knows nothing of it
+        assert version == before_canary and text != CANARY[len(PROMPT) :]
+        for v in job["erased_versions"]:  # never served again
+            r = c.post("/v1/admin/rollback", json={"version": v})
+            assert r.status_code == 404, r.text
+            assert c.get("/generate", params={"prompt": "x", "model": f"llmos@{v}"}).status_code != 200
+
+        done = wait_done(c, job["id"])
+        assert done["retrained"] == done["retrain_total"] > 0  # AFTER's texts, trained again
+        text, version = recite(c)
+        assert version not in job["erased_versions"] and text != CANARY[len(PROMPT) :]
+        statuses = {c.get(f"/v1/texts/{i}").json()["status"] for i in canary}
+        assert statuses == {"erased"}
+        lineage = c.get(f"/v1/admin/lineage/texts/{canary[0]}").json()
+        assert lineage["trained"] and {t["status"] for t in lineage["trained"]} == {"erased"}
+        forgotten_loss = canary_loss(srv)
+        assert files_holding(data, CANARY.encode()) == []
+        assert files_holding(data, CANARY[len(PROMPT) :].encode()) == []
+    assert files_holding(data, CANARY.encode()) == []  # stopped: nothing came back from a log or cache
+
+    with LiveServer(make_settings(tmp_path / "never")) as srv, srv.client() as c:  # the same stream, no canary
+        teach(c, FIRST)
+        teach(c, AFTER)
+        never_loss = canary_loss(srv)
+    print(f"canary loss: forgotten {forgotten_loss:.4f}, never seen {never_loss:.4f}")
+    assert abs(forgotten_loss - never_loss) <= 0.05 * never_loss
+
+
+def test_forgetting_a_source_on_each_store_erases_its_texts_and_what_recited_them(tmp_path: Path, db_url: str) -> None:
+    from sqlalchemy import text
+
+    from llmos.store.db import Database
+
+    leak = [f"Leaked memo {i}: the merger with Dorvane closes on the ninth." for i in range(3)]
+    settings = make_settings(tmp_path / "data", **{"store.url": db_url})
+    with LiveServer(settings) as srv, srv.client(headers=admin_headers()) as c:
+        kept = teach(c, FIRST, source="public")
+        leaked = teach(c, leak * 4, source="leak")
+        g = c.get("/generate", params={"prompt": "Leaked memo 1: the merger", "max_new_tokens": 24})
+        assert g.status_code == 200
+        r = c.post("/v1/admin/trainer/pause")
+        assert r.status_code == 200, r.text
+        [queued] = c.post("/v1/texts", json={"text": leak[0], "source": "leak"}).json()["ids"]
+
+        assert c.post("/v1/admin/forget", json={}).status_code == 422
+        assert c.post("/v1/admin/forget", json={"ids": ["no-such-id"]}).status_code == 404
+        with srv.client() as anonymous:
+            assert anonymous.post("/v1/admin/forget", json={"source": "leak"}).status_code == 401
+        r = c.post("/v1/admin/forget", json={"source": "leak"})
+        assert r.status_code == 202, r.text
+        job = r.json()
+        assert job["forgotten"] == len(leaked) + 1 and job["erased_versions"]
+        assert c.get(f"/v1/texts/{queued}").json()["status"] == "erased"  # never trained: erased all the same
+        assert c.post("/v1/admin/trainer/resume").status_code == 200
+        wait_done(c, job["id"])
+        assert {c.get(f"/v1/texts/{i}").json()["status"] for i in leaked} == {"erased"}
+        assert {c.get(f"/v1/texts/{i}").json()["status"] for i in kept} <= {"trained", "heldout"}
+        feedback = c.post("/v1/feedback", json={"generation_id": g.json()["generation_id"], "rating": 1.0})
+        assert feedback.status_code == 404, feedback.text  # the generation that recited it went with it
+        again = c.post("/v1/admin/forget", json={"source": "leak"})  # nothing left to forget
+        assert again.status_code == 202 and again.json()["forgotten"] == 0, again.text
+        audit = c.get("/v1/admin/audit", params={"limit": 5}).json()["entries"]
+        assert any(e["action"] == "forget" and e["params"].get("job") == job["id"] for e in audit), audit
+
+    db = Database(settings.store_url)
+    with db.read() as s:
+        conn = s.connection()
+        for table, column in (("samples", "text"), ("generations", "prompt")):
+            n = conn.execute(text(f"SELECT count(*) FROM {table} WHERE {column} LIKE :p"), {"p": "%Leaked memo%"})
+            assert n.scalar() == 0, table
+    db.dispose()
