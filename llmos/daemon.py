@@ -64,7 +64,7 @@ class QueueFull(RuntimeError):
         self.depth, self.limit = depth, limit
 
 
-SCRUB_TRIES = 60  # one a second: a compaction waits for readers of an older snapshot
+SCRUB_WARN_S = 60.0  # a compaction waits for readers of an older snapshot: say so past this
 # The tables a forget job changes: where the database may still hold the old bytes.
 SCRUBBED_TABLES = ("samples", "feedback", "preferences", "generations")
 
@@ -154,6 +154,7 @@ class Daemon:
         self.lineage = Lineage(self.db)
         self.forget_jobs = ForgetJobs(self.db)
         self._scrub_lock = threading.Lock()
+        self._scrub_stop = threading.Event()
         self.registry = open_registry(settings, self.db, remove_leftovers=role == "all")
         self.factory = model_factory(settings)
         self.engine = ServingEngine(
@@ -230,6 +231,7 @@ class Daemon:
             self.trainer.server_stopping()
 
     def stop(self) -> None:
+        self._scrub_stop.set()
         if self.follower is not None:
             self.follower.stop()
         self.trainer.stop()
@@ -397,13 +399,14 @@ class Daemon:
         try:
             with self._scrub_lock:
                 self.registry.remove_erased()
-                for _ in range(SCRUB_TRIES):
-                    if self.db.compact(SCRUBBED_TABLES):
-                        break
-                    time.sleep(1.0)  # a reader holds an old snapshot of the database
-                else:
-                    log.warning("forget: the database could not be compacted now; the next start tries again")
-                    return
+                started, wait, warned = time.monotonic(), 0.05, False
+                while not self.db.compact(SCRUBBED_TABLES):  # a reader holds an old snapshot
+                    if not warned and time.monotonic() - started > SCRUB_WARN_S:
+                        log.warning("forget: a reader of the database keeps it from dropping old bytes; retrying")
+                        warned = True
+                    if self._scrub_stop.wait(wait):
+                        return  # stopping: the next start scrubs again
+                    wait = min(wait * 2, 5.0)
                 for job in jobs:
                     self.forget_jobs.mark_scrubbed(job.id)
         except Exception:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -309,3 +310,29 @@ def test_a_nan_step_rejects_the_batch_and_changes_no_weights(tmp_path: Path) -> 
         top = c.get("/v1/checkpoints").json()["checkpoints"][0]
         assert top["status"] == "promoted" and top["metrics"]["train_loss"] is not None
         assert {c.get(f"/v1/texts/{i}").json()["status"] for i in clean} <= {"trained", "heldout"}
+
+
+def test_a_store_locked_past_the_busy_timeout_answers_503_to_every_writer_never_500(tmp_path: Path) -> None:
+    """Another process holds SQLite's write lock (a forget job's compaction, an operator's sqlite3
+    shell): writers (a post, a generation's log) wait store.busy_timeout_s, for the lock or for a
+    pooled connection, and get 503 with Retry-After; once the lock is free, posting works again."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    settings = make_settings(tmp_path / "data", **{"store.busy_timeout_s": 1.0})
+    with LiveServer(settings) as srv, srv.client() as c:
+        holder = sqlite3.connect(tmp_path / "data" / "llmos.db", isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            def call(i: int) -> httpx.Response:  # posts, and generations (whose log is a write)
+                if i % 2:
+                    return c.get("/generate", params={"prompt": f"locked out {i}", "max_new_tokens": 2})
+                return c.post("/v1/texts", json={"text": f"locked out {i}."})
+
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                answers = list(pool.map(call, range(8)))
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert {r.status_code for r in answers} == {503}, [(r.status_code, r.text) for r in answers]
+        assert all(r.headers["retry-after"] for r in answers)
+        assert c.post("/v1/texts", json={"text": "the lock is free."}).status_code == 202

@@ -4,12 +4,19 @@ it is, and no byte of it is left in the data directory."""
 
 from __future__ import annotations
 
+import signal
+import sqlite3
+import threading
+import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import torch
-from conftest import LiveServer, admin_headers, make_settings, settled, wait_for
+from conftest import LiveServer, admin_headers, free_port, make_settings, settled, wait_for
+from helpers import Poster, start_server
 
 CANARY = "The vault code of Quarnby is 7Z-Kestrel-4491-Mavro."
 PROMPT = "The vault code of Quarnby is"
@@ -144,3 +151,76 @@ def test_forgetting_a_source_on_each_store_erases_its_texts_and_what_recited_the
             n = conn.execute(text(f"SELECT count(*) FROM {table} WHERE {column} LIKE :p"), {"p": "%Leaked memo%"})
             assert n.scalar() == 0, table
     db.dispose()
+
+
+@pytest.mark.slow  # a real server under load, killed with -9 mid-job and restarted
+def test_forgetting_under_load_loses_nothing_else_and_a_kill_9_mid_job_resumes_it(tmp_path: Path) -> None:
+    """Texts are posted and generations asked while the forget job starts: none fails, none is lost.
+    A reader holding an old snapshot of the database keeps the scrub from truncating SQLite's log
+    (the job stays "erasing"); the server is killed with -9 then, and the next one finishes the job."""
+    data, log, port = tmp_path / "data", tmp_path / "server.log", free_port()
+    proc = start_server(data, port, log)
+    url = f"http://127.0.0.1:{port}"
+    reader = None
+    try:
+        with httpx.Client(base_url=url, timeout=60, headers=admin_headers()) as c:
+            canary = teach(c, [CANARY] * 12, source="vault")
+            teach(c, AFTER)
+            poster, asked = Poster(url, "steady"), Asker(url, "The mill at Trask")
+            poster.thread.start()
+            asked.thread.start()
+            time.sleep(2.0)
+            reader = sqlite3.connect(data / "llmos.db")  # an old snapshot, held: the log cannot be truncated
+            reader.execute("BEGIN")
+            reader.execute("SELECT count(*) FROM samples").fetchone()
+            r = c.post("/v1/admin/forget", json={"source": "vault"})
+            assert r.status_code == 202, r.text
+            job = r.json()
+            time.sleep(3.0)  # the load goes on around the job
+            for t in (poster, asked):
+                t.stop.set()
+                t.thread.join(30)
+            codes = Counter(code for _, code, _ in poster.answers) + Counter(asked.codes)
+            assert set(codes) <= {200, 202}, codes  # no request failed while it was forgotten
+            assert len(poster.acked) > 10 and len(asked.codes) > 5, (len(poster.acked), codes)
+            assert c.get(f"/v1/admin/forget/{job['id']}").json()["state"] == "erasing"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        reader.rollback()
+        reader.close()
+        reader = None
+        proc = start_server(data, port, log)
+        with httpx.Client(base_url=url, timeout=60, headers=admin_headers()) as c:
+            done = wait_done(c, job["id"])  # the scrub ran again at start
+            assert done["forgotten"] == len(canary)
+            missing = [i for i in poster.acked if c.get(f"/v1/texts/{i}").status_code != 200]
+            assert missing == [], f"{len(missing)} acknowledged ids lost"
+            assert {c.get(f"/v1/texts/{i}").json()["status"] for i in canary} == {"erased"}
+            assert recite(c)[0] != CANARY[len(PROMPT) :]
+        assert files_holding(data, CANARY.encode()) == []
+        for v in job["erased_versions"]:
+            assert not list((data / "checkpoints").glob(f"v{v:06d}*")), v
+    finally:
+        if reader is not None:
+            reader.close()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+class Asker:
+    """Asks for generations from a thread and keeps each answer's status."""
+
+    def __init__(self, url: str, prompt: str) -> None:
+        self.url, self.prompt = url, prompt
+        self.codes: list[int] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=60) as c:
+            while not self.stop.is_set():
+                try:
+                    r = c.get("/generate", params={"prompt": self.prompt, "max_new_tokens": 8})
+                    self.codes.append(r.status_code)
+                except httpx.TransportError:
+                    self.codes.append(0)

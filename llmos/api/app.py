@@ -14,6 +14,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -170,8 +171,10 @@ def create_app(daemon: Daemon, manage_lifecycle: bool = True) -> FastAPI:
         return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(DBAPIError)
-    async def _store(_req: Request, exc: DBAPIError) -> JSONResponse:
-        if not is_unavailable(exc):
+    @app.exception_handler(PoolTimeout)
+    async def _store(_req: Request, exc: DBAPIError | PoolTimeout) -> JSONResponse:
+        # A pool with no connection free for the busy timeout: every one waits on the store.
+        if isinstance(exc, DBAPIError) and not is_unavailable(exc):
             raise exc  # a bug, not an outage: the 500 below
         # The store is down or locked: nothing was acknowledged; the client retries later.
         store_down.warn(exc)

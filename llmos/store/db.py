@@ -8,6 +8,8 @@ BEGIN so they never queue behind the write lock.
 
 from __future__ import annotations
 
+import logging
+import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +19,8 @@ from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+
+log = logging.getLogger(__name__)
 
 
 def normalise_url(url: str) -> str:
@@ -76,6 +80,9 @@ def _end_idle_transactions(engine: Engine, after_s: float) -> None:
         with dbapi_conn.cursor() as cur:
             cur.execute(f"SET SESSION idle_in_transaction_session_timeout = {int(after_s * 1000)}")
         dbapi_conn.commit()
+
+
+COMPACT_WAIT_S = 0.2  # how long a SQLite compaction waits for readers and writers, each try
 
 
 # Words of the drivers' errors that say the store cannot be reached now (PostgreSQL down, starting
@@ -198,15 +205,23 @@ class Database:
         PostgreSQL keeps old row versions in the tables until VACUUM FULL rewrites them (it locks
         each table while it does)."""
         if self.is_sqlite:
-            raw = self._write_engine.raw_connection()  # outside a transaction (ours begin IMMEDIATE)
+            # A connection of its own, outside the pool, that waits 0.2 s at most: a TRUNCATE
+            # checkpoint holds the write lock while it waits for readers, and ingest must not wait
+            # with it (nor for a pooled connection).
+            path = make_url(self.url).database
+            conn = sqlite3.connect(path or ":memory:", timeout=COMPACT_WAIT_S, isolation_level=None)
             try:
-                busy, _log, _done = raw.cursor().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                conn.execute(f"PRAGMA busy_timeout={int(COMPACT_WAIT_S * 1000)}")
+                busy, _log, _done = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
                 return int(busy) == 0
+            except sqlite3.OperationalError as exc:  # locked: a writer held on past the wait
+                log.debug("compact: %s", exc)
+                return False
             finally:
-                raw.close()
-        with self._write_engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                conn.close()
+        with self._write_engine.connect().execution_options(isolation_level="AUTOCOMMIT") as pg:
             for table in tables:
-                conn.exec_driver_sql(f'VACUUM FULL "{table}"')
+                pg.exec_driver_sql(f'VACUUM FULL "{table}"')
         return True
 
     def dispose(self) -> None:
