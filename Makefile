@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-slow test-all lint run clean dashboard-screenshot bench-forgetting bench-teach bench bench-speed bench-scaling bench-serving bench-replicas bench-parallel
+.PHONY: install test test-slow test-all lint run clean dashboard-screenshot bench-forgetting bench-teach bench bench-speed bench-scaling bench-serving bench-replicas bench-parallel bench-forget
 
 # One command sets everything up: a virtual environment with torch (CPU wheel unless you have
 # installed another build) and llmos with its test tools (among them the openai client and
@@ -73,6 +73,11 @@ bench-replicas:
 # bench/results/parallel.md.
 bench-parallel:
 	$(BIN)/python bench/parallel.py --out bench/results/parallel.md
+
+# Forgetting on request: time to forget against what was trained since the forgotten text, and
+# the served answers it changes (bench/results/forget.md).
+bench-forget:
+	$(BIN)/python bench/forget.py --out bench/results
 
 # Speed (issue 4): trainer, generation, serving while training, hot-swap, freshness, ingest, and
 # their growth with model size, each as a ratio against a reference measured side by side in the
