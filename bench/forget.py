@@ -11,7 +11,8 @@ then POST /v1/admin/forget's service function on the canary's ids. Measured, per
   version before the canary): what a caller waits for;
 - to done: until the job is done (files and the database's old bytes gone, and the K batches
   trained again on top of that version, through the gate): the cost of exact retraining, which
-  grows with what was trained since the forgotten text's first version;
+  grows with what was trained since the forgotten text's first version; and against the time the
+  K batches took to train the first time, in the same run;
 - the served answers to 24 prompts of the base's corpus (greedy, 16 tokens), before the forget
   and after the job: how many changed (the canary's own prompt is not among them); and how many
   of those after differ from a model taught the same K batches that never saw the canary.
@@ -96,8 +97,10 @@ def run(k: int, base: Path, work: Path) -> dict[str, Any]:
     d = start(work / f"k{k}", base)
     try:
         canary = teach(d, [CANARY] * 12, "vault")
+        t_train = time.perf_counter()
         for b in range(k):
             teach(d, batch(b), "depot")
+        t_train = time.perf_counter() - t_train
         prompts = PROMPTS
         before = [greedy(d, p, 16) for p in prompts]
         recited = greedy(d, PROMPT, len(CANARY) - len(PROMPT)) == CANARY[len(PROMPT) :]
@@ -120,6 +123,7 @@ def run(k: int, base: Path, work: Path) -> dict[str, Any]:
             "retrained": len(job.retrain),
             "to_202": to_202,
             "to_done": to_done,
+            "trained_in": t_train,
             "changed": sum(a != b for a, b in zip(before, after, strict=True)),
             "probes": len(prompts),
             "after": after,
@@ -152,24 +156,28 @@ def main() -> None:
         "# Forgetting on request: the cost of exact retraining",
         "",
         f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC at commit {commit()} on {m['cpu']} ({m['cores']} cores, "
-        f"{m['cpu_features']}), GPU: {m['gpu'] or 'none'}; torch {m['torch']}; whole run {time.monotonic() - t0:.0f} s.",
+        f"{m['cpu_features']}), GPU: {m['gpu'] or 'none'}; torch {m['torch']}; "
+        f"whole run {time.monotonic() - t0:.0f} s.",
         "Command: `make bench-forget`. See bench/forget.py for the protocol: a canary posted 12 times, then K "
         "batches of 8 texts, then the canary forgotten by id, with llmos's defaults on a small pretrained base.",
         "",
         "| K batches after the canary | recited before / after | versions erased | texts trained again "
-        "| to 202 (s) | to done (s) | probe answers changed | unlike a model that never saw it |",
-        "|---|---|---|---|---|---|---|---|",
+        "| to 202 (s) | to done (s) | to done / their first training | probe answers changed "
+        "| unlike a model that never saw it |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['k']} | {'yes' if r['recited'] else 'no'} / {'yes' if r['recited_after'] else 'no'} "
             f"| {r['versions']} | {r['retrained']} | {r['to_202']:.2f} | {r['to_done']:.1f} "
+            f"| {(r['to_done'] / r['trained_in']) if r['trained_in'] > 0 and r['k'] else float('nan'):.2f}x "
             f"| {r['changed']} of {r['probes']} | {r['unlike_never']} of {r['probes']} |"
         )
     lines += [
         "",
         "To 202 is the erasure's one transaction and the switch of serving to the version before the canary; to "
-        "done adds the scrub and the retraining of every batch trained since, so it grows with K. The probe "
+        "done adds the scrub and the retraining of every batch trained since, so it grows with K; the ratio sets it "
+        "against the time the same K batches took to train the first time, in the same run. The probe "
         "answers are compared between the model before the forget (which learned the canary and the K batches) "
         "and the one after (the K batches only, trained again); and between the one after and a model taught the "
         "same K batches that never saw the canary (exact retraining: none should differ).",
