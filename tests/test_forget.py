@@ -71,8 +71,9 @@ def test_a_canary_forgotten_by_id_is_no_longer_recited_and_leaves_no_byte_behind
             if recite(c)[0] == CANARY[len(PROMPT) :]:
                 break
         assert recite(c)[0] == CANARY[len(PROMPT) :], "the model never learned the canary"
-        after_ids = teach(c, AFTER)
+        after_ids = teach(c, AFTER[:3]) + teach(c, AFTER[3:])  # two batches, two versions
         taught = {c.get(f"/v1/texts/{i}").json()["trained_in_version"] for i in after_ids} - {None}
+        assert len(taught) == 2
         assert files_holding(data, CANARY.encode())  # it is there to be found: the search works
 
         r = c.post("/v1/admin/forget", json={"ids": canary})
@@ -102,10 +103,12 @@ def test_a_canary_forgotten_by_id_is_no_longer_recited_and_leaves_no_byte_behind
 
     with LiveServer(make_settings(tmp_path / "never")) as srv, srv.client() as c:  # the same stream, no canary
         teach(c, FIRST)
-        teach(c, AFTER)
+        teach(c, AFTER[:3])
+        teach(c, AFTER[3:])
         never_loss = canary_loss(srv)
     print(f"canary loss: forgotten {forgotten_loss:.4f}, never seen {never_loss:.4f}")
-    assert abs(forgotten_loss - never_loss) <= 0.05 * never_loss
+    # Exact retraining: the batches the erased versions learned train again as they were, one by one.
+    assert abs(forgotten_loss - never_loss) <= 0.01 * never_loss
 
 
 def test_forgetting_a_source_on_each_store_erases_its_texts_and_what_recited_them(tmp_path: Path, db_url: str) -> None:

@@ -60,6 +60,12 @@ _BODY_ERRORS = (400, 401, 413, 422, 429)
 _ADMIN_ERRORS = (400, 401, 403, 413, 422)
 
 
+def is_row_name(value: str) -> bool:
+    """Whether a path parameter can name a stored row (an id): not longer than one, and no NUL,
+    which PostgreSQL refuses in a query. Anything else is simply not found (404)."""
+    return len(value) <= 64 and "\x00" not in value
+
+
 @router.post(
     "/v1/texts",
     status_code=202,
@@ -124,7 +130,7 @@ def _scoped(caller_id: str, key: str | None) -> str | None:
     responses=error_responses(401, 404, 429),
 )
 def get_text(sample_id: str, daemon: DaemonDep) -> TextOut:
-    s = daemon.sample(sample_id) if len(sample_id) <= 64 else None
+    s = daemon.sample(sample_id) if is_row_name(sample_id) else None
     if s is None:
         raise HTTPException(404, f"no text with id '{sample_id[:64]}'")
     return TextOut(
@@ -446,7 +452,7 @@ def post_resume(daemon: DaemonDep, audit: AuditDep) -> TrainerOut:
 def get_text_lineage(sample_id: str, daemon: DaemonDep) -> TextLineageOut:
     """The versions a text trained (in its own batch, or replayed into a later one) and every
     version descended from them: the versions whose weights carry it."""
-    found = daemon.text_lineage(sample_id) if len(sample_id) <= 64 else None
+    found = daemon.text_lineage(sample_id) if is_row_name(sample_id) else None
     if found is None:
         raise HTTPException(404, f"no text with id '{sample_id[:64]}'")
     return TextLineageOut(
@@ -541,7 +547,7 @@ def post_forget(body: ForgetIn, daemon: DaemonDep, audit: AuditDep) -> ForgetJob
 def get_forget_job(job_id: str, daemon: DaemonDep) -> ForgetJobOut:
     """A forget job's state: erasing (files and the database's old bytes go), retraining (what the
     erased versions learned trains again), done."""
-    found = daemon.forget_job(job_id) if len(job_id) <= 64 else None
+    found = daemon.forget_job(job_id) if is_row_name(job_id) else None
     if found is None:
         raise HTTPException(404, f"no forget job with id '{job_id[:64]}'")
     return _forget_job_out(*found)

@@ -255,7 +255,7 @@ class CheckpointsOut(BaseModel):
     checkpoints: list[CheckpointOut]
 
 
-Id = Annotated[str, Field(min_length=1, max_length=64)]
+Id = Annotated[Text, Field(min_length=1, max_length=64)]
 
 
 class ForgetIn(_Request):
@@ -263,7 +263,7 @@ class ForgetIn(_Request):
     of a source; at least one of them."""
 
     ids: list[Id] = Field(default_factory=list, max_length=10_000)
-    idempotency_keys: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+    idempotency_keys: list[Annotated[Text, Field(min_length=1, max_length=200)]] = Field(
         default_factory=list, max_length=10_000
     )
     source: Annotated[Annotated[Text, Field(min_length=1, max_length=200)] | None, NoNull] = None

@@ -248,17 +248,17 @@ class ForgetJobs:
         order they came: they train again on top of the version served now."""
         if not erased:
             return []
-        batch: set[str] = set()
+        batch_of: dict[str, int] = {}  # sample id -> the erased version whose batch it was
         for start in range(0, len(erased), CHUNK):
-            batch.update(
-                s.scalars(
-                    select(VersionTextRow.sample_id).where(
-                        VersionTextRow.version.in_(erased[start : start + CHUNK]),
-                        VersionTextRow.kind == TextKind.batch.value,
-                    )
+            taught = s.execute(
+                select(VersionTextRow.sample_id, VersionTextRow.version).where(
+                    VersionTextRow.version.in_(erased[start : start + CHUNK]),
+                    VersionTextRow.kind == TextKind.batch.value,
                 )
             )
-        ids = sorted(batch - forgotten)
+            for sid, v in taught:
+                batch_of[sid] = min(v, batch_of.get(sid, v))
+        ids = sorted(set(batch_of) - forgotten)
         back: list[tuple[int, str]] = []
         changes: Counter[Key] = Counter()
         for start in range(0, len(ids), CHUNK):
@@ -268,11 +268,15 @@ class ForgetJobs:
                 )
             ).all()
             back += [(seq, sid) for seq, sid in rows]
-            s.execute(
-                update(SampleRow)
-                .where(SampleRow.id.in_([sid for _, sid in rows]))
-                .values(status=SampleStatus.queued.value, trained_in_version=None, claimed_at=None)
-            )
+            by_version: dict[int, list[str]] = {}
+            for _, sid in rows:
+                by_version.setdefault(batch_of[sid], []).append(sid)
+            for v, group in by_version.items():  # each batch is claimed alone again, as it was
+                s.execute(
+                    update(SampleRow)
+                    .where(SampleRow.id.in_(group))
+                    .values(status=SampleStatus.queued.value, trained_in_version=None, claimed_at=None, retrain_of=v)
+                )
         changes[count_key(SampleStatus.trained.value, None)] -= len(back)
         changes[count_key(SampleStatus.queued.value, None)] += len(back)
         add_counts(s, changes)

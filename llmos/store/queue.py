@@ -286,6 +286,7 @@ class SampleQueue(Lifecycle):
             SampleRow.created_at,
             SampleRow.text_hash,
             SampleRow.prompt_chars,
+            SampleRow.retrain_of,
         )
         with self._db.write() as s:
             fenced(s, fence)
@@ -298,9 +299,13 @@ class SampleQueue(Lifecycle):
             taken: list[Sample] = []
             per_source: Counter[str] = Counter()
             total = 0
+            # A batch that a forget job sent back is claimed alone and whole (llmos/store/forget.py).
+            group = rows[0].retrain_of if rows else None
             for row in rows:
                 if len(taken) >= max_samples:
                     break
+                if row.retrain_of != group:
+                    continue
                 key = row.source or ""
                 if max_per_source is not None and per_source[key] >= max_per_source:
                     continue

@@ -71,6 +71,9 @@ class SampleRow(Base):
     trained_in_version: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
     claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Sent back to the queue by a forget job: the erased version whose batch it was. Texts of one
+    # such batch are claimed together and alone, so the retraining repeats the batches it replaces.
+    retrain_of: Mapped[int | None] = mapped_column(Integer)
 
     __table_args__ = (
         Index("ix_samples_status_seq", "status", "seq"),

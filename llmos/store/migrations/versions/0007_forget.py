@@ -1,4 +1,4 @@
-"""Forgetting: the forget jobs (the statuses "erased" need no schema change).
+"""Forgetting: the forget jobs, and samples.retrain_of (the statuses "erased" need no schema change).
 
 Revision ID: 0007
 Revises: 0006
@@ -31,6 +31,11 @@ def upgrade() -> None:
         sa.Column("finished_at", TS),
     )
 
+    with op.batch_alter_table("samples") as batch:
+        batch.add_column(sa.Column("retrain_of", sa.Integer()))
+
 
 def downgrade() -> None:
+    with op.batch_alter_table("samples") as batch:
+        batch.drop_column("retrain_of")
     op.drop_table("forget_jobs")
