@@ -167,10 +167,11 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        ratio = f"{r['to_done'] / r['trained_in']:.2f}x" if r["k"] else "-"
         lines.append(
             f"| {r['k']} | {'yes' if r['recited'] else 'no'} / {'yes' if r['recited_after'] else 'no'} "
             f"| {r['versions']} | {r['retrained']} | {r['to_202']:.2f} | {r['to_done']:.1f} "
-            f"| {(r['to_done'] / r['trained_in']) if r['trained_in'] > 0 and r['k'] else float('nan'):.2f}x "
+            f"| {ratio} "
             f"| {r['changed']} of {r['probes']} | {r['unlike_never']} of {r['probes']} |"
         )
     lines += [

@@ -146,6 +146,7 @@ def test_forgetting_a_source_on_each_store_erases_its_texts_and_what_recited_the
         assert again.status_code == 202 and again.json()["forgotten"] == 0, again.text
         audit = c.get("/v1/admin/audit", params={"limit": 5}).json()["entries"]
         assert any(e["action"] == "forget" and e["params"].get("job") == job["id"] for e in audit), audit
+        assert files_holding(tmp_path, b"merger with Dorvane") == []  # the SQLite database (and its WAL) too
 
     db = Database(settings.store_url)
     with db.read() as s:
