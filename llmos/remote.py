@@ -334,6 +334,12 @@ def forget(
     keys: Annotated[
         list[str] | None, typer.Option("--idempotency-key", help="A text by the key it was posted with (repeat).")
     ] = None,
+    caller: Annotated[
+        str | None,
+        typer.Option(
+            "--caller", help="Whose idempotency keys, as the audit log names the credential (default: anyone's)."
+        ),
+    ] = None,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Follow the job until it is done.")] = True,
     url: UrlOpt = DEFAULT_URL,
     token: TokenOpt = None,
@@ -348,6 +354,8 @@ def forget(
     body: dict[str, Any] = {"ids": ids or [], "idempotency_keys": keys or []}
     if source is not None:
         body["source"] = source
+    if caller is not None:
+        body["caller"] = caller
     job = server.call("POST", "/v1/admin/forget", json=body)
     served = "unchanged" if job["rolled_back_to"] is None else f"version {job['rolled_back_to']}"
     erased = ", ".join(str(v) for v in job["erased_versions"]) or "none"

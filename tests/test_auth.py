@@ -183,9 +183,9 @@ def test_audit_survives_a_restart(tmp_path: Path) -> None:
     assert "trainer.pause" in actions
 
 
-# Strings an admin operation may take: names of stored rows (texts, jobs, a source), compared for
-# equality in the store, never opened or fetched.
-ROW_NAMES = {"sample_id", "job_id", "ids", "idempotency_keys", "source"}
+# Strings an admin operation may take: names of stored rows (texts, jobs, a source, the credential
+# that posted a key), compared for equality in the store, never opened or fetched.
+ROW_NAMES = {"sample_id", "job_id", "ids", "idempotency_keys", "source", "caller"}
 
 
 def test_admin_operations_take_registry_versions_only(keyed: LiveServer) -> None:

@@ -323,6 +323,7 @@ def test_a_store_locked_past_the_busy_timeout_answers_503_to_every_writer_never_
         holder = sqlite3.connect(tmp_path / "data" / "llmos.db", isolation_level=None)
         holder.execute("BEGIN IMMEDIATE")
         try:
+
             def call(i: int) -> httpx.Response:  # posts, and generations (whose log is a write)
                 if i % 2:
                     return c.get("/generate", params={"prompt": f"locked out {i}", "max_new_tokens": 2})

@@ -60,7 +60,11 @@ def wait_done(c: httpx.Client, job: str) -> dict[str, Any]:
     return dict(wait_for(done, timeout=180, interval=0.3))
 
 
-def test_a_canary_forgotten_by_id_is_no_longer_recited_and_leaves_no_byte_behind(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "by",
+    ["ids", pytest.param("source", marks=pytest.mark.slow)],  # the same twice: once in the fast tier
+)
+def test_a_canary_forgotten_is_no_longer_recited_and_leaves_no_byte_behind(tmp_path: Path, by: str) -> None:
     data = tmp_path / "data"
     with LiveServer(make_settings(data)) as srv, srv.client(headers=admin_headers()) as c:
         teach(c, FIRST)
@@ -76,7 +80,7 @@ def test_a_canary_forgotten_by_id_is_no_longer_recited_and_leaves_no_byte_behind
         assert len(taught) == 2
         assert files_holding(data, CANARY.encode())  # it is there to be found: the search works
 
-        r = c.post("/v1/admin/forget", json={"ids": canary})
+        r = c.post("/v1/admin/forget", json={"ids": canary} if by == "ids" else {"source": "vault"})
         assert r.status_code == 202, r.text
         job = r.json()
         assert job["rolled_back_to"] == before_canary and job["forgotten"] == len(canary)
@@ -129,6 +133,16 @@ def test_forgetting_a_source_on_each_store_erases_its_texts_and_what_recited_the
 
         assert c.post("/v1/admin/forget", json={}).status_code == 422
         assert c.post("/v1/admin/forget", json={"ids": ["no-such-id"]}).status_code == 404
+        assert c.post("/v1/admin/forget", json={"idempotency_keys": ["no-such-key"]}).status_code == 404
+        [keyed] = c.post("/v1/texts", json={"text": leak[1], "idempotency_key": "memo-1"}).json()["ids"]
+        # A key is its sender's: another credential's "memo-1" is another text (here, none).
+        other = {"idempotency_keys": ["memo-1"], "caller": "key:0123456789ab"}
+        assert c.post("/v1/admin/forget", json=other).status_code == 404
+        r = c.post("/v1/admin/forget", json={"idempotency_keys": ["memo-1"]})  # anyone's: this client's
+        assert r.status_code == 202 and r.json()["forgotten"] == 1, r.text
+        assert c.get(f"/v1/texts/{keyed}").json()["status"] == "erased"
+        again = c.post("/v1/texts", json={"text": leak[1], "idempotency_key": "memo-1"})  # a retry of that post
+        assert again.status_code == 202 and again.json()["ids"] == [keyed], again.text  # finds the tombstone
         with srv.client() as anonymous:
             assert anonymous.post("/v1/admin/forget", json={"source": "leak"}).status_code == 401
         r = c.post("/v1/admin/forget", json={"source": "leak"})

@@ -42,6 +42,10 @@ class Caller:
     id: str
 
 
+# Callers of an open API: llmos listens on loopback alone without API keys (cli.py refuses more).
+OPEN_CALLERS = ("addr:127.0.0.1", "addr:::1", "addr:unknown")
+
+
 class Keyring:
     """The credentials this process accepts, kept as sha256 digests so that every comparison is
     between equal-length values (hmac.compare_digest leaks lengths, not contents)."""
@@ -50,6 +54,10 @@ class Keyring:
         self._admin = hashlib.sha256(admin_token.encode("utf-8")).digest()
         self._admin_id = "admin:" + fingerprint(admin_token)
         self._keys = [(hashlib.sha256(k.encode("utf-8")).digest(), "key:" + fingerprint(k)) for k in api_keys]
+
+    def caller_ids(self) -> list[str]:
+        """Every credential's caller id, and those of open-API callers (loopback addresses only)."""
+        return [self._admin_id, *(kid for _, kid in self._keys), *OPEN_CALLERS]
 
     @property
     def open(self) -> bool:

@@ -12,7 +12,17 @@ from typing import Annotated, Any
 from fastapi import APIRouter, HTTPException, Path, Query
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from llmos.api.deps import AdminDep, ApiKey, ApiKeyDep, AuditDep, DaemonDep, SlotsDep, SourceLimiterDep, too_many
+from llmos.api.deps import (
+    AdminDep,
+    ApiKey,
+    ApiKeyDep,
+    AuditDep,
+    DaemonDep,
+    KeyringDep,
+    SlotsDep,
+    SourceLimiterDep,
+    too_many,
+)
 from llmos.api.relay import Busy, End, Relay, Slots, call
 from llmos.api.schemas import (
     AuditEntryOut,
@@ -520,21 +530,29 @@ def _forget_job_out(job: ForgetJob, progress: Progress) -> ForgetJobOut:
     tags=["admin"],
     responses=error_responses(404, *_ADMIN_ERRORS),
 )
-def post_forget(body: ForgetIn, daemon: DaemonDep, audit: AuditDep) -> ForgetJobOut:
+def post_forget(body: ForgetIn, daemon: DaemonDep, audit: AuditDep, keyring: KeyringDep) -> ForgetJobOut:
     """Forget texts: erase them (a tombstone keeps the id and a hash), stop serving every version
     they trained (serving the newest one they did not influence) and train again, on top of it,
     what those versions were taught. Returns once serving has switched; follow the job at GET
     /v1/admin/forget/{id}. 404 if an id or key names no text."""
     params = {"ids": len(body.ids), "idempotency_keys": len(body.idempotency_keys), "source": body.source}
     with audit("forget", ok_code=202, **params) as entry:
+        callers = [body.caller] if body.caller is not None else keyring.caller_ids()
+        ids = list(body.ids)
+        for key in dict.fromkeys(body.idempotency_keys):
+            posted = daemon.queue.ids_by_key([str(_scoped(c, key)) for c in callers])
+            if not posted:
+                whose = f" from {body.caller}" if body.caller is not None else ""
+                raise HTTPException(404, f"no text with idempotency key '{key[:64]}'{whose}")
+            ids += posted
         try:
-            job = daemon.forget(ForgetRequest(tuple(body.ids), tuple(body.idempotency_keys), body.source))
+            job = daemon.forget(ForgetRequest(tuple(ids), body.source))
         except UnknownTexts as exc:
             raise HTTPException(404, str(exc)) from exc
         entry["job"] = job.id
-    found = daemon.forget_job(job.id)
-    assert found is not None
-    return _forget_job_out(*found)
+    state = daemon.forget_job(job.id)
+    assert state is not None
+    return _forget_job_out(*state)
 
 
 @router.get(

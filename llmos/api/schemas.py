@@ -267,6 +267,9 @@ class ForgetIn(_Request):
         default_factory=list, max_length=10_000
     )
     source: Annotated[Annotated[Text, Field(min_length=1, max_length=200)] | None, NoNull] = None
+    # Idempotency keys belong to the credential that sent them: whose, as the audit log names it
+    # ("key:<fingerprint>", "admin:<fingerprint>", "addr:127.0.0.1"); left out, every credential's.
+    caller: Annotated[Annotated[Text, Field(min_length=1, max_length=80)] | None, NoNull] = None
 
     @model_validator(mode="after")
     def _names_something(self) -> ForgetIn:

@@ -3,7 +3,7 @@
 ``ForgetJobs.start`` does the erasure in one transaction, which also holds the active version's
 row (so that no promotion or rollback lands in between):
 
-- the texts asked for (by id, idempotency key or source) become tombstones: status ``erased``,
+- the texts asked for (by id or source; the API finds ids by idempotency key) become tombstones: status ``erased``,
   the id, the hash and the source kept, the text gone; a correction's text goes from its
   feedback row, and the preferences made of it go;
 - every version that a forgotten text trained (lineage, llmos/store/lineage.py: in its batch or
@@ -62,7 +62,7 @@ SETTLED = (SampleStatus.trained, SampleStatus.heldout, SampleStatus.rejected, Sa
 
 
 class UnknownTexts(LookupError):
-    """Ids or idempotency keys that name no text."""
+    """Ids (or idempotency keys) that name no text."""
 
     def __init__(self, what: str, missing: Sequence[str]) -> None:
         shown = ", ".join(f"'{m[:64]}'" for m in missing[:5])
@@ -75,11 +75,10 @@ class UnknownTexts(LookupError):
 @dataclass(frozen=True)
 class ForgetRequest:
     ids: tuple[str, ...] = ()
-    idempotency_keys: tuple[str, ...] = ()
     source: str | None = None
 
     def as_json(self) -> dict[str, object]:
-        return {"ids": list(self.ids), "idempotency_keys": list(self.idempotency_keys), "source": self.source}
+        return {"ids": list(self.ids), "source": self.source}
 
 
 @dataclass(frozen=True)
@@ -193,19 +192,13 @@ class ForgetJobs:
 
     def _targets(self, s: Session, req: ForgetRequest) -> list[SampleRow]:
         found: dict[str, SampleRow] = {}
-        for column, values, what in (
-            (SampleRow.id, req.ids, "id"),
-            (SampleRow.idempotency_key, req.idempotency_keys, "idempotency key"),
-        ):
-            wanted = list(dict.fromkeys(values))
-            seen: set[str] = set()
-            for start in range(0, len(wanted), CHUNK):
-                for row in s.scalars(select(SampleRow).where(column.in_(wanted[start : start + CHUNK]))):
-                    found[row.id] = row
-                    seen.add(row.id if column is SampleRow.id else str(row.idempotency_key))
-            missing = [v for v in wanted if v not in seen]
-            if missing:
-                raise UnknownTexts(what, missing)
+        wanted = list(dict.fromkeys(req.ids))
+        for start in range(0, len(wanted), CHUNK):
+            for row in s.scalars(select(SampleRow).where(SampleRow.id.in_(wanted[start : start + CHUNK]))):
+                found[row.id] = row
+        missing = [v for v in wanted if v not in found]
+        if missing:
+            raise UnknownTexts("id", missing)
         if req.source is not None:
             for row in s.scalars(select(SampleRow).where(SampleRow.source == req.source)):
                 found[row.id] = row

@@ -240,6 +240,12 @@ class SampleQueue(Lifecycle):
                     raise
         raise AssertionError("unreachable")
 
+    def ids_by_key(self, stored_keys: Sequence[str]) -> list[str]:
+        """The ids of the texts posted with any of ``stored_keys`` (idempotency keys as stored)."""
+        with self._db.read() as s:
+            rows = s.scalars(select(SampleRow.id).where(SampleRow.idempotency_key.in_(list(stored_keys))))
+            return list(rows)
+
     def get(self, sample_id: str) -> Sample | None:
         with self._db.read() as s:
             row = s.scalar(select(SampleRow).where(SampleRow.id == sample_id))
