@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import free_port, wait_for
-from helpers import Poster, start_server
+from helpers import Poster, start_server, start_trainer
 
 pytestmark = pytest.mark.slow  # a server and a PostgreSQL of its own, restarted
 
@@ -71,12 +71,19 @@ def postgres() -> Iterator[PrivatePostgres]:
         pg.remove()
 
 
+@pytest.mark.parametrize("roles", ["serve", "api replica and llmos train"])
 def test_a_postgresql_restart_gives_503s_then_the_server_recovers_and_keeps_every_acked_text(
-    tmp_path: Path, postgres: PrivatePostgres
+    tmp_path: Path, postgres: PrivatePostgres, roles: str
 ) -> None:
     port, log = free_port(), tmp_path / "server.log"
     url = f"http://127.0.0.1:{port}"
-    proc = start_server(tmp_path / "data", port, log, {"LLMOS_STORE__URL": postgres.url})
+    env = {"LLMOS_STORE__URL": postgres.url}
+    trainer = None
+    if roles == "serve":
+        proc = start_server(tmp_path / "data", port, log, env)
+    else:  # scaled out: the API replica answers, the trainer alone trains; both ride out the restart
+        proc = start_server(tmp_path / "data", port, log, env, args=["--role", "api"])
+        trainer = start_trainer(tmp_path / "data", tmp_path / "trainer.log", env)
     poster = Poster(url)
     try:
         poster.thread.start()
@@ -120,9 +127,12 @@ def test_a_postgresql_restart_gives_503s_then_the_server_recovers_and_keeps_ever
         assert not missing, missing
     finally:
         poster.stop.set()
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        for p in (proc, trainer):
+            if p is None:
+                continue
+            p.terminate()
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
