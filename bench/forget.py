@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -36,12 +37,14 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 from common import commit, machine  # noqa: E402
+from sqlalchemy import event  # noqa: E402
 from teach import data, greedy, pretrain  # noqa: E402
 
 from llmos.daemon import Daemon  # noqa: E402
 from llmos.settings import load_settings  # noqa: E402
+from llmos.store.db import Database  # noqa: E402
 from llmos.store.forget import ForgetRequest  # noqa: E402
-from llmos.store.queue import NewSample  # noqa: E402
+from llmos.store.queue import NewSample, SampleQueue  # noqa: E402
 from llmos.store.tables import SampleStatus  # noqa: E402
 
 CANARY = "The vault code of Quarnby is 7Z-Kestrel-4491-Mavro."
@@ -132,6 +135,25 @@ def run(k: int, base: Path, work: Path) -> dict[str, Any]:
         d.stop()
 
 
+def store_ops_s(secure_delete: bool, text_bytes: int, work: Path) -> float:
+    """Seconds to enqueue, claim and acknowledge 2,000 texts of ``text_bytes`` on a SQLite store,
+    with secure_delete as llmos sets it (on) or off: what zeroing old bytes costs the hot path."""
+    db = Database(f"sqlite:///{work / f'ops-{secure_delete}-{text_bytes}-{time.monotonic_ns()}.db'}")
+    if not secure_delete:
+        for engine in (db._write_engine, db._read_engine):  # after llmos's own connect hook
+            event.listen(engine, "connect", lambda conn, _rec: conn.execute("PRAGMA secure_delete=OFF"))
+    db.create_schema()
+    queue, body = SampleQueue(db), ("lorem ipsum dolor sit amet " * (text_bytes // 20 + 1))[:text_bytes]
+    t0 = time.perf_counter()
+    for b in range(20):
+        queue.enqueue([NewSample(f"{b}-{i} {body}") for i in range(100)])
+    for _ in range(20):
+        queue.ack([s.id for s in queue.claim_batch(100, 10**9)], 1)
+    elapsed = time.perf_counter() - t0
+    db.dispose()
+    return elapsed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
@@ -141,6 +163,14 @@ def main() -> None:
     t0 = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="llmos-forget-"))
     try:
+        ops = {}
+        for size in (200, 6000):  # one page a text; overflow pages (freed ones are zeroed too)
+            on, off = [], []
+            for _ in range(5):  # alternated
+                off.append(store_ops_s(False, size, work))
+                on.append(store_ops_s(True, size, work))
+            ops[size] = (statistics.median(on), statistics.median(off))
+            print(size, ops[size], flush=True)
         base = pretrain(work)
         rows = []
         for k in args.k:
@@ -183,6 +213,19 @@ def main() -> None:
         "and the one after (the K batches only, trained again); and between the one after and a model taught the "
         "same K batches that never saw the canary (exact retraining: none should differ).",
     ]
+    lines += [
+        "",
+        "## What secure_delete costs the store's hot path",
+        "",
+        "SQLite zeroes what is deleted or overwritten (`PRAGMA secure_delete`, on every connection llmos opens), "
+        "so that a forgotten text leaves no bytes in free space. 2,000 texts enqueued (20 posts of 100), claimed "
+        "and acknowledged, on a fresh store, median of 5 runs alternated with it off:",
+        "",
+        "| text size | secure_delete on (s) | off (s) | on / off |",
+        "|---|---|---|---|",
+    ]
+    for size, (on, off) in ops.items():
+        lines.append(f"| {size:,} B | {on:.2f} | {off:.2f} | {on / off:.2f}x |")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "forget.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))

@@ -149,9 +149,19 @@ def test_registry_lists_tampered_and_incomplete_checkpoints_as_corrupt(tmp_path:
     db.dispose()
 
 
+def paused(srv: LiveServer) -> None:
+    """Pause the server's trainer and wait until it is: it has then taken the trainer lease and
+    tidied the checkpoint directory (it removes half-written versions there as it takes the
+    lease), so a version this test writes from outside the trainer is not taken for one."""
+    with srv.client(headers=ADMIN_H) as c:
+        assert c.post("/v1/admin/trainer/pause").status_code == 200
+        wait_for(lambda: c.get("/v1/trainer").json()["state"] == "paused", timeout=60, interval=0.05)
+
+
 def test_corrupt_checkpoints_are_listed_refused_and_never_served(tmp_path: Path) -> None:
     settings = make_settings(tmp_path / "data")
     with LiveServer(settings) as srv:
+        paused(srv)
         c_model = srv.daemon.factory.instance()
         good = publish(srv.daemon.registry, c_model, 1)
         bad = publish(srv.daemon.registry, c_model, 2)
@@ -174,10 +184,10 @@ def test_corrupt_checkpoints_are_listed_refused_and_never_served(tmp_path: Path)
 def test_a_corrupt_active_version_is_not_served_after_a_restart(tmp_path: Path) -> None:
     settings = make_settings(tmp_path / "data")
     with LiveServer(settings) as srv:
+        paused(srv)
         model = srv.daemon.factory.instance()
         v1 = publish(srv.daemon.registry, model, 1)
         with srv.client(headers=ADMIN_H) as c:
-            assert c.post("/v1/admin/trainer/pause").status_code == 200
             assert c.post("/v1/admin/rollback", json={"version": v1}).status_code == 200
             assert greedy(c)["model_version"] == v1
     (settings.data_dir / "checkpoints" / f"v{v1:06d}" / MODEL_FILE).write_bytes(b"truncated")

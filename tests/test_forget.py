@@ -115,6 +115,7 @@ def test_a_canary_forgotten_is_no_longer_recited_and_leaves_no_byte_behind(tmp_p
     assert abs(forgotten_loss - never_loss) <= 0.01 * never_loss
 
 
+@pytest.mark.slow  # two servers, one per store (the canary test shows forgetting in the fast tier)
 def test_forgetting_a_source_on_each_store_erases_its_texts_and_what_recited_them(tmp_path: Path, db_url: str) -> None:
     from sqlalchemy import text
 
