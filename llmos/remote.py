@@ -351,7 +351,11 @@ def forget(
     if not ids and not keys and source is None:
         fail("name what to forget: --id, --idempotency-key or --source", code=2)
     server = Server(url, admin_token(token, data_dir))
-    body: dict[str, Any] = {"ids": ids or [], "idempotency_keys": keys or []}
+    body: dict[str, Any] = {}
+    if ids:
+        body["ids"] = ids
+    if keys:
+        body["idempotency_keys"] = keys
     if source is not None:
         body["source"] = source
     if caller is not None:

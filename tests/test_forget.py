@@ -243,3 +243,38 @@ class Asker:
                     self.codes.append(r.status_code)
                 except httpx.TransportError:
                     self.codes.append(0)
+
+
+@pytest.mark.slow  # a server taught a correction, then told to forget it
+def test_a_forgotten_correction_goes_with_its_generation_feedback_and_preferences(tmp_path: Path) -> None:
+    correction = " Brell's vault opens with the code 7Z-Kestrel-4491."
+    with LiveServer(make_settings(tmp_path / "data")) as srv, srv.client(headers=admin_headers()) as c:
+        teach(c, FIRST)
+        gen = c.get("/generate", params={"prompt": "The vault of Brell", "max_new_tokens": 12}).json()
+        r = c.post(
+            "/v1/feedback", json={"generation_id": gen["generation_id"], "rating": -1.0, "correction": correction}
+        )
+        assert r.status_code == 202, r.text
+        sample = r.json()["sample_id"]
+        wait_for(lambda: settled(c, [sample]), timeout=180, interval=0.2)
+        prefs = srv.daemon.preferences.for_generation(gen["generation_id"])
+        assert prefs and any(p.chosen == correction for p in prefs)
+        wait_for(
+            lambda: (
+                {p.status.value for p in srv.daemon.preferences.for_generation(gen["generation_id"])}
+                <= {"trained", "heldout", "rejected"}
+            ),
+            timeout=180,
+            interval=0.2,
+        )
+
+        r = c.post("/v1/admin/forget", json={"ids": [sample]})
+        assert r.status_code == 202, r.text
+        job = wait_done(c, r.json()["id"])
+        assert job["erased_versions"], job  # the versions the correction (and its pair) trained
+        assert srv.daemon.preferences.for_generation(gen["generation_id"]) == []
+        r = c.post("/v1/feedback", json={"generation_id": gen["generation_id"], "rating": 1.0})
+        assert r.status_code == 404, r.text  # the generation went with it
+        assert c.get(f"/v1/texts/{sample}").json()["status"] == "erased"
+    assert files_holding(tmp_path / "data", correction.encode()) == []
+    assert files_holding(tmp_path / "data", b"7Z-Kestrel-4491") == []

@@ -535,11 +535,12 @@ def post_forget(body: ForgetIn, daemon: DaemonDep, audit: AuditDep, keyring: Key
     they trained (serving the newest one they did not influence) and train again, on top of it,
     what those versions were taught. Returns once serving has switched; follow the job at GET
     /v1/admin/forget/{id}. 404 if an id or key names no text."""
-    params = {"ids": len(body.ids), "idempotency_keys": len(body.idempotency_keys), "source": body.source}
+    keys = body.idempotency_keys or []
+    params = {"ids": len(body.ids or []), "idempotency_keys": len(keys), "source": body.source}
     with audit("forget", ok_code=202, **params) as entry:
         callers = [body.caller] if body.caller is not None else keyring.caller_ids()
-        ids = list(body.ids)
-        for key in dict.fromkeys(body.idempotency_keys):
+        ids = list(body.ids or [])
+        for key in dict.fromkeys(keys):
             posted = daemon.queue.ids_by_key([str(_scoped(c, key)) for c in callers])
             if not posted:
                 whose = f" from {body.caller}" if body.caller is not None else ""

@@ -262,10 +262,21 @@ class ForgetIn(_Request):
     """What to forget: texts by id, by the idempotency key they were posted with, and every text
     of a source; at least one of them."""
 
-    ids: list[Id] = Field(default_factory=list, max_length=10_000)
-    idempotency_keys: list[Annotated[Text, Field(min_length=1, max_length=200)]] = Field(
-        default_factory=list, max_length=10_000
+    # The schema says "at least one" too, so that a client (or a fuzzer) reading it sends one.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "anyOf": [{"required": ["ids"]}, {"required": ["idempotency_keys"]}, {"required": ["source"]}]
+        }
     )
+
+    # At most 500 ids and 100 keys a request: any body the schema allows fits server.max_body_bytes
+    # (1 MiB) even written as JSON escapes. More: several requests, or a source.
+    ids: Annotated[Annotated[list[Id], Field(min_length=1, max_length=500)] | None, NoNull] = None
+    idempotency_keys: Annotated[
+        Annotated[list[Annotated[Text, Field(min_length=1, max_length=200)]], Field(min_length=1, max_length=100)]
+        | None,
+        NoNull,
+    ] = None
     source: Annotated[Annotated[Text, Field(min_length=1, max_length=200)] | None, NoNull] = None
     # Idempotency keys belong to the credential that sent them: whose, as the audit log names it
     # ("key:<fingerprint>", "admin:<fingerprint>", "addr:127.0.0.1"); left out, every credential's.
@@ -273,7 +284,7 @@ class ForgetIn(_Request):
 
     @model_validator(mode="after")
     def _names_something(self) -> ForgetIn:
-        if not self.ids and not self.idempotency_keys and self.source is None:
+        if self.ids is None and self.idempotency_keys is None and self.source is None:
             raise ValueError("name what to forget: ids, idempotency_keys or source")
         return self
 

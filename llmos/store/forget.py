@@ -4,8 +4,9 @@
 row (so that no promotion or rollback lands in between):
 
 - the texts asked for (by id or source; the API finds ids by idempotency key) become tombstones: status ``erased``,
-  the id, the hash and the source kept, the text gone; a correction's text goes from its
-  feedback row, and the preferences made of it go;
+  the id, the hash and the source kept, the text gone; a text that feedback made (a correction,
+  a thumbs up) goes with the generation it came from, that generation's feedback and the
+  preferences made of it (the versions those trained are erased too);
 - every version that a forgotten text trained (lineage, llmos/store/lineage.py: in its batch or
   replayed into it) and every descendant of one is ``erased``: never served, pinned or rolled
   back to again (its row is pruned; the scrub deletes its files);
@@ -152,8 +153,7 @@ class ForgetJobs:
             texts = [r.text for r in targets if r.status != SampleStatus.erased.value]
             ids = [r.id for r in targets]
             trained = self._versions_of(s, ids)
-            corrections = self._drop_corrections(s, ids)
-            trained |= corrections
+            trained |= self._drop_feedback_of(s, ids)
             rows = s.execute(select(CheckpointRow.version, CheckpointRow.parent_version, CheckpointRow.pruned_at))
             parents, pruned = {}, set()
             for v, p, gone in rows:
@@ -218,22 +218,30 @@ class ForgetJobs:
             )
         return out
 
-    def _drop_corrections(self, s: Session, ids: Sequence[str]) -> set[int]:
-        """A forgotten correction: its text leaves its feedback row, and the preference pairs made
-        of it go. Returns the versions those pairs trained."""
-        versions: set[int] = set()
+    def _drop_feedback_of(self, s: Session, ids: Sequence[str]) -> set[int]:
+        """A forgotten text that feedback made (a correction: prompt + correction; a thumbs up:
+        prompt + completion) came from a generation: that generation goes, with its feedback and
+        the preferences made of it. Returns the versions those preferences trained."""
+        generations: set[str] = set()
         for start in range(0, len(ids), CHUNK):
-            for fb in s.scalars(select(FeedbackRow).where(FeedbackRow.sample_id.in_(ids[start : start + CHUNK]))):
-                prefs = s.scalars(
-                    select(PreferenceRow).where(
-                        PreferenceRow.generation_id == fb.generation_id, PreferenceRow.chosen == fb.correction
+            chunk = ids[start : start + CHUNK]
+            generations.update(s.scalars(select(FeedbackRow.generation_id).where(FeedbackRow.sample_id.in_(chunk))))
+        gone = sorted(generations)
+        versions: set[int] = set()
+        for start in range(0, len(gone), CHUNK):
+            chunk = gone[start : start + CHUNK]
+            versions.update(
+                v
+                for v in s.scalars(
+                    select(PreferenceRow.trained_in_version).where(
+                        PreferenceRow.generation_id.in_(chunk), PreferenceRow.status == SampleStatus.trained.value
                     )
-                ).all()
-                for p in prefs:
-                    if p.trained_in_version is not None and p.status == SampleStatus.trained.value:
-                        versions.add(p.trained_in_version)
-                    s.delete(p)
-                fb.correction = None
+                )
+                if v is not None
+            )
+            s.execute(delete(PreferenceRow).where(PreferenceRow.generation_id.in_(chunk)))
+            s.execute(delete(FeedbackRow).where(FeedbackRow.generation_id.in_(chunk)))
+            s.execute(delete(GenerationRow).where(GenerationRow.id.in_(chunk)))
         return versions
 
     def _requeue_batches(self, s: Session, erased: Sequence[int], forgotten: set[str]) -> list[str]:
