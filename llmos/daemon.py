@@ -64,6 +64,7 @@ class QueueFull(RuntimeError):
         self.depth, self.limit = depth, limit
 
 
+SCRUB_RETRY_S = 10.0  # after a scrub that failed
 SCRUB_WARN_S = 60.0  # a compaction waits for readers of an older snapshot: say so past this
 # The tables a forget job changes: where the database may still hold the old bytes.
 SCRUBBED_TABLES = ("samples", "feedback", "preferences", "generations")
@@ -395,22 +396,27 @@ class Daemon:
 
     def _scrub(self, jobs: list[ForgetJob]) -> None:
         """Delete the erased versions' files and make the database drop the old bytes; then the
-        jobs are scrubbed. Until then they stay open, and the next start does this again."""
-        try:
-            with self._scrub_lock:
-                self.registry.remove_erased()
-                started, wait, warned = time.monotonic(), 0.05, False
-                while not self.db.compact(SCRUBBED_TABLES):  # a reader holds an old snapshot
-                    if not warned and time.monotonic() - started > SCRUB_WARN_S:
-                        log.warning("forget: a reader of the database keeps it from dropping old bytes; retrying")
-                        warned = True
-                    if self._scrub_stop.wait(wait):
-                        return  # stopping: the next start scrubs again
-                    wait = min(wait * 2, 5.0)
-                for job in jobs:
-                    self.forget_jobs.mark_scrubbed(job.id)
-        except Exception:
-            log.exception("forget: the scrub failed; the next start tries again")
+        jobs are scrubbed. Until then they stay open: a failure (the store down) is tried again
+        after a while, and a process stopped meanwhile does it at its next start."""
+        while True:
+            try:
+                with self._scrub_lock:
+                    self.registry.remove_erased()
+                    started, wait, warned = time.monotonic(), 0.05, False
+                    while not self.db.compact(SCRUBBED_TABLES):  # a reader holds an old snapshot
+                        if not warned and time.monotonic() - started > SCRUB_WARN_S:
+                            log.warning("forget: a reader of the database keeps it from dropping old bytes; retrying")
+                            warned = True
+                        if self._scrub_stop.wait(wait):
+                            return  # stopping: the next start scrubs again
+                        wait = min(wait * 2, 5.0)
+                    for job in jobs:
+                        self.forget_jobs.mark_scrubbed(job.id)
+                    return
+            except Exception:
+                log.exception("forget: the scrub failed; trying again in %.0f s", SCRUB_RETRY_S)
+            if self._scrub_stop.wait(SCRUB_RETRY_S):
+                return
 
     def rollback(self, version: int, requeue: bool) -> RollbackResult:
         self.registry.rollback(version)  # raises UnknownVersion / RejectedVersion / CorruptCheckpoint

@@ -288,7 +288,7 @@ class Registry:
         for rec in self.index.erased():
             path = self.root / rec.path if rec.path else None
             if path is not None and path.exists():
-                shutil.rmtree(path)
+                shutil.rmtree(path, ignore_errors=True)  # (the trainer's prune may remove it at the same time)
                 removed.append(rec.version)
         return removed
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -21,6 +21,7 @@ from llmos.store.tables import (
     CheckpointRow,
     CheckpointStatus,
     MetaRow,
+    PreferenceRow,
     SampleRow,
     SampleStatus,
     VersionTextRow,
@@ -57,7 +58,26 @@ def _record(row: CheckpointRow) -> CheckpointRecord:
     )
 
 
-def _learned_a_forgotten_text(s: Session, version: int) -> bool:
+def _learned_a_forgotten_text(s: Session, version: int, parent: int | None, new: bool = False) -> bool:
+    """Whether ``version`` trained on an erased text, or on top of an erased version (a forget job
+    committed while it was being trained or written); a ``new`` version (a promotion), also whether
+    it trained on a preference a forget job deleted meanwhile (a correction's pair)."""
+    if parent is not None and s.scalar(select(CheckpointRow.status).where(CheckpointRow.version == parent)) == (
+        CheckpointStatus.erased.value
+    ):
+        return True
+    if new:
+        gone = (
+            select(VersionTextRow.sample_id)
+            .where(
+                VersionTextRow.version == version,
+                VersionTextRow.kind == TextKind.pref.value,
+                ~exists().where(PreferenceRow.id == VersionTextRow.sample_id),
+            )
+            .limit(1)
+        )
+        if s.scalar(gone) is not None:
+            return True
     erased = (
         select(VersionTextRow.sample_id)
         .join(SampleRow, SampleRow.id == VersionTextRow.sample_id)
@@ -89,18 +109,19 @@ class CheckpointIndex:
                 require_lease(s, fence)
             if texts:
                 add_rows(s, rec.version, texts)
-            s.add(
-                CheckpointRow(
-                    version=rec.version,
-                    parent_version=rec.parent_version,
-                    status=rec.status.value,
-                    path=rec.path,
-                    step=rec.step,
-                    samples_seen=rec.samples_seen,
-                    metrics=rec.metrics,
-                    created_at=utcnow(),
-                )
+            row = CheckpointRow(
+                version=rec.version,
+                parent_version=rec.parent_version,
+                status=rec.status.value,
+                path=rec.path,
+                step=rec.step,
+                samples_seen=rec.samples_seen,
+                metrics=rec.metrics,
+                created_at=utcnow(),
             )
+            s.add(row)
+            if rec.version != 0 and _learned_a_forgotten_text(s, rec.version, rec.parent_version):
+                row.status, row.pruned_at = CheckpointStatus.erased.value, utcnow()  # the scrub deletes its files
 
     def max_version(self) -> int | None:
         with self._db.read() as s:
@@ -201,7 +222,7 @@ class CheckpointIndex:
             target = s.get(CheckpointRow, version)
             if target is None or target.pruned_at is not None:
                 return False  # pruned meanwhile (by another process): its files are going
-            if _learned_a_forgotten_text(s, version):  # trained while a forget job ran
+            if _learned_a_forgotten_text(s, version, target.parent_version, promote):  # trained while a forget ran
                 target.status, target.pruned_at = CheckpointStatus.erased.value, utcnow()
                 return False
             if row is None:

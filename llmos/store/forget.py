@@ -13,24 +13,28 @@ row (so that no promotion or rollback lands in between):
 - if the active version is among them, the store serves instead the newest of its ancestors that
   none of the texts influenced and whose files are still stored (the parent of the first version
   any of them trained, unless pruned);
-- the other texts those versions were taught (their batches) go back to the queue, and the
+- the texts taught (their batches) by every version that leaves the served line, the erased ones
+  and the pruned ones between them and the version now served, go back to the queue, and the
   trainer trains them again on top of that version, through the gate as any text: the model ends
   as if the forgotten texts had never been sent. Texts only replayed into an erased version were
-  taught by an ancestor that stays: they need nothing.
+  taught by an ancestor that stays: they need nothing; versions off the served line (rolled back
+  from before) held nothing the served model holds: their texts stay as they are;
+- generations, feedback and preferences that hold a copy of a forgotten text (``Copies``: a
+  completion that recited it, a pair made of it) are deleted, a generation with its feedback
+  and preferences.
 
-A promotion of a version whose lineage holds an erased text is refused (``CheckpointIndex.activate``):
-the trainer may have trained one while the job ran. The scrub follows the transaction (``scrub``):
-generations, feedback and preferences that contain a piece of a forgotten text (a completion that
-recited it, the correction's pair) are deleted, the erased versions' files removed, and the
-database made to drop the old bytes (llmos/store/db.py ``compact``). The job is durable: a process
-killed before the scrub ends finds it undone at its next start and does it again.
+A promotion of a version whose lineage holds an erased text, or whose parent is erased, is refused
+(``CheckpointIndex.activate``): the trainer may have trained one while the job ran. The scrub
+follows the transaction (daemon ``_scrub``): the erased versions' files removed, and the database
+made to drop the old bytes (llmos/store/db.py ``compact``). The job is durable: a process killed
+before the scrub ends finds it undone at its next start and does it again.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -58,7 +62,8 @@ from llmos.store.tables import (
 )
 
 CHUNK = 500  # ids per IN (...) clause
-WINDOW = 16  # characters: a stored text holding this much of a forgotten one in a row is erased too
+WINDOW = 16  # characters of a forgotten text that a generation by a version that learned it recited (Copies)
+MIN_SIGNS = 10  # letters and digits such a run holds at least: indentation or a rule of dashes is no evidence
 SETTLED = (SampleStatus.trained, SampleStatus.heldout, SampleStatus.rejected, SampleStatus.erased)
 
 
@@ -116,26 +121,57 @@ def _job(row: ForgetJobRow) -> ForgetJob:
     )
 
 
-def windows(texts: Iterable[str]) -> set[str]:
-    """Every run of WINDOW characters of ``texts`` (a shorter text: itself)."""
-    out: set[str] = set()
-    for t in texts:
-        if len(t) <= WINDOW:
-            if t.strip():
-                out.add(t)
-            continue
-        out.update(t[i : i + WINDOW] for i in range(len(t) - WINDOW + 1))
-    return out
+def _collapsed(value: str) -> str:
+    return " ".join(value.split())
 
 
-def holds_a_piece(value: str | None, pieces: set[str]) -> bool:
-    """Whether ``value`` holds one of ``pieces`` (windows(): WINDOW characters each, or a whole
-    short text)."""
-    if not value or not pieces:
+class Copies:
+    """What counts as a copy of the forgotten texts in a stored generation, feedback row or
+    preference (whitespace collapsed everywhere):
+
+    - the whole of a forgotten text, anywhere in the value; a text shorter than WINDOW only as the
+      whole value ("ok" is inside countless others, "book" among them);
+    - in a generation made by a version that learned one of them, a run of WINDOW characters of
+      one, starting where a word starts and holding at least MIN_SIGNS letters or digits: a
+      recitation. Only there: a phrase any text may hold ("Thank you for co") is no evidence in a
+      generation by a model that never saw the text, nor in a user's own correction or pair.
+
+    Word starts only, so the runs kept are about a fifth of the texts' characters."""
+
+    def __init__(self, texts: Iterable[str]) -> None:
+        collapsed = [c for c in (_collapsed(t) for t in texts) if c]
+        self.short = {c for c in collapsed if len(c) < WINDOW}
+        self._first: dict[str, list[str]] = {}  # a long text's first WINDOW characters -> the texts
+        self._runs: set[str] = set()
+        for c in collapsed:
+            if len(c) < WINDOW:
+                continue
+            self._first.setdefault(c[:WINDOW], []).append(c)
+            for i in range(len(c) - WINDOW + 1):
+                if i == 0 or c[i - 1] == " ":
+                    run = c[i : i + WINDOW]
+                    if sum(ch.isalnum() for ch in run) >= MIN_SIGNS:
+                        self._runs.add(run)
+
+    def whole(self, value: str | None) -> bool:
+        """Whether ``value`` holds a whole forgotten text."""
+        if not value:
+            return False
+        v = _collapsed(value)
+        if v in self.short:
+            return True
+        for i in range(len(v) - WINDOW + 1):
+            for text in self._first.get(v[i : i + WINDOW], ()):
+                if v.startswith(text, i):
+                    return True
         return False
-    if any(len(p) < WINDOW and p in value for p in pieces):
-        return True
-    return any(value[i : i + WINDOW] in pieces for i in range(len(value) - WINDOW + 1))
+
+    def recited(self, value: str | None) -> bool:
+        """Whether ``value`` holds a run of a forgotten text (see the class)."""
+        if not value:
+            return False
+        v = _collapsed(value)
+        return self.whole(v) or any(v[i : i + WINDOW] in self._runs for i in range(len(v) - WINDOW + 1))
 
 
 class ForgetJobs:
@@ -154,28 +190,35 @@ class ForgetJobs:
             ids = [r.id for r in targets]
             trained = self._versions_of(s, ids)
             trained |= self._drop_feedback_of(s, ids)
-            rows = s.execute(select(CheckpointRow.version, CheckpointRow.parent_version, CheckpointRow.pruned_at))
-            parents, pruned = {}, set()
-            for v, p, gone in rows:
+            cols = (CheckpointRow.version, CheckpointRow.parent_version, CheckpointRow.pruned_at, CheckpointRow.status)
+            rows = s.execute(select(*cols))
+            parents, pruned, before = {}, set(), set()
+            for v, p, gone, status in rows:
                 parents[v] = p
                 if gone is not None:
                     pruned.add(v)
-            erased = [v for v in influenced(trained, parents) if v != 0]
+                if status == CheckpointStatus.erased.value:
+                    before.add(v)  # by an earlier job (a retry of it names them again)
+            every = [v for v in influenced(trained, parents) if v != 0]
+            erased = [v for v in every if v not in before]
             active = int(active_row.value) if active_row is not None else 0
-            rolled_back_to = None
+            rolled_back_to, lost = None, []
             if active in erased:
-                target = parents.get(active)
+                # Back to the newest ancestor not erased whose files are stored; every version
+                # between (erased, or pruned) leaves the served line: its batch trains again.
+                target: int | None = active
                 while target is not None and (target in erased or target in pruned):
+                    lost.append(target)
                     target = parents.get(target)
                 rolled_back_to = 0 if target is None else target
                 assert active_row is not None
                 active_row.value = str(rolled_back_to)
                 notify(s, self._db, ACTIVE_CHANNEL, str(rolled_back_to))
-            retrain = self._requeue_batches(s, erased, set(ids))
-            self._erase_versions(s, erased)
             live = [r for r in targets if r.status != SampleStatus.erased.value]
-            if live:
-                self._drop_copies(s, windows(texts), min(r.created_at for r in live))
+            if live:  # generations first, as a feedback post takes them (then the counts): no deadlock
+                self._drop_copies(s, Copies(texts), min(r.created_at for r in live), set(every))
+            retrain = self._requeue_batches(s, sorted(lost), set(ids))
+            self._erase_versions(s, erased)
             forgotten = self._tombstone(s, targets)
             job = ForgetJobRow(
                 id=str(uuid.uuid4()),
@@ -193,19 +236,18 @@ class ForgetJobs:
     def _targets(self, s: Session, req: ForgetRequest) -> list[SampleRow]:
         found: dict[str, SampleRow] = {}
         wanted = list(dict.fromkeys(req.ids))
+        # FOR UPDATE (PostgreSQL; SQLite's write transaction holds the file): no trainer moves them
+        # between this read of their status and the tombstones.
         for start in range(0, len(wanted), CHUNK):
-            for row in s.scalars(select(SampleRow).where(SampleRow.id.in_(wanted[start : start + CHUNK]))):
+            q = select(SampleRow).where(SampleRow.id.in_(wanted[start : start + CHUNK])).with_for_update()
+            for row in s.scalars(q):
                 found[row.id] = row
         missing = [v for v in wanted if v not in found]
         if missing:
             raise UnknownTexts("id", missing)
         if req.source is not None:
-            for row in s.scalars(select(SampleRow).where(SampleRow.source == req.source)):
+            for row in s.scalars(select(SampleRow).where(SampleRow.source == req.source).with_for_update()):
                 found[row.id] = row
-        if not self._db.is_sqlite and found:  # lock them: no trainer moves them meanwhile
-            for start in range(0, len(found), CHUNK):
-                chunk = list(found)[start : start + CHUNK]
-                s.execute(select(SampleRow.id).where(SampleRow.id.in_(chunk)).with_for_update())
         return sorted(found.values(), key=lambda r: r.seq)
 
     def _versions_of(self, s: Session, ids: Sequence[str]) -> set[int]:
@@ -244,16 +286,19 @@ class ForgetJobs:
             s.execute(delete(GenerationRow).where(GenerationRow.id.in_(chunk)))
         return versions
 
-    def _requeue_batches(self, s: Session, erased: Sequence[int], forgotten: set[str]) -> list[str]:
-        """The texts (and preferences) the erased versions were taught, back to the queue, in the
-        order they came: they train again on top of the version served now."""
-        if not erased:
+    def _requeue_batches(self, s: Session, lost: Sequence[int], forgotten: set[str]) -> list[str]:
+        """The texts (and preferences) the versions ``lost`` from the served line were taught, back
+        to the queue, in the order they came: they train again on top of the version served now.
+        Only those the lost versions hold now (a text trained again since, after an earlier job,
+        is held by a version on the line: it stays)."""
+        if not lost:
             return []
-        batch_of: dict[str, int] = {}  # sample id -> the erased version whose batch it was
-        for start in range(0, len(erased), CHUNK):
+        held = set(lost)
+        batch_of: dict[str, int] = {}  # sample id -> the lost version whose batch it was
+        for start in range(0, len(lost), CHUNK):
             taught = s.execute(
                 select(VersionTextRow.sample_id, VersionTextRow.version).where(
-                    VersionTextRow.version.in_(erased[start : start + CHUNK]),
+                    VersionTextRow.version.in_(lost[start : start + CHUNK]),
                     VersionTextRow.kind == TextKind.batch.value,
                 )
             )
@@ -261,31 +306,36 @@ class ForgetJobs:
                 batch_of[sid] = min(v, batch_of.get(sid, v))
         ids = sorted(set(batch_of) - forgotten)
         back: list[tuple[int, str]] = []
-        changes: Counter[Key] = Counter()
         for start in range(0, len(ids), CHUNK):
             rows = s.execute(
-                select(SampleRow.seq, SampleRow.id).where(
-                    SampleRow.id.in_(ids[start : start + CHUNK]), SampleRow.status == SampleStatus.trained.value
-                )
+                select(SampleRow.seq, SampleRow.id, SampleRow.trained_in_version)
+                .where(SampleRow.id.in_(ids[start : start + CHUNK]), SampleRow.status == SampleStatus.trained.value)
+                .with_for_update()
             ).all()
-            back += [(seq, sid) for seq, sid in rows]
             by_version: dict[int, list[str]] = {}
-            for _, sid in rows:
-                by_version.setdefault(batch_of[sid], []).append(sid)
+            for seq, sid, version in rows:
+                if version in held:
+                    by_version.setdefault(batch_of[sid], []).append(sid)
+                    back.append((seq, sid))
             for v, group in by_version.items():  # each batch is claimed alone again, as it was
                 s.execute(
                     update(SampleRow)
-                    .where(SampleRow.id.in_(group))
+                    .where(SampleRow.id.in_(group), SampleRow.status == SampleStatus.trained.value)
                     .values(status=SampleStatus.queued.value, trained_in_version=None, claimed_at=None, retrain_of=v)
                 )
+        changes: Counter[Key] = Counter()
         changes[count_key(SampleStatus.trained.value, None)] -= len(back)
         changes[count_key(SampleStatus.queued.value, None)] += len(back)
         add_counts(s, changes)
-        s.execute(
-            update(PreferenceRow)
-            .where(PreferenceRow.trained_in_version.in_(erased), PreferenceRow.status == SampleStatus.trained.value)
-            .values(status=SampleStatus.queued.value, trained_in_version=None, claimed_at=None)
-        )
+        for start in range(0, len(lost), CHUNK):
+            s.execute(
+                update(PreferenceRow)
+                .where(
+                    PreferenceRow.trained_in_version.in_(lost[start : start + CHUNK]),
+                    PreferenceRow.status == SampleStatus.trained.value,
+                )
+                .values(status=SampleStatus.queued.value, trained_in_version=None, claimed_at=None)
+            )
         return [sid for _, sid in sorted(back)]
 
     def _erase_versions(self, s: Session, erased: Sequence[int]) -> None:
@@ -297,16 +347,22 @@ class ForgetJobs:
                 .values(status=CheckpointStatus.erased.value, pruned_at=now)
             )
 
-    def _drop_copies(self, s: Session, pieces: set[str], since: datetime, batch: int = 1000) -> None:
-        """Delete the generations made since the first forgotten text came (a completion that
-        recited one, a prompt that asked for it), and the feedback and preferences that hold a piece
-        of one (a pair made of it). Generations go with their feedback and preferences."""
-        tables: tuple[tuple[Any, tuple[str, ...]], ...] = (
-            (GenerationRow, ("prompt", "completion")),
-            (FeedbackRow, ("correction",)),
-            (PreferenceRow, ("prompt", "chosen", "rejected")),
+    def _drop_copies(self, s: Session, copies: Copies, since: datetime, learned: set[int], batch: int = 1000) -> None:
+        """Delete what holds a copy of a forgotten text (``Copies``) among what came since the first
+        of them: generations (a completion that recited one, by a version in ``learned``, or a
+        prompt and completion that hold one whole) with their feedback and preferences, and
+        feedback and preferences that hold one whole (a pair made of it)."""
+
+        def generation(r: GenerationRow) -> bool:
+            both = f"{r.prompt}{r.completion}"
+            return copies.recited(both) if r.model_version in learned else copies.whole(both)
+
+        tables: tuple[tuple[Any, Callable[[Any], bool]], ...] = (
+            (GenerationRow, generation),
+            (FeedbackRow, lambda r: copies.whole(r.correction)),
+            (PreferenceRow, lambda r: copies.whole(f"{r.prompt}{r.chosen}") or copies.whole(f"{r.prompt}{r.rejected}")),
         )
-        for table, columns in tables:
+        for table, holds in tables:
             after = ""
             while True:
                 q = select(table).where(table.id > after, table.created_at >= since).order_by(table.id).limit(batch)
@@ -314,7 +370,7 @@ class ForgetJobs:
                 if not rows:
                     break
                 after = rows[-1].id
-                hit = [r.id for r in rows if any(holds_a_piece(getattr(r, c), pieces) for c in columns)]
+                hit = [r.id for r in rows if holds(r)]
                 if not hit:
                     continue
                 if table is GenerationRow:

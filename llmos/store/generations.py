@@ -17,7 +17,15 @@ from sqlalchemy.orm import Session
 
 from llmos.store.db import Database
 from llmos.store.queue import NewSample, insert_samples, time_ordered_ids
-from llmos.store.tables import FeedbackRow, GenerationRow, PreferenceRow, SampleStatus, utcnow
+from llmos.store.tables import (
+    CheckpointRow,
+    CheckpointStatus,
+    FeedbackRow,
+    GenerationRow,
+    PreferenceRow,
+    SampleStatus,
+    utcnow,
+)
 
 
 @dataclass(frozen=True)
@@ -75,9 +83,14 @@ class GenerationLog:
         completion_tokens: int,
         generation_id: str | None = None,
     ) -> str:
-        """Store one generation; ``generation_id`` lets a stream name its id before it ends."""
+        """Store one generation; ``generation_id`` lets a stream name its id before it ends. The
+        completion of a version erased meanwhile (a forget job, llmos/store/forget.py, committed
+        while it ran) is not kept: it may recite what was forgotten."""
         gid = generation_id or str(uuid.uuid4())
         with self._db.write() as s:
+            status = s.scalar(select(CheckpointRow.status).where(CheckpointRow.version == model_version))
+            if status == CheckpointStatus.erased.value:
+                completion = ""
             s.add(
                 GenerationRow(
                     id=gid,
@@ -140,7 +153,9 @@ class GenerationLog:
         """Store feedback (and the sample it yields, if any) atomically; FeedbackLimit once the
         generation holds ``max_per_generation`` entries (0: no bound)."""
         with self._db.write() as s:
-            gen = s.get(GenerationRow, generation_id)
+            # FOR UPDATE (PostgreSQL): a forget job deleting this generation meanwhile either waits
+            # for this feedback (and deletes it too) or has deleted it (404), never a broken reference.
+            gen = s.get(GenerationRow, generation_id, with_for_update=True)
             if gen is None:
                 raise UnknownGeneration(generation_id)
             if max_per_generation:

@@ -25,6 +25,10 @@ from llmos.store.tables import VersionTextRow
 class TextKind(enum.StrEnum):
     batch = "batch"  # in the version's own batch: it was taught then
     replay = "replay"  # replayed into the version from the pool of texts trained before
+    pref = "pref"  # a preference (its id) the version trained on: what a promotion checks, not shown
+
+
+TEXTS = (TextKind.batch.value, TextKind.replay.value)  # the kinds of rows that name samples
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,7 @@ class Lineage:
         with self._db.read() as s:
             rows = s.execute(
                 select(VersionTextRow.version, VersionTextRow.kind)
-                .where(VersionTextRow.sample_id == sample_id)
+                .where(VersionTextRow.sample_id == sample_id, VersionTextRow.kind.in_(TEXTS))
                 .order_by(VersionTextRow.version)
             ).all()
             return [(v, TextKind(k)) for v, k in rows]
@@ -73,13 +77,13 @@ class Lineage:
             counts = dict(
                 s.execute(
                     select(VersionTextRow.kind, func.count())
-                    .where(VersionTextRow.version == version)
+                    .where(VersionTextRow.version == version, VersionTextRow.kind.in_(TEXTS))
                     .group_by(VersionTextRow.kind)
                 ).all()
             )
             rows = s.execute(
                 select(VersionTextRow.sample_id, VersionTextRow.kind)
-                .where(VersionTextRow.version == version)
+                .where(VersionTextRow.version == version, VersionTextRow.kind.in_(TEXTS))
                 .order_by(VersionTextRow.kind, VersionTextRow.sample_id)  # "batch" sorts before "replay"
                 .limit(limit)
                 .offset(offset)
@@ -99,7 +103,7 @@ class Lineage:
         with self._db.read() as s:
             rows = s.execute(
                 select(VersionTextRow.version, VersionTextRow.kind, func.count())
-                .where(VersionTextRow.version.in_(versions))
+                .where(VersionTextRow.version.in_(versions), VersionTextRow.kind.in_(TEXTS))
                 .group_by(VersionTextRow.version, VersionTextRow.kind)
             ).all()
         for v, kind, n in rows:

@@ -386,7 +386,11 @@ class Trainer:
             "passes": self._passes_since_eval,
             "prequential_loss": state.prequential_loss,
         }
-        texts = {**dict.fromkeys(self._replayed, TextKind.replay), **dict.fromkeys(self._pending, TextKind.batch)}
+        texts = {
+            **dict.fromkeys(self._replayed, TextKind.replay),
+            **dict.fromkeys(self._pending, TextKind.batch),
+            **dict.fromkeys(self._pending_prefs, TextKind.pref),
+        }
         record = checkpoint(state, report, self.registry, extra, self.factory.save_weights, fence, texts)  # 4. durable
         prefs = self.preferences
         if not report.promote:
