@@ -19,7 +19,9 @@ What bounds a row's cost, however long traffic lasts:
   the longest prompt and budget of their class), else it waits, first in line;
 - ``chunk``: a prompt longer than this runs a chunk at a time, one chunk between two decoding
   steps, on its own cache: a long prompt arriving delays the other rows' tokens by a chunk's
-  forward pass, not the whole prompt's.
+  forward pass, not the whole prompt's. While rows decode, a chunk is sized to cost no more than
+  their decoding step (``_Pace``, measured as it runs), so their tokens come at most about twice
+  as far apart, on any device and model; ``chunk`` tokens at most.
 """
 
 from __future__ import annotations
@@ -111,6 +113,7 @@ class Batcher:
         self.widths = 0  # the cache positions those passes attended to, summed over rows
         self._trimmed = time.monotonic()
         self._members: list[_Row] = []  # the worker's: the rows of the batch it is decoding
+        self._pace = _Pace(chunk)  # the worker's
 
     def decode(
         self,
@@ -211,12 +214,16 @@ class Batcher:
                 cls = _width_class(first.row)
                 # (a batch whose cache cannot take rows finishes before they join it)
                 if cls not in batches or batches[cls][0].editable:
-                    self._fill(model, first)
+                    decoding = bool(batches)
+                    t0 = time.perf_counter()
+                    self._fill(model, first, self._pace.tokens(decoding))
+                    self._pace.filled(time.perf_counter() - t0, decoding)
                     if first.complete:
                         filling.pop(0)
                         self._join(batches, cls, self._filled(first))
             if not batches and not filling:
                 return
+            t0 = time.perf_counter()
             for cls, (batch, nxt) in list(batches.items()):
                 batch.step(model, nxt)
                 self._count(batch.mask)
@@ -225,6 +232,8 @@ class Batcher:
                     del batches[cls]
                 else:
                     batches[cls] = batch.without_done(nxt) if batch.editable else (batch, nxt)
+            if batches:
+                self._pace.stepped(time.perf_counter() - t0)
             if time.monotonic() - self._trimmed > TRIM_EVERY_S:  # caches come and go: a batch may never end
                 trim()
                 self._trimmed = time.monotonic()
@@ -262,9 +271,9 @@ class Batcher:
         self._count(mask)
         return self._started(rows, mask, pos[:, -1:], out)
 
-    def _fill(self, model: torch.nn.Module, f: _Filling) -> None:
-        """The next chunk of a long prompt, on the cache of the chunks before it."""
-        start, end = f.ran, min(f.ran + self.chunk, len(f.row.seq))
+    def _fill(self, model: torch.nn.Module, f: _Filling, tokens: int) -> None:
+        """The next ``tokens`` of a long prompt, on the cache of the chunks before it."""
+        start, end = f.ran, min(f.ran + tokens, len(f.row.seq))
         ids = torch.tensor([f.row.seq[start:end]], device=self.device)
         mask = torch.ones(1, end, dtype=torch.long, device=self.device)
         pos = torch.arange(start, end, device=self.device)[None]
@@ -314,6 +323,37 @@ class Batcher:
     def _finish(row: _Row, reason: Finish) -> None:
         row.done = True
         row.events.put(reason)
+
+
+class _Pace:
+    """How many tokens of a long prompt run between two decoding steps. Alone, ``most``; while rows
+    decode, as many as cost no more than their decoding step: a chunk that took longer than the
+    step halves the next, one that took under half of it doubles the next, between ``FEWEST`` and
+    ``most``. Measured, not modelled: what a chunk costs against a step depends on the device, the
+    model and the batch (on the built-in model on a CPU a forward pass costs about the same for 1
+    token and for 16, on a GPU the same for 1 and for hundreds). The decoding step is a moving
+    average, so one slow step does not unsettle it."""
+
+    FEWEST = 8
+
+    def __init__(self, most: int) -> None:
+        self.most = most
+        self.size = most
+        self.step_s: float | None = None  # the decoding step's cost, an exponential moving average
+
+    def tokens(self, decoding: bool) -> int:
+        return self.size if decoding else self.most
+
+    def stepped(self, seconds: float) -> None:
+        self.step_s = seconds if self.step_s is None else 0.9 * self.step_s + 0.1 * seconds
+
+    def filled(self, seconds: float, decoding: bool) -> None:
+        if not decoding or self.step_s is None:
+            return
+        if seconds > self.step_s:
+            self.size = max(min(self.FEWEST, self.most), self.size // 2)
+        elif seconds < self.step_s / 2:
+            self.size = min(self.most, self.size * 2)
 
 
 SHARED_WIDTH = 256
