@@ -152,6 +152,12 @@ class TrainSettings(_Section):
         "full", description="full: every weight trains; lora: the base stays frozen, checkpoints hold the adapter."
     )
     lora: LoraSettings = LoraSettings()
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="Under torchrun: ddp, each rank holds the whole training state; fsdp, the weights, gradients "
+        "and optimizer moments are sharded over the ranks (FSDP2), and rank 0 keeps one full copy of the "
+        "weights to evaluate and checkpoint (full mode, regularization none).",
+    )
     grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this (0 = off).")
     grad_accum_steps: int = Field(1, ge=1, description="Micro-batches whose gradients add up to one optimizer step.")
     max_source_fraction: float = Field(
@@ -456,6 +462,18 @@ class Settings(BaseSettings):
     runtime: RuntimeSettings = RuntimeSettings()
     feedback: FeedbackSettings = FeedbackSettings()
 
+    @model_validator(mode="after")
+    def _across_sections(self) -> Settings:
+        self.check()
+        return self
+
+    def check(self) -> None:
+        """Rules across sections (ValueError)."""
+        if self.train.parallel == "fsdp" and self.train.mode != "full":
+            raise ValueError("train.parallel fsdp trains every weight: it needs train.mode full")
+        if self.train.parallel == "fsdp" and self.regularization.method != "none":
+            raise ValueError("train.parallel fsdp has no regularization yet: it needs regularization.method none")
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -533,4 +551,8 @@ def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Se
         except ValidationError as exc:
             # Assignment errors are located relative to the section; name the full key.
             raise ConfigError(_format_error(exc, "overrides", tuple(parents))) from exc
+    try:
+        settings.check()  # rules across sections, with the overrides too
+    except ValueError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from exc
     return settings

@@ -153,7 +153,7 @@ def test_a_promotion_that_trained_on_a_forgotten_corrections_pair_is_refused(db:
     promotion and erased: the trainer, on another machine, may not have heard of the job yet."""
     from llmos.store.preferences import PreferenceQueue
 
-    queue, index, log, prefs = SampleQueue(db), CheckpointIndex(db), GenerationLog(db), PreferenceQueue(db)
+    index, log, prefs = CheckpointIndex(db), GenerationLog(db), PreferenceQueue(db)
     base(index)
     gid = log.record("The capital of Zorbia is", " Murl.", 0, {}, 1, 1)
     fb = log.add_feedback(gid, None, " Quellton.", NewSample("The capital of Zorbia is Quellton.", prompt_chars=24))

@@ -139,3 +139,138 @@ def test_the_other_ranks_follow_rank_0s_state_through_restores_and_new_states(tm
     a, b = (torch.load(tmp_path / f"s{rank}.pt") for rank in range(2))
     for name, w in a.items():
         torch.testing.assert_close(b[name], w, rtol=0, atol=0, msg=name)  # the same arithmetic on each rank
+
+
+FSDP_CASES = [3, 1]  # micro-batches a step: an uneven share; a rank with only padding
+
+
+def _fsdp_rank(rank: int, world: int, init: str, model_dir: str, out: str) -> None:
+    from llmos.trainer.sharded import Shards
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        ranks = Ranks.of_group()
+        assert ranks is not None
+        runs = []
+        for micro in FSDP_CASES:
+            torch.manual_seed(0)
+            shards = Shards(ranks, ModelFactory(model_dir, CPU).instance(), CFG, CPU)
+            reports = []
+            for mbs in steps_of(micro):
+                r = shards.step(mbs, False, None, shards.state.step)
+                assert r.skipped is None
+                reports.append((r.loss, r.grad_norm, r.tokens))
+            runs.append((shards.gather_weights(), reports))
+        if rank == 0:
+            torch.save(runs, os.path.join(out, "fsdp.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_on_two_ranks_takes_the_steps_one_process_takes(tmp_path: Path) -> None:
+    """train.parallel fsdp: the weights sharded over 2 ranks (FSDP2), K steps give the weights and
+    losses of K steps in one process on the same micro-batches."""
+    model_dir = create_tiny(tmp_path / "tiny", n_layer=2, n_positions=128)
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.start_processes(_fsdp_rank, args=(2, init, str(model_dir), str(tmp_path)), nprocs=2, start_method="spawn")
+    runs = torch.load(tmp_path / "fsdp.pt")
+    for (weights, reports), micro in zip(runs, FSDP_CASES, strict=True):
+        alone, alone_reports = train(model_dir, micro, False, None)
+        assert set(alone) <= set(weights)
+        for name, w in alone.items():
+            torch.testing.assert_close(weights[name], w, rtol=1e-4, atol=2e-5, msg=f"{micro} {name}")  # see above
+        for (loss, norm, tokens), (loss1, norm1, tokens1) in zip(reports, alone_reports, strict=True):
+            assert tokens == tokens1
+            assert math.isclose(loss, loss1, rel_tol=1e-5) and math.isclose(norm, norm1, rel_tol=1e-4)
+
+
+def _through_marks(state: TrainingState, step: Any, new_state: Any) -> list[Any]:
+    """Steps, a mark, more steps, a restore (the early stop), a step, then a new state with the
+    mark's optimizer state (going back to a version): what rank 0's trainer does with its state.
+    Returns the snapshots' optimizer states along the way."""
+    steps, saved = steps_of(1) + steps_of(2), []
+    for mbs in steps[:2]:
+        step(state, mbs)
+    mark = state.mark()
+    again = state.mark()  # (a mark is used once: a torch optimizer keeps the tensors it loads)
+    for mbs in steps[2:4]:
+        step(state, mbs)
+    saved.append(state.snapshot().optimizer)
+    state.restore(mark)
+    step(state, steps[4])
+    state = new_state(again)
+    for mbs in steps[5:7]:
+        step(state, mbs)
+    saved.append(state.snapshot().optimizer)
+    return [state, saved]
+
+
+def _fsdp_sender_or_follower(rank: int, world: int, init: str, model_dir: str, out: str) -> None:
+    from llmos.trainer.distributed import ShardedSender, follow_sharded
+    from llmos.trainer.sharded import Shards
+    from llmos.trainer.state import load_optimizer
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        ranks = Ranks.of_group()
+        assert ranks is not None
+        factory = ModelFactory(model_dir, CPU)
+        if rank > 0:
+            follow_sharded(ranks, factory, CFG)
+            return
+        sender = ShardedSender(Shards(ranks, factory.instance(None), CFG, CPU))
+
+        def new_state(mark: Any) -> TrainingState:
+            model = factory.instance(None).train()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.mul_(0.5)
+            state = TrainingState(model, sender.optimizer_for(model, CFG), 0, step=mark.step)
+            load_optimizer(state.optimizer, mark.optimizer)
+            return state
+
+        model = factory.instance(None).train()
+        state = TrainingState(model, sender.optimizer_for(model, CFG), 0)
+        end, saved = _through_marks(state, lambda st, mbs: sender.step(st, mbs, CFG, CPU), new_state)
+        sender.stop()
+        weights = {n: p.detach().clone() for n, p in end.model.named_parameters()}
+        torch.save((weights, saved), os.path.join(out, "fsdp-sender.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_rank_0_keeps_the_state_one_process_has_through_marks_restores_and_new_states(tmp_path: Path) -> None:
+    """Under FSDP rank 0's full weights and its optimizer (gathered from the shards for a mark or
+    a checkpoint, sent back to them on a restore or a new state) follow what one process has."""
+    model_dir = create_tiny(tmp_path / "tiny", n_layer=1, n_positions=128)
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.start_processes(
+        _fsdp_sender_or_follower, args=(2, init, str(model_dir), str(tmp_path)), nprocs=2, start_method="spawn"
+    )
+    weights, saved = torch.load(tmp_path / "fsdp-sender.pt")
+    factory = ModelFactory(str(model_dir), CPU)
+
+    def new_state(mark: Any) -> TrainingState:
+        from llmos.trainer.state import load_optimizer
+
+        model = factory.instance(None).train()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(0.5)
+        state = TrainingState(model, make_optimizer(model, CFG), 0, step=mark.step)
+        load_optimizer(state.optimizer, mark.optimizer)
+        return state
+
+    model = factory.instance(None).train()
+    state = TrainingState(model, make_optimizer(model, CFG), 0)
+    end, alone_saved = _through_marks(state, lambda st, mbs: optimize(st, mbs, CFG, CPU), new_state)
+    for name, p in end.model.named_parameters():
+        torch.testing.assert_close(weights[name], p.detach(), rtol=1e-4, atol=2e-5, msg=name)
+    for got, expected in zip(saved, alone_saved, strict=True):  # one process's format, the same numbers
+        assert [g["params"] for g in got["param_groups"]] == [g["params"] for g in expected["param_groups"]]
+        assert set(got["state"]) == set(expected["state"])
+        for i, moments in expected["state"].items():
+            for key, value in moments.items():
+                torch.testing.assert_close(got["state"][i][key], value, rtol=1e-4, atol=2e-5, msg=f"{i} {key}")

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import httpx
 import pytest
@@ -289,12 +290,15 @@ def test_on_postgresql_two_replicas_and_a_torchrun_trainer_start_together_and_lo
 
 
 @pytest.mark.slow  # torchrun, two trainer ranks and an API replica
-def test_torchrun_trains_on_two_ranks_and_the_replica_serves_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_torchrun_trains_on_two_ranks_and_the_replica_serves_it(tmp_path: Path, parallel: str) -> None:
     # `torchrun --nproc-per-node 2 -m llmos train`: rank 0 is the trainer (lease, claims,
-    # evaluation, checkpoints), rank 1 takes its share of every optimizer step (gloo on the CPU).
+    # evaluation, checkpoints), rank 1 takes its share of every optimizer step (gloo on the CPU),
+    # with a copy of the training state (ddp) or its shard of it (fsdp); texts, then a correction
+    # (a text and a preference pair: a preference step).
     data, port, log = tmp_path / "data", free_port(), tmp_path / "torchrun.log"
     api = start_server(data, port, tmp_path / "api.log", args=API)
-    group = start_torchrun(data, log)
+    group = start_torchrun(data, log, {"LLMOS_TRAIN__PARALLEL": parallel})
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
             wait_for(lambda: c.get("/v1/trainer").json()["state"] == "remote", timeout=120, interval=0.5)
@@ -304,13 +308,21 @@ def test_torchrun_trains_on_two_ranks_and_the_replica_serves_it(tmp_path: Path) 
                 assert r.status_code == 202, r.text
                 ids += r.json()["ids"]
             wait_for(lambda: settled(c, ids), timeout=180, interval=0.5)
-            assert served(c) >= 1
+            first = served(c)
+            assert first >= 1
+            g = c.get("/generate", params={"prompt": "Q: how do I reset it? A:", "max_new_tokens": 8}).json()
+            r = c.post("/v1/feedback", json={"generation_id": g["generation_id"], "correction": " hold the button."})
+            assert r.status_code == 202, r.text
+            wait_for(lambda: settled(c, [r.json()["sample_id"]]), timeout=180, interval=0.5)
+            assert served(c) > first
         group.send_signal(signal.SIGTERM)
         group.wait(90)
     finally:
         stop(group, api)
     text = log.read_text()
     assert "rank 0 of 2 (gloo)" in text and "rank 1 of 2 (gloo)" in text, text[-3000:]
+    if parallel == "fsdp":
+        assert "rank 1 holds its shard of the training state (FSDP)" in text, text[-3000:]
     taken = re.search(r"rank 1: rank 0 stopped after (\d+) steps taken together", text)
     assert taken is not None and int(taken[1]) > 0, text[-3000:]
 
@@ -401,3 +413,42 @@ def test_kill_9_of_one_rank_mid_step_stops_the_group_and_loses_no_text(tmp_path:
         db.dispose()
     finally:
         stop(group, alone)
+
+
+def test_the_trainer_alone_hears_of_a_rollback_that_lands_before_a_poll_saw_the_promotion() -> None:
+    """The replica's rollback undoes a promotion the trainer's watch never polled in between (the
+    active version went 0 -> 1 -> 0 between two polls): the watch still sends the trainer back,
+    since it compares the active version with the trainer's own, not with the last one it saw."""
+    from llmos.trainer.alone import RollbackWatch
+
+    class Registry:
+        active = 0
+        parents: ClassVar[dict[int, int | None]] = {0: None, 1: 0, 2: 1}
+
+        def active_version(self) -> int:
+            return self.active
+
+        def lineage(self, version: int) -> set[int]:
+            out, v = set(), version
+            while v is not None:
+                out.add(v)
+                v = self.parents[v]
+            return out
+
+    class Trainer:
+        base_version = 0
+        resets = 0
+
+        def request_reset(self) -> None:
+            self.resets += 1
+
+    registry, trainer = Registry(), Trainer()
+    watch = RollbackWatch(registry, trainer)  # type: ignore[arg-type]
+    assert watch.sync() == 0 and trainer.resets == 0
+    trainer.base_version = registry.active = 1  # promoted by the trainer, then...
+    registry.active = 0  # ...rolled back through a replica before the next poll
+    assert watch.sync() == 0 and trainer.resets == 1
+    assert watch.sync() == 0 and trainer.resets == 1  # asked once
+    trainer.base_version = registry.active = 2  # a promotion along the line is not a rollback
+    registry.parents[2] = 0
+    assert watch.sync() == 2 and trainer.resets == 1

@@ -192,6 +192,14 @@ def test_bad_value_names_the_full_key(tmp_path: Path, monkeypatch: pytest.Monkey
         load_settings()
 
 
+def test_fsdp_is_refused_with_what_it_cannot_train_yet() -> None:
+    assert load_settings(None, **{"train.parallel": "fsdp"}).train.parallel == "fsdp"
+    with pytest.raises(ConfigError, match="train.mode full"):
+        load_settings(None, **{"train.parallel": "fsdp", "train.mode": "lora"})
+    with pytest.raises(ConfigError, match="regularization.method none"):
+        load_settings(None, **{"train.parallel": "fsdp", "regularization.method": "l2sp"})
+
+
 def test_environment_value_that_is_not_json_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LLMOS_SERVER", "not json")
     with pytest.raises(ConfigError, match="server"):

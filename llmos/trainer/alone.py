@@ -34,6 +34,7 @@ from llmos.store.queue import SampleQueue
 from llmos.trainer import distributed
 from llmos.trainer.active import ActiveModel
 from llmos.trainer.loop import Trainer, TrainerPhase
+from llmos.trainer.sharded import Shards
 from llmos.wiring import build_trainer, model_factory, open_registry, thread_budget, trainer_config
 
 log = logging.getLogger(__name__)
@@ -65,22 +66,27 @@ class StoreServing:
 
 
 class RollbackWatch:
-    """Tells the trainer when the store's active version moved off its line: a rollback through
-    an API replica (in one process the rollback tells it itself). A move along the line, from a
-    version to a descendant, is a promotion: nothing to do. Read by a Follower, as a replica reads
-    the active version (a poll, and PostgreSQL's notices)."""
+    """Tells the trainer when the store's active version moved off its line: a rollback (or a
+    forget job) through an API replica (in one process the rollback tells it itself). Off its line:
+    the version the trainer's weights descend from is not the active version nor an ancestor of it
+    (a promotion moves the active version along the line: nothing to do). Compared with the
+    trainer's own version, not the last one seen, so that a rollback that lands before a poll saw
+    the promotion it undoes is not missed. Read by a Follower, as a replica reads the active
+    version (a poll, and PostgreSQL's notices)."""
 
     def __init__(self, registry: Registry, trainer: Trainer) -> None:
         self._registry, self._trainer = registry, trainer
-        self._seen = registry.active_version()
+        self._asked: int | None = None  # the active version a reset was asked for
 
     def sync(self) -> int:
         version = self._registry.active_version()
-        if version != self._seen:
-            if self._seen not in self._registry.lineage(version):
-                log.info("the active version moved from %d to %d (a rollback): going back to it", self._seen, version)
-                self._trainer.request_reset()
-            self._seen = version
+        base = self._trainer.base_version
+        if base is None or version == base or base in self._registry.lineage(version):
+            self._asked = None
+        elif self._asked != version:
+            log.info("the active version moved from %d to %d (a rollback): going back to it", base, version)
+            self._trainer.request_reset()
+            self._asked = version
         return version
 
 
@@ -145,9 +151,11 @@ def run(settings: Settings) -> int:
     distributed.use_local_gpu()
     factory = model_factory(settings)
     ranks = distributed.init_from_env(factory.device)  # under torchrun
+    sharded = settings.train.parallel == "fsdp"
+    optimizer = trainer_config(settings, factory.device).optimizer
     if ranks is not None and ranks.rank > 0:  # a rank that only takes part in rank 0's steps
         try:
-            distributed.follow(ranks, factory, trainer_config(settings, factory.device).optimizer)
+            (distributed.follow_sharded if sharded else distributed.follow)(ranks, factory, optimizer)
         finally:
             dist.destroy_process_group()
         return 0
@@ -156,7 +164,9 @@ def run(settings: Settings) -> int:
     db.create_schema()
     registry = open_registry(settings, db)
     trainer = build_trainer(settings, db, registry, factory, StoreServing(registry, factory))
-    if ranks is not None:
+    if ranks is not None and sharded:
+        trainer.sender = distributed.ShardedSender(Shards(ranks, factory.instance(None), optimizer, factory.device))
+    elif ranks is not None:
         trainer.sender = distributed.StepSender(ranks)
     server = None
     if settings.train.metrics_port:

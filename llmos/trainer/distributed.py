@@ -1,6 +1,7 @@
 """The trainer under ``torchrun``: rank 0 is the trainer (it holds the lease, claims, evaluates,
 checkpoints and promotes, as one process does); the other ranks hold a copy of the model and
-optimizer and take part in each optimizer step, training their share of its micro-batches
+optimizer (DDP) or their shard of it (FSDP, ``train.parallel: fsdp``: llmos/trainer/sharded.py)
+and take part in each optimizer step, training their share of its micro-batches
 (llmos/trainer/parallel.py).
 
 Rank 0 sends each step's micro-batches to the others (``broadcast_object_list``) and, before a
@@ -23,10 +24,12 @@ import torch
 import torch.distributed as dist
 
 from llmos.model.loader import ModelFactory
-from llmos.trainer.optimize import Penalty, StepReport, optimize
+from llmos.trainer.optimize import Penalty, PreferenceConfig, StepReport, optimize, optimize_preferences
 from llmos.trainer.parallel import Ranks
+from llmos.trainer.preference import PreferenceSet, Reference
 from llmos.trainer.preprocess import MicroBatch
-from llmos.trainer.state import OptimizerConfig, TrainingState, load_optimizer, make_optimizer
+from llmos.trainer.sharded import ShardedOptimizer, Shards, copy_into
+from llmos.trainer.state import Optimizer, OptimizerConfig, TrainingState, load_optimizer, make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +98,137 @@ class StepSender:
         self._synced = (state, state.revision)
         return report
 
+    def preference_step(
+        self,
+        state: TrainingState,
+        ps: PreferenceSet,
+        ref: Reference,
+        cfg: OptimizerConfig,
+        pref: PreferenceConfig,
+        device: torch.device,
+        bf16: bool = False,
+        penalty: Penalty | None = None,
+    ) -> StepReport:
+        """Rank 0 alone (the others are sent the state before the next text step)."""
+        return optimize_preferences(state, ps, ref, cfg, pref, device, bf16, penalty)
+
+    def optimizer_for(self, model: torch.nn.Module, cfg: OptimizerConfig) -> Optimizer:
+        return make_optimizer(model, cfg)
+
     def stop(self) -> None:
         _broadcast(("stop",))
+
+
+class ShardedSender:
+    """Rank 0's optimize stage under FSDP (llmos/trainer/sharded.py): every step, and every read
+    or write of the training state that the shards hold, done with the other ranks."""
+
+    def __init__(self, shards: Shards) -> None:
+        assert shards.ranks.rank == 0
+        self.shards = shards
+        self._synced: tuple[TrainingState, int] | None = None  # the state and revision the shards hold
+        self.broken = False
+
+    def _send(self, cmd: tuple[Any, ...]) -> None:
+        try:
+            _broadcast(cmd)
+        except (RuntimeError, OSError):
+            self.broken = True
+            raise
+
+    def optimizer_for(self, model: torch.nn.Module, cfg: OptimizerConfig) -> Optimizer:
+        """A fresh optimizer in every shard, and rank 0's handle on it."""
+        self._send(("fresh",))
+        self.shards.fresh_optimizer()
+        return ShardedOptimizer(self.shards, self._send)
+
+    def _sync(self, state: TrainingState) -> None:
+        if self._synced is None or self._synced[0] is not state or self._synced[1] != state.revision:
+            self._send(("weights",))
+            self.shards.load_weights({n: t.detach() for n, t in state.model.state_dict().items()})
+
+    def _after(self, state: TrainingState, report: StepReport) -> StepReport:
+        full = self.shards.gather_weights()
+        if report.skipped is None:
+            copy_into(state.model, full)
+            state.step, state.revision = self.shards.state.step, state.revision + 1
+            if report.tokens:
+                state.last_loss = report.loss
+        self._synced = (state, state.revision)
+        return report
+
+    def step(
+        self,
+        state: TrainingState,
+        micro_batches: Sequence[MicroBatch],
+        cfg: OptimizerConfig,
+        device: torch.device,
+        bf16: bool = False,
+        penalty: Penalty | None = None,
+        teacher: torch.nn.Module | None = None,
+    ) -> StepReport:
+        assert penalty is None  # (settings refuse regularization with fsdp)
+        try:
+            self._sync(state)
+            self._send(("step", list(micro_batches), bf16, teacher is not None, state.step))
+            return self._after(state, self.shards.step(list(micro_batches), bf16, teacher, state.step))
+        except (RuntimeError, OSError):
+            self.broken = True
+            raise
+
+    def preference_step(
+        self,
+        state: TrainingState,
+        ps: PreferenceSet,
+        ref: Reference,
+        cfg: OptimizerConfig,
+        pref: PreferenceConfig,
+        device: torch.device,
+        bf16: bool = False,
+        penalty: Penalty | None = None,
+    ) -> StepReport:
+        assert penalty is None
+        try:
+            self._sync(state)
+            self._send(("pref", ps, ref, pref, bf16, state.step))
+            return self._after(state, self.shards.preference_step(ps, ref, pref, bf16, state.step))
+        except (RuntimeError, OSError):
+            self.broken = True
+            raise
+
+    def stop(self) -> None:
+        _broadcast(("stop",))
+
+
+def follow_sharded(ranks: Ranks, factory: ModelFactory, cfg: OptimizerConfig) -> Shards:
+    """A rank other than 0 under FSDP: do what rank 0 sends until it stops. Returns its shards."""
+    shards = Shards(ranks, factory.instance(None), cfg, factory.device)
+    steps = 0
+    log.info("rank %d holds its shard of the training state (FSDP)", ranks.rank)
+    while True:
+        cmd = _broadcast()
+        kind = cmd[0]
+        if kind == "stop":
+            log.info("rank %d: rank 0 stopped after %d steps taken together", ranks.rank, steps)
+            return shards
+        if kind == "weights":
+            shards.load_weights({})
+        elif kind == "fresh":
+            shards.fresh_optimizer()
+        elif kind == "load":
+            shards.load_optimizer({})
+        elif kind == "gather":
+            shards.gather_optimizer()
+        elif kind == "step":
+            _kind, micro, bf16, distill, step = cmd
+            shards.step(micro, bf16, factory.base_model() if distill else None, step)
+            shards.gather_weights()
+            steps += 1
+        elif kind == "pref":
+            _kind, ps, ref, pref, bf16, step = cmd
+            shards.preference_step(ps, ref, pref, bf16, step)
+            shards.gather_weights()
+            steps += 1
 
 
 def follow(ranks: Ranks, factory: ModelFactory, cfg: OptimizerConfig) -> TrainingState:

@@ -41,7 +41,7 @@ from llmos.store.reservoir import Reservoir
 from llmos.text import text_hash
 from llmos.trainer.checkpoint import checkpoint
 from llmos.trainer.collapse import ProbeReport, probes
-from llmos.trainer.distributed import StepSender
+from llmos.trainer.distributed import ShardedSender, StepSender
 from llmos.trainer.evaluate import EarlyStop, EvalConfig, EvalReport, EvalSets, Known, evaluate
 from llmos.trainer.leader import Leader
 from llmos.trainer.optimize import Penalty, PreferenceConfig, optimize, optimize_preferences
@@ -170,7 +170,7 @@ class Trainer:
         self.preferences = preferences if cfg.preference is not None else None
         self._preference_rows = preferences  # trained or not: a new term returns those left in training
         self._leader = Leader(lease, cfg.trainer_lease_s)
-        self.sender: StepSender | None = None  # under torchrun: each step taken with the other ranks
+        self.sender: StepSender | ShardedSender | None = None  # under torchrun: steps taken with the other ranks
         self.device = factory.device
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -270,6 +270,12 @@ class Trainer:
             last_eval=self._last_eval,
             reloading=self._resets_done < self._resets_asked,
         )
+
+    @property
+    def base_version(self) -> int | None:
+        """The version the training state's weights descend from (None before it is loaded)."""
+        st = self._state
+        return st.base_version if st is not None else None
 
     @property
     def alive(self) -> bool:
@@ -559,7 +565,7 @@ class Trainer:
                     preq_tokens += report.new_tokens
             if prefs is not None and ref is not None and pref_cfg is not None:
                 self._step_boundary()
-                report = optimize_preferences(
+                report = (optimize_preferences if self.sender is None else self.sender.preference_step)(
                     state, prefs, ref, self.cfg.optimizer, pref_cfg, self.device, self.cfg.bf16, self._penalty
                 )
                 if report.skipped is not None:
@@ -870,7 +876,8 @@ class Trainer:
 
     def _load(self, version: int) -> None:
         model = self.factory.instance(self.registry.weights_path(version))
-        self._state = load_state(version, self.registry, model, self.cfg.optimizer)
+        optimizer = self.sender.optimizer_for(model, self.cfg.optimizer) if self.sender is not None else None
+        self._state = load_state(version, self.registry, model, self.cfg.optimizer, optimizer)
         self._penalty = self._make_penalty(model)
         log.info("trainer continues from version %d (step %d)", version, self._state.step)
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from llmos.trainer.parallel import Ranks
 from llmos.trainer.preference import Loss, PreferenceSet, Reference, preference_loss
@@ -105,14 +106,20 @@ def optimize(
     losses_sum = torch.zeros((), device=device)
     new_sum = torch.zeros((), device=device)
     n_tokens = n_new = 0
-    for ids, weights, new, positions, rehearse in micro_batches if ranks is None else ranks.share(micro_batches):
+    mine = list(micro_batches) if ranks is None else ranks.share(micro_batches)
+    scale = 1  # FSDP averages the ranks' gradients: N times each rank's sums them
+    if ranks is not None and ranks.sharded:  # each FSDP pass is a collective: every rank runs as many
+        scale = ranks.world
+        idle = micro_batches[0]._replace(weights=torch.zeros_like(micro_batches[0].weights), rehearse=None)
+        mine += [idle] * (ranks.each(len(micro_batches)) - len(mine))
+    for ids, weights, new, positions, rehearse in mine:
         targets = weights[:, 1:] > 0  # (B, T) real targets (weight 0 is padding), on the host
         n = int(targets.sum())
         ids = ids.to(device, non_blocking=True)  # (B, T+1)
         w = weights.to(device, non_blocking=True)[:, 1:]  # (B, T): weight of each target token
         with autocast(device, bf16):
             losses = token_losses(model, ids, positions, teacher, rehearse)  # (B, T)
-        loss = (losses * w).sum() / max(n, 1) / len(micro_batches)
+        loss = (losses * w).sum() / max(n, 1) / len(micro_batches) * scale
         loss.backward()
         fresh = targets if new is None else targets & new[:, None]  # (B, T) targets of new rows
         losses_sum = losses_sum + (losses.detach() * (w > 0)).sum()
@@ -122,7 +129,10 @@ def optimize(
         penalty(model).backward()
     if ranks is not None:  # the gradients and counts of every rank's share, summed on each
         counts = torch.stack([losses_sum, new_sum, losses_sum.new_tensor(n_tokens), losses_sum.new_tensor(n_new)])
-        losses_sum, new_sum, tokens, fresh_tokens = ranks.sum_gradients(model, counts.float())
+        if ranks.sharded:  # (FSDP summed the gradients into each rank's shard)
+            losses_sum, new_sum, tokens, fresh_tokens = ranks.sum_stats(counts.float())
+        else:
+            losses_sum, new_sum, tokens, fresh_tokens = ranks.sum_gradients(model, counts.float())
         n_tokens, n_new = int(tokens), int(fresh_tokens)
     # One host sync per step: the losses for the log and the finiteness check.
     norm = _clipped_norm(model, cfg)
@@ -162,7 +172,10 @@ def optimize_preferences(
 def _clipped_norm(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.Tensor:
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-    return torch.nn.utils.clip_grad_norm_(params, max_norm).detach().float()
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm).detach()
+    if isinstance(norm, DTensor):  # sharded parameters (FSDP2): the norm over every rank's shard
+        norm = norm.full_tensor()
+    return norm.float()
 
 
 def _apply(

@@ -30,10 +30,12 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Ranks:
-    """This process's place in the trainer's process group."""
+    """This process's place in the trainer's process group. ``sharded``: the model is sharded
+    with FSDP2 (llmos/trainer/sharded.py), which sums the gradients itself as each backward ends."""
 
     rank: int
     world: int
+    sharded: bool = False
 
     @staticmethod
     def of_group() -> Ranks | None:
@@ -45,6 +47,16 @@ class Ranks:
     def share(self, items: Sequence[T]) -> list[T]:
         """This rank's share: items rank, rank + world, ..."""
         return list(items[self.rank :: self.world])
+
+    def each(self, n: int) -> int:
+        """The share of the rank with the most of ``n`` items."""
+        return -(-n // self.world)
+
+    def sum_stats(self, stats: torch.Tensor) -> torch.Tensor:
+        """``stats`` summed across the ranks."""
+        summed = stats.clone()
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+        return summed
 
     def sum_gradients(self, model: torch.nn.Module, stats: torch.Tensor) -> torch.Tensor:
         """Sum every trainable parameter's gradient, and ``stats``, across the ranks (in place for

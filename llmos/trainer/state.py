@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 
@@ -40,10 +40,26 @@ class Mark:
     last_loss: float | None
 
 
+class Optimizer(Protocol):
+    """What the training state holds as its optimizer: a torch optimizer, or under FSDP rank 0's
+    handle on the optimizer state the ranks hold in shards (llmos/trainer/sharded.py)."""
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
+
+    def step(self) -> Any: ...
+
+    def zero_grad(self, set_to_none: bool = True) -> None: ...
+
+
 @dataclass
 class TrainingState:
     model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
+    optimizer: Optimizer
     base_version: int  # the version these weights descend from: the parent of the next checkpoint
     step: int = 0
     samples_seen: int = 0
@@ -95,7 +111,7 @@ def make_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim.
     raise ValueError(f"unknown optimizer '{cfg.name}'")
 
 
-def load_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+def load_optimizer(optimizer: Optimizer, saved: dict[str, Any]) -> None:
     """Load saved optimizer state but keep how this optimizer runs: load_state_dict also takes the
     saved groups' flags, and a checkpoint from before AdamW ran fused would turn fusing off."""
     keys = ("fused", "foreach", "capturable", "differentiable")
@@ -105,14 +121,17 @@ def load_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> N
         group.update(own)
 
 
-def load_state(version: int, registry: Registry, model: torch.nn.Module, cfg: OptimizerConfig) -> TrainingState:
-    """Training state as it was saved with ``version`` (fresh optimizer for version 0)."""
+def load_state(
+    version: int, registry: Registry, model: torch.nn.Module, cfg: OptimizerConfig, optimizer: Optimizer | None = None
+) -> TrainingState:
+    """Training state as it was saved with ``version`` (fresh optimizer for version 0), with
+    ``optimizer`` (a fresh one; by default one made here for ``model``)."""
     snap = registry.trainer_snapshot(version)
     model.train()
-    optimizer = make_optimizer(model, cfg)
+    optimizer = make_optimizer(model, cfg) if optimizer is None else optimizer
     if snap.optimizer is not None:
         saved_kind = {"momentum" in g for g in snap.optimizer["param_groups"]}
-        live_kind = {"momentum" in g for g in optimizer.state_dict()["param_groups"]}
+        live_kind = {"momentum" in g for g in optimizer.param_groups}
         if saved_kind == live_kind:
             load_optimizer(optimizer, snap.optimizer)
         # else: the optimizer was changed in the config since this version was saved; start it fresh.
