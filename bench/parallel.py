@@ -18,6 +18,7 @@ import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import cast
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -26,12 +27,14 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 from common import commit, machine, median  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
 
 from llmos.model.builtin import byte_tokenizer, create_tiny  # noqa: E402
 from llmos.model.loader import ModelFactory  # noqa: E402
 from llmos.trainer.optimize import optimize  # noqa: E402
 from llmos.trainer.parallel import Ranks  # noqa: E402
 from llmos.trainer.preprocess import MicroBatch, PreprocessConfig, eval_batch  # noqa: E402
+from llmos.trainer.sharded import Shards  # noqa: E402
 from llmos.trainer.state import OptimizerConfig, TrainingState, make_optimizer  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -47,7 +50,19 @@ def steps() -> list[list[MicroBatch]]:
     return [mbs[i * MICRO : (i + 1) * MICRO] for i in range(STEPS + 1)]  # the first: a warm-up
 
 
-def tokens_per_s(model_dir: str, ranks: Ranks | None, bf16: bool) -> float:
+def held_mib(state: TrainingState) -> float:
+    """The training state this process holds: its weights (or shard of them) and the optimizer's."""
+
+    def local(t: torch.Tensor) -> torch.Tensor:
+        return t.to_local() if isinstance(t, DTensor) else t
+
+    tensors = [local(p.detach()) for p in state.model.parameters()]
+    optimizer = cast(torch.optim.Optimizer, state.optimizer)
+    tensors += [local(v) for moments in optimizer.state.values() for v in moments.values() if torch.is_tensor(v)]
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
+def tokens_per_s(model_dir: str, ranks: Ranks | None, bf16: bool) -> tuple[float, float]:
     model = ModelFactory(model_dir, CPU).instance().train()
     state = TrainingState(model, make_optimizer(model, CFG), 0)
     work = steps()
@@ -57,25 +72,43 @@ def tokens_per_s(model_dir: str, ranks: Ranks | None, bf16: bool) -> float:
     t0, tokens = time.perf_counter(), 0
     for mbs in work[1:]:
         tokens += optimize(state, mbs, CFG, CPU, bf16, ranks=ranks).tokens
-    return tokens / (time.perf_counter() - t0)
+    return tokens / (time.perf_counter() - t0), held_mib(state)
 
 
-def _rank(rank: int, world: int, init: str, model_dir: str, bf16: bool, out: str) -> None:
+def sharded_tokens_per_s(model_dir: str, ranks: Ranks, bf16: bool) -> tuple[float, float]:
+    """train.parallel fsdp: each step on the shards, then the weights gathered to rank 0's copy
+    (llmos/trainer/sharded.py), as `llmos train` does after every step."""
+    shards = Shards(ranks, ModelFactory(model_dir, CPU).instance(), CFG, CPU)
+    work = steps()
+    shards.step(work[0], bf16, None, 0)
+    shards.gather_weights()
+    dist.barrier()
+    t0, tokens = time.perf_counter(), 0
+    for mbs in work[1:]:
+        tokens += shards.step(mbs, bf16, None, shards.state.step).tokens
+        shards.gather_weights()
+    return tokens / (time.perf_counter() - t0), held_mib(shards.state)
+
+
+def _rank(rank: int, world: int, init: str, model_dir: str, bf16: bool, out: str, sharded: bool) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
-        rate = tokens_per_s(model_dir, Ranks.of_group(), bf16)
+        ranks = Ranks.of_group()
+        assert ranks is not None
+        rate = sharded_tokens_per_s(model_dir, ranks, bf16) if sharded else tokens_per_s(model_dir, ranks, bf16)
         if rank == 0:
-            Path(out).write_text(str(rate))
+            Path(out).write_text(f"{rate[0]} {rate[1]}")
     finally:
         dist.destroy_process_group()
 
 
-def two_ranks(model_dir: str, bf16: bool, work: Path, n: int) -> float:
+def two_ranks(model_dir: str, bf16: bool, work: Path, n: int, sharded: bool = False) -> tuple[float, float]:
     out = work / f"rate-{n}"
     init = f"file://{work / f'rendezvous-{n}'}"
-    mp.start_processes(_rank, args=(2, init, model_dir, bf16, str(out)), nprocs=2, start_method="spawn")
-    return float(out.read_text())
+    mp.start_processes(_rank, args=(2, init, model_dir, bf16, str(out), sharded), nprocs=2, start_method="spawn")
+    rate, mib = out.read_text().split()
+    return float(rate), float(mib)
 
 
 def main() -> None:
@@ -91,17 +124,18 @@ def main() -> None:
         work, n = Path(tmp), 0
         for name, shape in SHAPES.items():
             model_dir = str(create_tiny(work / name.split()[0], n_positions=256, **shape))
-            one1, one2, two = [], [], []
+            one1, one2, two, fsdp = [], [], [], []
             for r in range(args.rounds):
-                order = ["one1", "one2", "two"] if r % 2 == 0 else ["two", "one2", "one1"]
+                order = ["one1", "one2", "two", "fsdp"] if r % 2 == 0 else ["fsdp", "two", "one2", "one1"]
                 for v in order:
-                    if v == "two":
+                    if v in ("two", "fsdp"):
                         n += 1
-                        two.append(two_ranks(model_dir, bf16, work, n))
+                        (two if v == "two" else fsdp).append(two_ranks(model_dir, bf16, work, n, v == "fsdp"))
                     else:
                         torch.set_num_threads(1 if v == "one1" else 2)
                         (one1 if v == "one1" else one2).append(tokens_per_s(model_dir, None, bf16))
-            rows.append((name, median(one1), median(one2), median(two)))
+            held = {"one": one1[0][1], "two": two[0][1], "fsdp": fsdp[0][1]}  # MiB: the same every round
+            rows.append((name, *(median([r for r, _ in v]) for v in (one1, one2, two, fsdp)), held))
     lines = [
         "# Data-parallel training: one process against 2 ranks",
         "",
@@ -113,18 +147,36 @@ def main() -> None:
         "the median of the rounds, the variants alternated. 2 ranks: gloo, 1 torch thread each, the step's "
         "micro-batches shared, one all-reduce of the gradients a step (llmos/trainer/parallel.py); each rank "
         "builds the same steps itself here, where `llmos train` under torchrun sends them from rank 0 "
-        "(broadcast_object_list), a cost this does not include.",
+        "(broadcast_object_list), a cost this does not include. FSDP (train.parallel fsdp, "
+        "llmos/trainer/sharded.py): the same steps on 2 ranks with the training state sharded (FSDP2), the "
+        "weights gathered to rank 0's full copy after each step, as `llmos train` does.",
         "",
-        "| model | 1 process, 1 thread | 1 process, 2 threads | 2 ranks x 1 thread | 2 ranks / 1 process (2 threads) |",
+        "",
+        "Tokens/s:",
+        "",
+        "| model | 1 process, 1 thread | 1 process, 2 threads | 2 ranks x 1 thread (DDP) | 2 ranks / 1 process "
+        "(2 threads) | 2 ranks x 1 thread (FSDP) | FSDP / 1 process (2 threads) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, a, b, c, d, _held in rows:
+        lines.append(f"| {name} | {a:,.0f} | {b:,.0f} | {c:,.0f} | {c / b:.2f}x | {d:,.0f} | {d / b:.2f}x |")
+    lines += [
+        "",
+        "The training state rank 0 holds (weights and AdamW's moments, MiB; FSDP's rank 0 also holds a full copy "
+        "of the weights to evaluate and checkpoint, not counted here):",
+        "",
+        "| model | 1 process | a DDP rank | an FSDP rank | FSDP / DDP |",
         "|---|---|---|---|---|",
     ]
-    for name, a, b, c in rows:
-        lines.append(f"| {name} | {a:,.0f} | {b:,.0f} | {c:,.0f} | {c / b:.2f}x |")
+    for name, *_rates, held in rows:
+        one, ddp, fsdp = held["one"], held["two"], held["fsdp"]
+        lines.append(f"| {name} | {one:.1f} | {ddp:.1f} | {fsdp:.1f} | {fsdp / ddp:.2f}x |")
     lines += [
         "",
         "On 2 cores the ranks use the cores one process's two threads would, so this compares two ways of "
         "using them, the all-reduce included. A GPU per rank is what makes data parallelism pay; none was lent "
-        "to measure it.",
+        "to measure it. FSDP buys memory, not speed: each layer's weights are gathered before its forward and "
+        "backward passes and the gradients reduce-scattered after, more traffic than DDP's one all-reduce.",
     ]
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
