@@ -31,6 +31,7 @@ from torch.distributed.tensor import DTensor  # noqa: E402
 
 from llmos.model.builtin import byte_tokenizer, create_tiny  # noqa: E402
 from llmos.model.loader import ModelFactory  # noqa: E402
+from llmos.trainer.distributed import leave  # noqa: E402
 from llmos.trainer.optimize import optimize  # noqa: E402
 from llmos.trainer.parallel import Ranks  # noqa: E402
 from llmos.trainer.preprocess import MicroBatch, PreprocessConfig, eval_batch  # noqa: E402
@@ -100,7 +101,7 @@ def _rank(rank: int, world: int, init: str, model_dir: str, bf16: bool, out: str
         if rank == 0:
             Path(out).write_text(f"{rate[0]} {rate[1]}")
     finally:
-        dist.destroy_process_group()
+        leave(together=sys.exc_info()[0] is None)  # (a barrier: see distributed.leave)
 
 
 def two_ranks(model_dir: str, bf16: bool, work: Path, n: int, sharded: bool = False) -> tuple[float, float]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch.multiprocessing as mp
 
 from llmos.model.builtin import byte_tokenizer, create_tiny
 from llmos.model.loader import ModelFactory
+from llmos.trainer.distributed import leave
 from llmos.trainer.optimize import optimize
 from llmos.trainer.parallel import Ranks
 from llmos.trainer.preprocess import MicroBatch, PreprocessConfig, eval_batch
@@ -64,7 +66,7 @@ def _rank(rank: int, world: int, init: str, model_dir: str, out: str) -> None:
         runs = [train(Path(model_dir), micro, penalty, ranks) for micro, penalty in CASES]
         torch.save(runs, os.path.join(out, f"rank{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        leave(together=sys.exc_info()[0] is None)  # (a barrier: see distributed.leave)
 
 
 def test_two_ranks_take_the_steps_one_process_takes(tmp_path: Path) -> None:
@@ -125,7 +127,7 @@ def _sender_or_follower(rank: int, world: int, init: str, model_dir: str, out: s
             sender.stop()
         torch.save({n: p.detach().clone() for n, p in model.named_parameters()}, os.path.join(out, f"s{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        leave(together=sys.exc_info()[0] is None)  # (a barrier: see distributed.leave)
 
 
 def test_the_other_ranks_follow_rank_0s_state_through_restores_and_new_states(tmp_path: Path) -> None:
@@ -165,7 +167,7 @@ def _fsdp_rank(rank: int, world: int, init: str, model_dir: str, out: str) -> No
         if rank == 0:
             torch.save(runs, os.path.join(out, "fsdp.pt"))
     finally:
-        dist.destroy_process_group()
+        leave(together=sys.exc_info()[0] is None)  # (a barrier: see distributed.leave)
 
 
 def test_fsdp_on_two_ranks_takes_the_steps_one_process_takes(tmp_path: Path) -> None:
@@ -238,7 +240,7 @@ def _fsdp_sender_or_follower(rank: int, world: int, init: str, model_dir: str, o
         weights = {n: p.detach().clone() for n, p in end.model.named_parameters()}
         torch.save((weights, saved), os.path.join(out, "fsdp-sender.pt"))
     finally:
-        dist.destroy_process_group()
+        leave(together=sys.exc_info()[0] is None)  # (a barrier: see distributed.leave)
 
 
 def test_fsdp_rank_0_keeps_the_state_one_process_has_through_marks_restores_and_new_states(tmp_path: Path) -> None:

@@ -18,7 +18,6 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import torch
-import torch.distributed as dist
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -154,10 +153,12 @@ def run(settings: Settings) -> int:
     sharded = settings.train.parallel == "fsdp"
     optimizer = trainer_config(settings, factory.device).optimizer
     if ranks is not None and ranks.rank > 0:  # a rank that only takes part in rank 0's steps
+        together = False
         try:
             (distributed.follow_sharded if sharded else distributed.follow)(ranks, factory, optimizer)
+            together = True  # rank 0 said stop
         finally:
-            dist.destroy_process_group()
+            distributed.leave(together)
         return 0
     db = Database(settings.store_url, settings.store.busy_timeout_s, settings.store.idle_transaction_s)
     db.check_durable()  # raises StoreNotDurable
@@ -196,9 +197,11 @@ def run(settings: Settings) -> int:
         watch.stop()
         trainer.stop(STOP_TIMEOUT_S)
         if trainer.sender is not None:  # the other ranks stop with rank 0
-            if not trainer.sender.broken:
+            together = not trainer.sender.broken
+            if together:
                 trainer.sender.stop()
-            dist.destroy_process_group()
+            trainer.sender = None  # (what it holds goes before the group: distributed.leave)
+            distributed.leave(together)
         if server is not None:
             server.shutdown()
         db.dispose()
