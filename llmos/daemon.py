@@ -388,7 +388,12 @@ class Daemon:
 
     def forget_job(self, job_id: str) -> tuple[ForgetJob, Progress] | None:
         job = self.forget_jobs.get(job_id)
-        return None if job is None else (job, self.forget_jobs.progress(job))
+        if job is None:
+            return None
+        progress = self.forget_jobs.progress(job)
+        if progress.done and job.finished_at is None:  # this read found it done and recorded when
+            job = self.forget_jobs.get(job_id) or job
+        return job, progress
 
     def _scrub_in_background(self, jobs: list[ForgetJob]) -> None:
         if jobs:

@@ -94,6 +94,7 @@ def test_a_canary_forgotten_is_no_longer_recited_and_leaves_no_byte_behind(tmp_p
 
         done = wait_done(c, job["id"])
         assert done["retrained"] == done["retrain_total"] > 0  # AFTER's texts, trained again
+        assert done["finished_at"] is not None  # (the first answer that says done says when too)
         text, version = recite(c)
         assert version not in job["erased_versions"] and text != CANARY[len(PROMPT) :]
         statuses = {c.get(f"/v1/texts/{i}").json()["status"] for i in canary}
