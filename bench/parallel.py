@@ -163,8 +163,8 @@ def main() -> None:
         lines.append(f"| {name} | {a:,.0f} | {b:,.0f} | {c:,.0f} | {c / b:.2f}x | {d:,.0f} | {d / b:.2f}x |")
     lines += [
         "",
-        "The training state rank 0 holds (weights and AdamW's moments, MiB; FSDP's rank 0 also holds a full copy "
-        "of the weights to evaluate and checkpoint, not counted here):",
+        "The training state rank 0 holds (weights and AdamW's moments, MiB; not counted: the base model's weights "
+        "every rank keeps, and under FSDP rank 0's full copy of the weights to evaluate and checkpoint):",
         "",
         "| model | 1 process | a DDP rank | an FSDP rank | FSDP / DDP |",
         "|---|---|---|---|---|",
