@@ -20,8 +20,8 @@ What bounds a row's cost, however long traffic lasts:
 - ``chunk``: a prompt longer than this runs a chunk at a time, one chunk between two decoding
   steps, on its own cache: a long prompt arriving delays the other rows' tokens by a chunk's
   forward pass, not the whole prompt's. While rows decode, a chunk is sized to cost no more than
-  their decoding step (``_Pace``, measured as it runs), so their tokens come at most about twice
-  as far apart, on any device and model; ``chunk`` tokens at most.
+  their decoding step (``_Pace``, measured as it runs), so a chunk adds about one decoding step to
+  the gap between their tokens, on any device and model; ``chunk`` tokens at most.
 """
 
 from __future__ import annotations
