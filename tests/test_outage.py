@@ -86,6 +86,8 @@ def test_a_postgresql_restart_gives_503s_then_the_server_recovers_and_keeps_ever
         trainer = start_trainer(tmp_path / "data", tmp_path / "trainer.log", env)
     poster = Poster(url)
     try:
+        if trainer is not None:  # the trainer is running when the store goes (one that starts then waits for it)
+            wait_until_remote(url)
         poster.thread.start()
         wait_for(lambda: len(poster.acked) >= 20, timeout=60)
 
@@ -127,6 +129,46 @@ def test_a_postgresql_restart_gives_503s_then_the_server_recovers_and_keeps_ever
         assert not missing, missing
     finally:
         poster.stop.set()
+        for p in (proc, trainer):
+            if p is None:
+                continue
+            p.terminate()
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def wait_until_remote(url: str) -> None:
+    """Until the replica says a trainer holds the store (``llmos train`` has started)."""
+    with httpx.Client(base_url=url, timeout=30) as c:
+        wait_for(lambda: c.get("/v1/trainer").json()["state"] == "remote", timeout=120, interval=0.5)
+
+
+def test_llmos_train_started_while_postgresql_is_down_waits_for_it_then_trains(
+    tmp_path: Path, postgres: PrivatePostgres
+) -> None:
+    """A trainer started beside its database (compose starts both at once) or during a restart of
+    it: it waits, says so, and trains once the store answers, instead of exiting."""
+    port = free_port()
+    env = {"LLMOS_STORE__URL": postgres.url}
+    postgres.stop()
+    trainer = start_trainer(tmp_path / "data", tmp_path / "trainer.log", env)
+    proc = None
+    try:
+        wait_for(lambda: "waiting for it" in (tmp_path / "trainer.log").read_text(), timeout=120, interval=0.5)
+        assert trainer.poll() is None, (tmp_path / "trainer.log").read_text()[-3000:]
+        postgres.start()
+        url = f"http://127.0.0.1:{port}"
+        proc = start_server(tmp_path / "data", port, tmp_path / "server.log", env, args=["--role", "api"])
+        wait_until_remote(url)
+        with httpx.Client(base_url=url, timeout=30) as c:
+            r = c.post("/v1/texts", json={"text": "The tide at Orn turns at nine."})
+            assert r.status_code == 202, r.text
+            sid = r.json()["ids"][0]
+            wait_for(lambda: c.get(f"/v1/texts/{sid}").json()["status"] in ("trained", "heldout"), timeout=120)
+    finally:
         for p in (proc, trainer):
             if p is None:
                 continue

@@ -9,8 +9,10 @@ With train.metrics_port, /metrics (Prometheus) and /healthz answer on that port.
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from types import FrameType
@@ -20,6 +22,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 import torch
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from sqlalchemy.exc import DBAPIError
 
 from llmos.memory import freeze_startup_objects
 from llmos.model.loader import ModelFactory
@@ -28,7 +31,7 @@ from llmos.serving.engine import Loaded
 from llmos.serving.follow import Follower
 from llmos.settings import Settings
 from llmos.store import notify
-from llmos.store.db import Database
+from llmos.store.db import Database, is_unavailable
 from llmos.store.queue import SampleQueue
 from llmos.trainer import distributed
 from llmos.trainer.active import ActiveModel
@@ -39,6 +42,7 @@ from llmos.wiring import build_trainer, model_factory, open_registry, thread_bud
 log = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 60.0  # the step in hand finishes, then claims and the lease go back
+STORE_WARN_S = 10.0  # while the store cannot be reached at start, say so this often
 
 
 class StoreServing:
@@ -134,6 +138,27 @@ def serve_metrics(host: str, port: int, collector: TrainerCollector, alive: Call
     return server
 
 
+def open_store(db: Database, stop: threading.Event) -> bool:
+    """Check and migrate the store (StoreNotDurable), waiting for it while it cannot be reached (a
+    trainer started beside its database, or during a restart of it): retried with back-off until it
+    answers (True) or the trainer is told to stop (False)."""
+    wait, warned = 0.5, -math.inf
+    while True:
+        try:
+            db.check_durable()
+            db.create_schema()
+            return True
+        except DBAPIError as exc:
+            if not is_unavailable(exc):
+                raise
+            if time.monotonic() - warned > STORE_WARN_S:
+                log.warning("the store cannot be reached (%s): waiting for it", str(exc.orig).strip()[:200])
+                warned = time.monotonic()
+        if stop.wait(wait):
+            return False
+        wait = min(wait * 2, 5.0)
+
+
 def run(settings: Settings) -> int:
     """Train until SIGTERM or SIGINT (then return 0), or until the loop ends by itself, which it
     should not (1: a service manager restarts it)."""
@@ -161,8 +186,8 @@ def run(settings: Settings) -> int:
             distributed.leave(together)
         return 0
     db = Database(settings.store_url, settings.store.busy_timeout_s, settings.store.idle_transaction_s)
-    db.check_durable()  # raises StoreNotDurable
-    db.create_schema()
+    if not open_store(db, stop):
+        return 0  # told to stop while it waited for the store
     registry = open_registry(settings, db)
     trainer = build_trainer(settings, db, registry, factory, StoreServing(registry, factory))
     if ranks is not None and sharded:
