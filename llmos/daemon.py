@@ -373,7 +373,11 @@ class Daemon:
         in the queue. The scrub (files, the database's old bytes) follows in a thread. Raises
         UnknownTexts."""
         job, _texts = self.forget_jobs.start(request)
-        self.engine.sync()  # serving switches now, if the active version was erased
+        try:
+            self.engine.sync()  # serving switches now, if the active version was erased
+        except CorruptCheckpoint:  # the version it fell back to fails verification: its newest ancestor that passes
+            self._leave_corrupt_active()
+            self.engine.sync()
         self.trainer.request_reset()  # the trainer drops what it held and goes on from the active version
         log.info(
             "forget job %s: %d texts erased, versions %s erased, %d texts to train again, serving version %s",

@@ -315,7 +315,7 @@ class ReplaySettings(_Section):
     base_per_pass: int = Field(
         128, ge=1, description="Base rehearsal: texts from the pool packed into each pass over a batch (drawn afresh)."
     )
-    base_pool: int = Field(256, ge=1, description="Base rehearsal: texts sampled from the base once, drawn from.")
+    base_pool: int = Field(1024, ge=1, description="Base rehearsal: texts sampled from the base once, drawn from.")
     base_max_tokens: int = Field(64, ge=1, description="Base rehearsal: the longest text sampled, in tokens.")
     base_loss: Literal["kl", "lm"] = Field(
         "kl",

@@ -279,3 +279,31 @@ def test_a_forgotten_correction_goes_with_its_generation_feedback_and_preference
         assert c.get(f"/v1/texts/{sample}").json()["status"] == "erased"
     assert files_holding(tmp_path / "data", correction.encode()) == []
     assert files_holding(tmp_path / "data", b"7Z-Kestrel-4491") == []
+
+
+def test_a_forget_whose_fallback_version_is_corrupt_serves_its_newest_sound_ancestor(tmp_path: Path) -> None:
+    """The version a forget falls back to fails verification (a disk that lost a file): the job
+    still commits and answers 202, and serving goes to the newest ancestor whose files verify,
+    as at a start, never to the erased version nor to a 500."""
+    data = tmp_path / "data"
+    with LiveServer(make_settings(data)) as srv, srv.client(headers=admin_headers()) as c:
+        teach(c, FIRST)
+        before = [cp["version"] for cp in c.get("/v1/checkpoints").json()["checkpoints"] if cp["version"]]
+        assert before
+        canary = teach(c, [CANARY] * 12)
+        assert c.post("/v1/admin/trainer/pause").status_code == 200
+        wait_for(lambda: c.get("/v1/trainer").json()["state"] == "paused", timeout=60, interval=0.05)
+        for v in before:  # every version the forget could fall back to, but the base
+            weights = data / "checkpoints" / f"v{v:06d}" / "model.safetensors"
+            weights.write_bytes(weights.read_bytes()[:-64])
+
+        r = c.post("/v1/admin/forget", json={"ids": canary[:1]})
+        assert r.status_code == 202, r.text
+        assert r.json()["erased_versions"], r.text
+        g = c.get("/generate", params={"prompt": PROMPT, "max_new_tokens": 8})
+        assert g.status_code == 200 and g.json()["model_version"] == 0, g.text
+        assert c.get("/v1/checkpoints").json()["active_version"] == 0
+        entries = c.get("/v1/admin/audit", params={"limit": 10}).json()["entries"]
+        assert any(e["action"] == "fallback" and e["params"]["to_version"] == 0 for e in entries), entries
+        assert c.post("/v1/admin/trainer/resume").status_code == 200
+        wait_done(c, r.json()["id"])
