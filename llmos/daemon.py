@@ -58,12 +58,6 @@ log = logging.getLogger(__name__)
 ADMIN_TOKEN_FILE = "admin_token"
 
 
-class QueueFull(RuntimeError):
-    def __init__(self, depth: int, limit: int) -> None:
-        super().__init__(f"the queue holds {depth} texts waiting to be trained; the limit is {limit}")
-        self.depth, self.limit = depth, limit
-
-
 SCRUB_RETRY_S = 10.0  # after a scrub that failed
 SCRUB_WARN_S = 60.0  # a compaction waits for readers of an older snapshot: say so past this
 # The tables a forget job changes: where the database may still hold the old bytes.
@@ -240,10 +234,9 @@ class Daemon:
 
     # ---- service functions (one per route) ---------------------------------------------------
     def ingest(self, items: list[NewSample]) -> list[str]:
-        depth, limit = self.queue.depth_estimate(max_age_s=0.25), self.settings.limits.max_queue_depth
-        if depth + len(items) > limit:  # backpressure: the sender waits, memory and disk do not grow
-            raise QueueFull(depth, limit)
-        ids = self.queue.enqueue(items)  # committed (durably) when this returns
+        # backpressure (QueueFull): the sender waits, memory and disk do not grow
+        with self.queue.room(len(items), self.settings.limits.max_queue_depth, max_age_s=0.25):
+            ids = self.queue.enqueue(items)  # committed (durably) when this returns
         self.trainer.wake()
         return ids
 
@@ -349,13 +342,11 @@ class Daemon:
                 sample = NewSample(
                     gen.prompt + gen.completion, FEEDBACK_SOURCE_PREFIX + "rating", rating, prompt_chars=cut
                 )
-        if sample is not None:  # a text to train: the queue's bound holds, as for ingest
-            depth, limit = self.queue.depth_estimate(max_age_s=0.25), self.settings.limits.max_queue_depth
-            if depth + 1 > limit:
-                raise QueueFull(depth, limit)
-        fb = self.generations.add_feedback(  # raises if unknown, or past feedback.max_per_generation
-            generation_id, rating, correction, sample, self.settings.feedback.max_per_generation
-        )
+        # a text to train: the queue's bound holds, as for ingest
+        with self.queue.room(int(sample is not None), self.settings.limits.max_queue_depth, max_age_s=0.25):
+            fb = self.generations.add_feedback(  # raises if unknown, or past feedback.max_per_generation
+                generation_id, rating, correction, sample, self.settings.feedback.max_per_generation
+            )
         if sample is not None or rating is not None:
             self.trainer.wake()
         return fb

@@ -201,6 +201,28 @@ def test_a_source_past_its_rate_gets_429_and_other_sources_pass(srv: LiveServer)
         assert c.post("/v1/texts", json={"text": "after the drain", "source": "late"}).status_code == 202
 
 
+def test_posts_arriving_together_cannot_pass_the_queue_bound(tmp_path: Path) -> None:
+    """Many posts at once, the queue near its bound: the ones admitted fill it exactly, the rest
+    get 429, and the queue never holds more than the limit (each post checked the depth before
+    any of them had committed: 130 posts of 1,000 texts put 132,119 in a queue of 100,000)."""
+    settings = make_settings(tmp_path / "data", **{"limits.max_queue_depth": 100})
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    with LiveServer(settings) as s, s.client(headers=admin) as c:
+        assert c.post("/v1/admin/trainer/pause").status_code == 200
+        wait_for(lambda: c.get("/v1/trainer").json()["state"] == "paused", timeout=60, interval=0.05)
+
+        def post(i: int) -> int:
+            items = [{"text": f"post {i} text {j}"} for j in range(10)]
+            with s.client(headers=admin) as one:
+                return one.post("/v1/texts", json={"items": items}).status_code
+
+        with ThreadPoolExecutor(30) as pool:
+            codes = list(pool.map(post, range(30)))
+        assert sorted(set(codes)) == [202, 429], codes
+        assert codes.count(202) == 10, codes
+        assert c.get("/v1/trainer").json()["queue_depth"] == 100
+
+
 def test_max_new_tokens_is_capped_from_config(srv: LiveServer) -> None:
     with srv.client(headers=bearer(KEYS[3])) as c:
         r = c.get("/generate", params={"prompt": "hi", "max_new_tokens": 9})

@@ -52,12 +52,12 @@ from llmos.api.schemas import (
     VersionTextOut,
     error_responses,
 )
-from llmos.daemon import Daemon, GenerationResult, QueueFull
+from llmos.daemon import Daemon, GenerationResult
 from llmos.registry.registry import CorruptCheckpoint, RejectedVersion, UnknownVersion
 from llmos.serving.types import CacheFull, PromptTooLong, SamplingParams
 from llmos.store.forget import ForgetJob, ForgetRequest, Progress, UnknownTexts
 from llmos.store.generations import FeedbackLimit, UnknownGeneration
-from llmos.store.queue import IdempotencyConflict, NewSample
+from llmos.store.queue import IdempotencyConflict, NewSample, QueueFull
 from llmos.trainer.elsewhere import TrainerElsewhere
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,8 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
@@ -152,6 +153,12 @@ class _Write:
         return self.ids is not None or self.error is not None
 
 
+class QueueFull(RuntimeError):
+    def __init__(self, depth: int, limit: int) -> None:
+        super().__init__(f"the queue holds {depth} texts waiting to be trained; the limit is {limit}")
+        self.depth, self.limit = depth, limit
+
+
 class SampleQueue(Lifecycle):
     """Samples: enqueued (group commit), claimed in batches, and moved on (ack, reject, release,
     requeue ...: llmos/store/lifecycle.py, shared with the preference queue)."""
@@ -165,6 +172,8 @@ class SampleQueue(Lifecycle):
         self._writing = False  # a caller is committing a group now
         self._group = threading.Condition()
         self._recent_depth: tuple[float, int] | None = None  # (when, depth) for depth_estimate()
+        self._room = threading.Lock()
+        self._reserved = 0  # texts admitted by room() and not yet committed
 
     def enqueue(self, items: Sequence[NewSample]) -> list[str]:
         """Store the samples durably and return their ids (committed when this returns).
@@ -271,6 +280,25 @@ class SampleQueue(Lifecycle):
             recent = (now, self.depth())
             self._recent_depth = recent
         return recent[1]
+
+    @contextmanager
+    def room(self, n: int, limit: int, max_age_s: float) -> Iterator[None]:
+        """Admission under the queue's bound, around an enqueue of ``n`` texts: they go in only
+        while the queue (depth_estimate(), and what this process is committing now) stays within
+        ``limit``, else QueueFull. Callers in this process reserve their room in turn, so posts
+        that arrive together cannot pass the bound between their check and their commit (130
+        concurrent posts of 1,000 texts did: 132,119 queued against 100,000); API replicas on
+        one database can pass it by what the others are committing at that moment."""
+        with self._room:
+            depth = self.depth_estimate(max_age_s) + self._reserved
+            if n and depth + n > limit:
+                raise QueueFull(depth, limit)
+            self._reserved += n
+        try:
+            yield
+        finally:
+            with self._room:
+                self._reserved -= n
 
     def claim_batch(
         self, max_samples: int, max_bytes: int, max_per_source: int | None = None, fence: int | None = None
