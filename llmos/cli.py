@@ -122,7 +122,7 @@ def serve(
         log_level=log_level.lower(),
         log_config=None,  # keep the handler configure() installed: one format for every line
         timeout_graceful_shutdown=settings.server.shutdown_timeout_s,
-        http=protocol(settings.server.head_timeout_s),  # uvicorn's, with a deadline on request heads
+        http=protocol(settings.server.head_timeout_s, settings.server.body_timeout_s),  # uvicorn's, with deadlines
     )
     _make_server_class(daemon.stopping)(server_config).run()
 

@@ -41,6 +41,11 @@ class ServerSettings(_Section):
         description="A request's head (request line and headers) must arrive within this; else "
         "the connection is closed.",
     )
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="A request's body must arrive within this of its head; else the connection is closed.",
+    )
 
 
 class AuthSettings(_Section):

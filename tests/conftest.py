@@ -96,7 +96,7 @@ class LiveServer:
             port=self.port,
             log_level="warning",
             timeout_graceful_shutdown=5,
-            http=protocol(settings.server.head_timeout_s),  # as `llmos serve` runs it
+            http=protocol(settings.server.head_timeout_s, settings.server.body_timeout_s),  # as `llmos serve` runs it
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)

@@ -316,23 +316,31 @@ def test_a_client_that_writes_its_whole_body_before_reading_gets_the_413(srv: Li
         assert "max_body_bytes" in err.value.read().decode()
 
 
-def test_connections_that_never_finish_their_head_are_closed(tmp_path: Path) -> None:
+def test_connections_that_never_finish_their_head_or_body_are_closed(tmp_path: Path) -> None:
     """Slowloris: 100 sockets each send half a request head and stop (before, 300 such sockets were
-    all still open 20 s later, no credential needed). The real `llmos serve`, head_timeout_s 2:
-    each is closed by the server, while a client that sends its request whole is answered."""
+    all still open 20 s later, no credential needed), and 100 send a head declaring a body of 500
+    bytes and 14 of them (1,500 such were all still open 40 s later: the body is read before the
+    credential is checked). The real `llmos serve`, head_timeout_s and body_timeout_s 2: each is
+    closed by the server, while a client that sends its request whole is answered."""
     port = free_port()
-    proc = start_server(tmp_path / "data", port, tmp_path / "server.log", {"LLMOS_SERVER__HEAD_TIMEOUT_S": "2"})
+    deadlines = {"LLMOS_SERVER__HEAD_TIMEOUT_S": "2", "LLMOS_SERVER__BODY_TIMEOUT_S": "2"}
+    proc = start_server(tmp_path / "data", port, tmp_path / "server.log", deadlines)
     socks = []
     try:
-        for _ in range(100):
+        for i in range(200):
             s = socket.create_connection(("127.0.0.1", port), timeout=10)
-            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            if i % 2:
+                s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            else:
+                head = b"POST /v1/texts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                s.sendall(head + b'Content-Length: 500\r\n\r\n{"text": "abc')
             socks.append(s)
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
             assert c.get("/healthz").status_code == 200
+            assert c.post("/v1/texts", json={"text": "sent whole"}).status_code == 202
         t0 = time.monotonic()
         for s in socks:
-            assert s.recv(1024) == b"", "the server answered a head that never ended"  # closed
+            assert s.recv(1024) == b"", "the server answered a request that never ended"  # closed
         assert time.monotonic() - t0 < 10
     finally:
         for s in socks:
