@@ -37,7 +37,7 @@ from llmos.store.generations import Feedback, GenerationLog
 from llmos.store.lease import TrainerLease
 from llmos.store.lineage import Lineage, TextKind, VersionTexts, influenced
 from llmos.store.preferences import PreferenceQueue
-from llmos.store.queue import NewSample, Sample, SampleQueue
+from llmos.store.queue import MIN_WEIGHT, NewSample, Sample, SampleQueue
 from llmos.store.tables import CheckpointStatus
 from llmos.trainer.elsewhere import RemoteTrainer
 from llmos.trainer.loop import Trainer, TrainerStatus
@@ -338,7 +338,7 @@ class Daemon:
                     self.settings.feedback.correction_weight,
                     prompt_chars=cut,
                 )
-            elif rating is not None and rating > 0:
+            elif rating is not None and rating >= MIN_WEIGHT:  # (a smaller one is a neutral rating)
                 sample = NewSample(
                     gen.prompt + gen.completion, FEEDBACK_SOURCE_PREFIX + "rating", rating, prompt_chars=cut
                 )

@@ -54,8 +54,11 @@ CASES = [
     ),
     ("empty batch", "POST", "/v1/texts", body({"items": []}), J, 422, "at least 1"),
     ("batch over 1000", "POST", "/v1/texts", body({"items": [{"text": "a"}] * 1001}), J, 422, "1000"),
-    ("zero weight", "POST", "/v1/texts", body({"text": "a", "weight": 0}), J, 422, "greater than 0"),
-    ("negative weight", "POST", "/v1/texts", body({"text": "a", "weight": -1}), J, 422, "greater than 0"),
+    ("control characters only", "POST", "/v1/texts", body({"text": "\u0001\u0002\u007f"}), J, 422, "control"),
+    ("empty source", "POST", "/v1/texts", body({"text": "a", "source": ""}), J, 422, "at least 1"),
+    ("zero weight", "POST", "/v1/texts", body({"text": "a", "weight": 0}), J, 422, "greater than or equal to 0.000001"),
+    ("negative weight", "POST", "/v1/texts", body({"text": "a", "weight": -1}), J, 422, "greater than or equal"),
+    ("vanishing weight", "POST", "/v1/texts", body({"text": "a", "weight": 1e-300}), J, 422, "0.000001"),
     ("NaN weight", "POST", "/v1/texts", b'{"text": "a", "weight": NaN}', J, 422, "finite"),
     ("Infinity weight", "POST", "/v1/texts", b'{"text": "a", "weight": Infinity}', J, 422, "finite"),
     ("huge number", "POST", "/v1/texts", body({"text": "a", "weight": 1e308}), J, 422, "less than"),
@@ -166,11 +169,11 @@ def test_bad_input_gets_a_clear_4xx(srv: LiveServer, case: tuple) -> None:
 
 # (path, body, the whole 422 detail as (loc, msg)): the problem of the shape the client sent, alone.
 ONE_SHAPE = [
-    ("/v1/texts", {"text": ""}, [(["body", "TextIn", "text"], "Value error, must not be empty or whitespace only")]),
+    ("/v1/texts", {"text": ""}, [(["body", "TextIn", "text"], "Value error, must not be empty, whitespace or control characters only")]),
     (
         "/v1/texts",
         {"items": [{"text": "a"}, {"text": " "}]},
-        [(["body", "TextsIn", "items", 1, "text"], "Value error, must not be empty or whitespace only")],
+        [(["body", "TextsIn", "items", 1, "text"], "Value error, must not be empty, whitespace or control characters only")],
     ),
     (
         "/v1/texts",
@@ -187,7 +190,7 @@ ONE_SHAPE = [
     (
         "/v1/feedback",
         {"generation_id": "g", "correction": ""},
-        [(["body", "correction"], "Value error, must not be empty or whitespace only")],
+        [(["body", "correction"], "Value error, must not be empty, whitespace or control characters only")],
     ),
     (
         "/v1/completions",
@@ -266,6 +269,17 @@ def test_rejected_version_cannot_be_rolled_back_to(srv: LiveServer) -> None:
         assert "rejected" in r.json()["detail"]
         listed = {cp["version"]: cp["status"] for cp in c.get("/v1/checkpoints").json()["checkpoints"]}
         assert listed[rec.version] == "rejected"
+
+
+def test_a_vanishing_rating_is_neutral_and_queues_no_text(srv: LiveServer) -> None:
+    """A positive rating becomes a text's weight; one under the least weight a text trains with
+    (5e-324 passed before, and a batch of such texts trained to a NaN loss) queues nothing."""
+    with srv.client() as c:
+        g = c.get("/generate", params={"prompt": "hi", "max_new_tokens": 2}).json()
+        r = c.post("/v1/feedback", json={"generation_id": g["generation_id"], "rating": 5e-324})
+        assert r.status_code == 202 and r.json()["sample_id"] is None, r.text
+        r = c.post("/v1/feedback", json={"generation_id": g["generation_id"], "rating": 0.5})
+        assert r.status_code == 202 and r.json()["sample_id"] is not None, r.text
 
 
 def test_crlf_in_a_path_is_not_reflected_into_response_headers(srv: LiveServer) -> None:

@@ -19,6 +19,9 @@ from pydantic import (
 )
 from pydantic_core import core_schema
 
+from llmos.store.queue import MIN_WEIGHT
+from llmos.text import normalise
+
 
 def _clean(value: str) -> str:
     if "\x00" in value:
@@ -31,8 +34,8 @@ def _clean(value: str) -> str:
 
 
 def _not_blank(value: str) -> str:
-    if not value.strip():
-        raise ValueError("must not be empty or whitespace only")
+    if not normalise(value):  # what the trainer would train on (control characters go)
+        raise ValueError("must not be empty, whitespace or control characters only")
     return value
 
 
@@ -87,8 +90,8 @@ class _Request(BaseModel):
 
 class TextIn(_Request):
     text: NonBlankText
-    source: Annotated[Annotated[Text, Field(max_length=200)] | None, NoNull] = None
-    weight: float = Field(1.0, gt=0, le=1e6)
+    source: Annotated[Annotated[Text, Field(min_length=1, max_length=200)] | None, NoNull] = None
+    weight: float = Field(1.0, ge=MIN_WEIGHT, le=1e6)
     idempotency_key: Annotated[Annotated[Text, Field(min_length=1, max_length=200)] | None, NoNull] = None
 
 

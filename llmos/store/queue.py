@@ -30,6 +30,11 @@ from llmos.text import text_hash
 LIVE = (SampleStatus.queued.value, SampleStatus.training.value, SampleStatus.trained.value, SampleStatus.heldout.value)
 
 
+# The smallest weight a text trains with: below it a text teaches nothing, and float32 (the
+# loss's type) rounds weights under 1.4e-45 to 0, which the trainer takes for padding.
+MIN_WEIGHT = 1e-6
+
+
 @dataclass(frozen=True)
 class NewSample:
     text: str
