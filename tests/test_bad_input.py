@@ -169,11 +169,20 @@ def test_bad_input_gets_a_clear_4xx(srv: LiveServer, case: tuple) -> None:
 
 # (path, body, the whole 422 detail as (loc, msg)): the problem of the shape the client sent, alone.
 ONE_SHAPE = [
-    ("/v1/texts", {"text": ""}, [(["body", "TextIn", "text"], "Value error, must not be empty, whitespace or control characters only")]),
+    (
+        "/v1/texts",
+        {"text": ""},
+        [(["body", "TextIn", "text"], "Value error, must not be empty, whitespace or control characters only")],
+    ),
     (
         "/v1/texts",
         {"items": [{"text": "a"}, {"text": " "}]},
-        [(["body", "TextsIn", "items", 1, "text"], "Value error, must not be empty, whitespace or control characters only")],
+        [
+            (
+                ["body", "TextsIn", "items", 1, "text"],
+                "Value error, must not be empty, whitespace or control characters only",
+            )
+        ],
     ),
     (
         "/v1/texts",
