@@ -56,6 +56,7 @@ CASES = [
     ("batch over 1000", "POST", "/v1/texts", body({"items": [{"text": "a"}] * 1001}), J, 422, "1000"),
     ("control characters only", "POST", "/v1/texts", body({"text": "\u0001\u0002\u007f"}), J, 422, "control"),
     ("empty source", "POST", "/v1/texts", body({"text": "a", "source": ""}), J, 422, "at least 1"),
+    ("source too long", "POST", "/v1/texts", body({"text": "a", "source": "s" * 201}), J, 422, "200 characters"),
     ("zero weight", "POST", "/v1/texts", body({"text": "a", "weight": 0}), J, 422, "greater than or equal to 0.000001"),
     ("negative weight", "POST", "/v1/texts", body({"text": "a", "weight": -1}), J, 422, "greater than or equal"),
     ("vanishing weight", "POST", "/v1/texts", body({"text": "a", "weight": 1e-300}), J, 422, "0.000001"),

@@ -20,11 +20,11 @@ from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Tag
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Tag
 
 from llmos.api.deps import ApiKey, DaemonDep, SlotsDep
 from llmos.api.relay import Busy, End, Relay, Slots, call
-from llmos.api.schemas import STR_OR_LIST, Text, clean_errors, error_responses, json_int
+from llmos.api.schemas import STR_OR_LIST, Text, clean_errors, clean_text, error_responses, json_int
 from llmos.daemon import Daemon, GenerationResult
 from llmos.registry.registry import CorruptCheckpoint, UnknownVersion
 from llmos.serving.chat import ChatTemplateError, render_chat
@@ -71,7 +71,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-Stop = Annotated[Text, Field(max_length=200)]
+Stop = Annotated[str, Field(max_length=200), AfterValidator(clean_text)]
 # A string or a list: the JSON type picks the member (a 422 names that member's problem alone).
 Stops = Annotated[Annotated[Stop, Tag("str")] | Annotated[list[Stop], Field(max_length=4), Tag("list")], STR_OR_LIST]
 Prompt = Annotated[

@@ -23,7 +23,7 @@ from llmos.store.queue import MIN_WEIGHT
 from llmos.text import normalise
 
 
-def _clean(value: str) -> str:
+def clean_text(value: str) -> str:
     if "\x00" in value:
         raise ValueError("must not contain NUL characters")
     try:
@@ -46,7 +46,10 @@ _NO_NUL = Field(json_schema_extra={"pattern": r"^[^\x00]*$"})
 _SPACE = r"\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 _NOT_BLANK = Field(json_schema_extra={"pattern": rf"^[^\x00]*[^\x00{_SPACE}][^\x00]*$"})
 
-Text = Annotated[str, AfterValidator(_clean), _NO_NUL]
+Text = Annotated[str, AfterValidator(clean_text), _NO_NUL]
+# Text of bounded length: the bounds come before the validator, so that a 422 counts characters.
+Label = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(clean_text), _NO_NUL]  # a source, a key
+Id = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(clean_text), _NO_NUL]
 
 
 def json_int(value: Any) -> Any:
@@ -79,7 +82,7 @@ class _LeftOut:
 
 
 NoNull = _LeftOut()
-NonBlankText = Annotated[str, AfterValidator(_clean), AfterValidator(_not_blank), _NOT_BLANK]
+NonBlankText = Annotated[str, AfterValidator(clean_text), AfterValidator(_not_blank), _NOT_BLANK]
 
 
 class _Request(BaseModel):
@@ -90,9 +93,9 @@ class _Request(BaseModel):
 
 class TextIn(_Request):
     text: NonBlankText
-    source: Annotated[Annotated[Text, Field(min_length=1, max_length=200)] | None, NoNull] = None
+    source: Annotated[Label | None, NoNull] = None
     weight: float = Field(1.0, ge=MIN_WEIGHT, le=1e6)
-    idempotency_key: Annotated[Annotated[Text, Field(min_length=1, max_length=200)] | None, NoNull] = None
+    idempotency_key: Annotated[Label | None, NoNull] = None
 
 
 class TextsIn(_Request):
@@ -186,7 +189,7 @@ class FeedbackIn(_Request):
         }
     )
 
-    generation_id: Annotated[Text, Field(max_length=64)]
+    generation_id: Annotated[str, Field(max_length=64), AfterValidator(clean_text), _NO_NUL]
     rating: Annotated[Annotated[float, Field(ge=-1, le=1)] | None, NoNull] = None
     correction: Annotated[NonBlankText | None, NoNull] = None
 
@@ -258,9 +261,6 @@ class CheckpointsOut(BaseModel):
     checkpoints: list[CheckpointOut]
 
 
-Id = Annotated[Text, Field(min_length=1, max_length=64)]
-
-
 class ForgetIn(_Request):
     """What to forget: texts by id, by the idempotency key they were posted with, and every text
     of a source; at least one of them."""
@@ -276,14 +276,15 @@ class ForgetIn(_Request):
     # (1 MiB) even written as JSON escapes. More: several requests, or a source.
     ids: Annotated[Annotated[list[Id], Field(min_length=1, max_length=500)] | None, NoNull] = None
     idempotency_keys: Annotated[
-        Annotated[list[Annotated[Text, Field(min_length=1, max_length=200)]], Field(min_length=1, max_length=100)]
-        | None,
+        Annotated[list[Label], Field(min_length=1, max_length=100)] | None,
         NoNull,
     ] = None
-    source: Annotated[Annotated[Text, Field(min_length=1, max_length=200)] | None, NoNull] = None
+    source: Annotated[Label | None, NoNull] = None
     # Idempotency keys belong to the credential that sent them: whose, as the audit log names it
     # ("key:<fingerprint>", "admin:<fingerprint>", "addr:127.0.0.1"); left out, every credential's.
-    caller: Annotated[Annotated[Text, Field(min_length=1, max_length=80)] | None, NoNull] = None
+    caller: Annotated[Annotated[str, Field(min_length=1, max_length=80), AfterValidator(clean_text)] | None, NoNull] = (
+        None
+    )
 
     @model_validator(mode="after")
     def _names_something(self) -> ForgetIn:
