@@ -15,7 +15,9 @@ Measured with ``make bench-teach`` (bench/results/teach.md; docs/learning.md): o
 pretrained base, the first batch of 8 facts took every answer the base had to its own corpus
 prompts (24 of 24 right before, 0 after) under replay alone. Distillation of 128 texts a pass
 kept them; 64 a pass, or the sampled tokens instead of the distributions, kept fewer (scratch runs
-of bench/teach.py). It costs training time, each pass carrying ``per_pass`` more rows and a
+of bench/teach.py). A pool of 256 kept them on one machine but not on another (an Intel Xeon, whose
+arithmetic trains a different base: the first facts garbled 3 of its answers); 1024, at the same
+cost per pass, kept them there too. It costs training time, each pass carrying ``per_pass`` more rows and a
 forward pass of the base over them; and on a base with random weights (the built-in model
 ``make run`` starts from) it would rehearse noise: ``replay.base_rehearsal: auto`` turns it off for
 random weights llmos made itself (the built-in model, or any directory ``create_tiny`` wrote, which
