@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -398,29 +398,42 @@ def test_past_the_kv_budget_a_generation_gets_429_and_one_that_can_never_fit_422
 
 
 def test_a_chunk_of_a_long_prompt_is_sized_to_cost_no_more_than_a_decoding_step() -> None:
-    """While rows decode, a chunk that took longer than their decoding step halves the next one (8
-    tokens at fewest), one that took under half of it doubles the next (the configured chunk at
-    most); with nothing decoding a prompt runs a configured chunk at a time."""
+    """While rows decode, chunks settle on the largest size that costs no more than their
+    decoding step, or, where even the cheapest costs more (a forward pass's fixed cost), no more
+    than SLACK times the cheapest: where the cost grows with the size they shrink, where it
+    hardly does they stay large (halving them then only delays the long prompt). With nothing
+    decoding a prompt runs a configured chunk at a time."""
     from llmos.serving.batch import _Pace
+
+    def settle(cost_of: Callable[[int], float], chunks: int = 30) -> list[int]:
+        pace = _Pace(256)
+        for _ in range(20):
+            pace.stepped(0.010)
+        sizes = []
+        for _ in range(chunks):
+            size = pace.tokens(decoding=True)
+            sizes.append(size)
+            pace.filled(cost_of(size), decoding=True)
+        return sizes
+
+    # Cost in proportion to the size (compute-bound): the largest within a step, 64 (6.4 ms).
+    assert settle(lambda n: 0.0001 * n)[-6:] == [64] * 6
+    # Flat (a GPU, or a CPU reading the weights): three steps at any size, so the largest, after
+    # one look at half of it.
+    assert settle(lambda n: 0.030)[:3] == [256, 128, 256] and settle(lambda n: 0.030)[-6:] == [256] * 6
+    # A fixed cost near a step and a little per token: 9.6 ms at 16, 11.2 at 32, 14.4 at 64; the
+    # budget is 1.2 x 9.6 = 11.5 ms, so 32.
+    assert settle(lambda n: 0.008 + 0.0001 * n)[-6:] == [32] * 6
+    # Everything over the budget: the floor, 8 tokens.
+    assert settle(lambda n: 0.010 + 0.001 * n)[-3:] == [8] * 3
 
     pace = _Pace(256)
     assert pace.tokens(decoding=True) == 256
     pace.filled(0.050, decoding=True)  # no step measured yet: nothing to compare with
-    assert pace.tokens(decoding=True) == 256
+    assert pace.tokens(decoding=True) == 256 and pace.cost == {}
+    pace.filled(0.500, decoding=False)  # alone, a chunk costs what it costs
+    assert pace.tokens(decoding=False) == 256 and pace.cost == {}
     for _ in range(20):
         pace.stepped(0.010)
-    sizes = []
-    for _ in range(6):
-        pace.filled(0.030, decoding=True)  # three steps' worth
-        sizes.append(pace.tokens(decoding=True))
-    assert sizes == [128, 64, 32, 16, 8, 8]
-    assert pace.tokens(decoding=False) == 256
-    pace.filled(0.007, decoding=True)  # between half a step and a step: as it is
-    assert pace.tokens(decoding=True) == 8
-    for _ in range(8):
-        pace.filled(0.002, decoding=True)
-    assert pace.tokens(decoding=True) == 256
-    pace.filled(0.500, decoding=False)  # alone, a chunk costs what it costs
-    assert pace.tokens(decoding=True) == 256
     pace.stepped(1.0)  # one slow step moves the average a tenth of the way
     assert pace.step_s is not None and pace.step_s < 0.11

@@ -20,7 +20,8 @@ What bounds a row's cost, however long traffic lasts:
 - ``chunk``: a prompt longer than this runs a chunk at a time, one chunk between two decoding
   steps, on its own cache: a long prompt arriving delays the other rows' tokens by a chunk's
   forward pass, not the whole prompt's. While rows decode, a chunk is sized to cost no more than
-  their decoding step (``_Pace``, measured as it runs), so a chunk adds about one decoding step to
+  their decoding step, or little more than the cheapest chunk where a forward pass's fixed cost
+  is more than a step (``_Pace``, measured as it runs), so a chunk adds about one decoding step to
   the gap between their tokens, on any device and model; ``chunk`` tokens at most.
 """
 
@@ -279,11 +280,14 @@ class Batcher:
         pos = torch.arange(start, end, device=self.device)[None]
         past = {} if f.out is None else {_cache_arg(f.out): f.out[_cache_arg(f.out)]}
         f.out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **past)
+        if start == 0:
+            _reserve(f.out[_cache_arg(f.out)], len(f.row.seq))
         f.ran = end
         self._count(mask)
 
     def _filled(self, f: _Filling) -> _Running:
         n = len(f.row.seq)
+        _release(f.out[_cache_arg(f.out)])
         mask = torch.ones(1, n, dtype=torch.long, device=self.device)
         return self._started([f.row], mask, torch.tensor([[n - 1]], device=self.device), f.out)
 
@@ -327,19 +331,29 @@ class Batcher:
 
 class _Pace:
     """How many tokens of a long prompt run between two decoding steps. Alone, ``most``; while rows
-    decode, as many as cost no more than their decoding step: a chunk that took longer than the
-    step halves the next, one that took under half of it doubles the next, between ``FEWEST`` and
-    ``most``. Measured, not modelled: what a chunk costs against a step depends on the device, the
-    model and the batch (on the built-in model on a CPU a forward pass costs about the same for 1
-    token and for 16, on a GPU the same for 1 and for hundreds). The decoding step is a moving
-    average, so one slow step does not unsettle it."""
+    decode, the largest power-of-two share of ``most`` (``FEWEST`` at least) whose chunk costs no
+    more than their decoding step, or, where even the cheapest chunk costs more (a forward pass's
+    fixed cost: reading the weights, launching kernels), no more than ``SLACK`` times the cheapest.
+    Measured, not modelled: what a chunk costs against a step depends on the device, the model
+    and the batch (on the built-in model on a CPU a forward pass costs about the same for 1 token
+    and for 16, on a GPU the same for 1 and for hundreds), so each size's cost is kept as a moving
+    average as chunks of it run. A chunk over its budget halves the next; one over the decoding
+    step tries half its size once, to learn whether smaller is cheaper (unless halving last time
+    did not make it so); one within budget doubles the next unless the double is known to be over
+    it. Where the cost hardly depends on the size,
+    a smaller chunk would only delay the long prompt, so the chunks stay large: halving at every
+    chunk that cost more than a step took them to the floor there (a 6 x 512 model on a CPU read a
+    2,000-token prompt 8 tokens a step: its first token after 13.7 s, against 1.1 s whole). The
+    decoding step is a moving average too, so one slow step does not unsettle it."""
 
     FEWEST = 8
+    SLACK = 1.2
 
     def __init__(self, most: int) -> None:
         self.most = most
         self.size = most
         self.step_s: float | None = None  # the decoding step's cost, an exponential moving average
+        self.cost: dict[int, float] = {}  # a chunk's cost by its size, moving averages
 
     def tokens(self, decoding: bool) -> int:
         return self.size if decoding else self.most
@@ -350,10 +364,64 @@ class _Pace:
     def filled(self, seconds: float, decoding: bool) -> None:
         if not decoding or self.step_s is None:
             return
-        if seconds > self.step_s:
-            self.size = max(min(self.FEWEST, self.most), self.size // 2)
-        elif seconds < self.step_s / 2:
-            self.size = min(self.most, self.size * 2)
+        size = self.size
+        self.cost[size] = seconds if size not in self.cost else 0.7 * self.cost[size] + 0.3 * seconds
+        budget = max(self.step_s, self.SLACK * min(self.cost.values()))
+        half, double = max(size // 2, min(self.FEWEST, self.most)), size * 2
+        # Over a step, half not tried yet, and the last halving (if any) made chunks cheaper: try it.
+        helped = double not in self.cost or self.cost[double] > self.SLACK * self.cost[size]
+        explore = half not in self.cost and self.cost[size] > self.step_s and helped
+        if self.cost[size] > budget or explore:
+            self.size = half
+        elif double <= self.most and self.cost.get(double, 0.0) <= budget:
+            self.size = double
+
+
+class _ReservedLayer(DynamicLayer):
+    """A DynamicLayer with room for a whole prompt, its chunks written in place: the keys and
+    values it hands the model are views of what has been written. DynamicLayer copies the whole
+    history into a new tensor at every update, so reading a prompt a chunk at a time cost its
+    length squared (a 6 x 512 model on a CPU: a chunk of 8 tokens on a history of 2,000 cost 39 ms,
+    on one of 60, 21 ms; most of the difference the copy)."""
+
+    def __init__(self, layer: DynamicLayer, capacity: int) -> None:
+        super().__init__()
+        assert layer.keys is not None and layer.values is not None
+        k, v = layer.keys, layer.values  # (B, H, L, D)
+        self.lazy_initialization(k, v)
+        self._k = k.new_empty(*k.shape[:2], capacity, k.shape[3])
+        self._v = v.new_empty(*v.shape[:2], capacity, v.shape[3])
+        self._n = 0
+        self.update(k, v)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        end = self._n + key_states.shape[-2]
+        self._k[:, :, self._n : end] = key_states
+        self._v[:, :, self._n : end] = value_states
+        self._n = end
+        self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
+        return self.keys, self.values
+
+
+def _reserve(cache: Any, capacity: int) -> None:
+    """Give each plain layer of a prompt's cache room for ``capacity`` positions (its first chunk in it)."""
+    if isinstance(cache, DynamicCache):
+        cache.layers = [
+            _ReservedLayer(layer, capacity) if type(layer) is DynamicLayer and layer.keys is not None else layer
+            for layer in cache.layers
+        ]
+
+
+def _release(cache: Any) -> None:
+    """The prompt's cache back to plain layers (each holding what was written), to join a batch."""
+    if isinstance(cache, DynamicCache):
+        for i, layer in enumerate(cache.layers):
+            if isinstance(layer, _ReservedLayer):
+                plain = DynamicLayer()
+                assert layer.keys is not None and layer.values is not None
+                plain.lazy_initialization(layer.keys, layer.values)
+                plain.keys, plain.values = layer.keys, layer.values
+                cache.layers[i] = plain
 
 
 SHARED_WIDTH = 256
