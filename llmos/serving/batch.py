@@ -340,11 +340,11 @@ class _Pace:
     average as chunks of it run. A chunk over its budget halves the next; one over the decoding
     step tries half its size once, to learn whether smaller is cheaper (unless halving last time
     did not make it so); one within budget doubles the next unless the double is known to be over
-    it. Where the cost hardly depends on the size,
-    a smaller chunk would only delay the long prompt, so the chunks stay large: halving at every
-    chunk that cost more than a step took them to the floor there (a 6 x 512 model on a CPU read a
-    2,000-token prompt 8 tokens a step: its first token after 13.7 s, against 1.1 s whole). The
-    decoding step is a moving average too, so one slow step does not unsettle it."""
+    it. Where the cost hardly depends on the size, a smaller chunk would only delay the long
+    prompt, so the chunks stay large: halving at every chunk that cost more than a step took them
+    to the floor there (a 6 x 512 model on a CPU read a 2,000-token prompt 8 tokens a step: its
+    first token after 13.7 s, against 1.1 s whole). The decoding step is a moving average too, so
+    one slow step does not unsettle it."""
 
     FEWEST = 8
     SLACK = 1.2
