@@ -24,7 +24,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from llmos.api.deps import ApiKey, DaemonDep, SlotsDep
 from llmos.api.relay import Busy, End, Relay, Slots, call
-from llmos.api.schemas import STR_OR_LIST, Text, clean_errors, clean_text, error_responses, json_int
+from llmos.api.schemas import NO_NUL, STR_OR_LIST, Text, clean_errors, clean_text, error_responses, json_int
 from llmos.daemon import Daemon, GenerationResult
 from llmos.registry.registry import CorruptCheckpoint, UnknownVersion
 from llmos.serving.chat import ChatTemplateError, render_chat
@@ -71,7 +71,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-Stop = Annotated[str, Field(max_length=200), AfterValidator(clean_text)]
+Stop = Annotated[str, Field(max_length=200), AfterValidator(clean_text), NO_NUL]
 # A string or a list: the JSON type picks the member (a 422 names that member's problem alone).
 Stops = Annotated[Annotated[Stop, Tag("str")] | Annotated[list[Stop], Field(max_length=4), Tag("list")], STR_OR_LIST]
 Prompt = Annotated[

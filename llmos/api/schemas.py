@@ -41,15 +41,18 @@ def _not_blank(value: str) -> str:
 
 # The same rules as the validators, for the published schema (clients and fuzzers read it). Only in
 # the schema: the validators above check them in linear time.
-_NO_NUL = Field(json_schema_extra={"pattern": r"^[^\x00]*$"})
+NO_NUL = Field(json_schema_extra={"pattern": r"^[^\x00]*$"})
 # Whitespace spelled out as str.strip() sees it (regex engines disagree on \s, e.g. about U+0085).
 _SPACE = r"\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
-_NOT_BLANK = Field(json_schema_extra={"pattern": rf"^[^\x00]*[^\x00{_SPACE}][^\x00]*$"})
+# Control characters normalise() drops (tab and newline are whitespace above): a text of only
+# these and whitespace is empty to the trainer.
+_CONTROL = r"\x01-\x08\x0e-\x1b\x7f-\x9f"
+_NOT_BLANK = Field(json_schema_extra={"pattern": rf"^[^\x00]*[^\x00{_SPACE}{_CONTROL}][^\x00]*$"})
 
-Text = Annotated[str, AfterValidator(clean_text), _NO_NUL]
+Text = Annotated[str, AfterValidator(clean_text), NO_NUL]
 # Text of bounded length: the bounds come before the validator, so that a 422 counts characters.
-Label = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(clean_text), _NO_NUL]  # a source, a key
-Id = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(clean_text), _NO_NUL]
+Label = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(clean_text), NO_NUL]  # a source, a key
+Id = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(clean_text), NO_NUL]
 
 
 def json_int(value: Any) -> Any:
@@ -189,7 +192,7 @@ class FeedbackIn(_Request):
         }
     )
 
-    generation_id: Annotated[str, Field(max_length=64), AfterValidator(clean_text), _NO_NUL]
+    generation_id: Annotated[str, Field(max_length=64), AfterValidator(clean_text), NO_NUL]
     rating: Annotated[Annotated[float, Field(ge=-1, le=1)] | None, NoNull] = None
     correction: Annotated[NonBlankText | None, NoNull] = None
 
@@ -282,9 +285,9 @@ class ForgetIn(_Request):
     source: Annotated[Label | None, NoNull] = None
     # Idempotency keys belong to the credential that sent them: whose, as the audit log names it
     # ("key:<fingerprint>", "admin:<fingerprint>", "addr:127.0.0.1"); left out, every credential's.
-    caller: Annotated[Annotated[str, Field(min_length=1, max_length=80), AfterValidator(clean_text)] | None, NoNull] = (
-        None
-    )
+    caller: Annotated[
+        Annotated[str, Field(min_length=1, max_length=80), AfterValidator(clean_text), NO_NUL] | None, NoNull
+    ] = None
 
     @model_validator(mode="after")
     def _names_something(self) -> ForgetIn:
