@@ -119,6 +119,7 @@ def test_a_separate_trainer_trains_what_a_replica_took_and_the_replica_serves_it
         stop(trainer, api)
 
 
+@pytest.mark.slow  # three processes, one stopped for another to take over
 def test_a_second_trainer_waits_as_a_standby_and_takes_over_when_the_first_stops(tmp_path: Path) -> None:
     data, logs = tmp_path / "data", [tmp_path / "train-a.log", tmp_path / "train-b.log"]
     first = start_trainer(data, logs[0])

@@ -28,7 +28,10 @@ def arrived(url: str) -> int:
 
 @pytest.mark.parametrize(
     ("concurrency", "requests", "new_tokens"),
-    [(1, 6, 200), (8, 16, 400)],  # one at a time; batched (the default): two batches of eight
+    [  # one at a time (slow tier: the fast tier keeps the default); batched (the default): two batches of eight
+        pytest.param(1, 6, 200, marks=pytest.mark.slow),
+        (8, 16, 400),
+    ],
     ids=["one-at-a-time", "batched"],
 )
 def test_sigterm_finishes_requests_in_flight_releases_claims_and_exits_0(

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from conftest import ADMIN, free_port, make_settings, wait_for
 from helpers import start_server
 
@@ -131,6 +132,7 @@ def test_the_trainer_process_learns_and_obeys_pause_rollback_and_resume(tmp_path
     assert gone(pid), "the trainer process outlived the server's SIGTERM"
 
 
+@pytest.mark.slow  # a process killed and replaced
 def test_a_killed_trainer_process_is_replaced_and_its_texts_are_trained(tmp_path: Path) -> None:
     port = free_port()
     # Many passes: the kill finds the trainer in the middle of a batch, holding claimed texts.
@@ -158,6 +160,7 @@ def test_a_killed_trainer_process_is_replaced_and_its_texts_are_trained(tmp_path
         assert server.wait(30) == 0
 
 
+@pytest.mark.slow  # a server killed outright
 def test_a_trainer_process_does_not_outlive_a_server_killed_outright(tmp_path: Path) -> None:
     port = free_port()
     server = start_server(tmp_path / "data", port, tmp_path / "server.log", PROCESS)
@@ -189,6 +192,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow  # a whole program run to its end
 def test_a_program_that_ends_without_stopping_the_daemon_does_not_hang_on_its_trainer_process(
     tmp_path: Path,
 ) -> None:
@@ -207,6 +211,7 @@ def test_a_program_that_ends_without_stopping_the_daemon_does_not_hang_on_its_tr
     assert gone(int(run.stdout.strip()))
 
 
+@pytest.mark.slow  # a process killed and replaced
 def test_a_stop_while_a_dead_trainer_process_is_being_replaced_leaves_none_behind(tmp_path: Path) -> None:
     """The trainer process dies and, while the server is replacing it, the server stops: the
     replacement, started after stop() began, is stopped too, and stop() returns."""
