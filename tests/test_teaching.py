@@ -151,8 +151,8 @@ def test_the_collapse_guard_refuses_a_degenerate_batch_that_the_loss_checks_pass
 def test_sources_of_one_text_each_cannot_veto_learning(tmp_path: Path) -> None:
     """A caller sends 300 short texts, each under a source of its own; the held-out ones (one in
     ten) join the anchor set, one text per source. Checked source by source
-    (eval.min_source_anchors 1), the loss of some one-text source doubles when the model learns
-    anything else, and the facts a user then teaches are refused; with the default (8), such
+    (eval.min_source_anchors 1, a retention budget of 0.25), the loss of some one-text source rises
+    past the budget when the model learns anything else, and the facts a user then teaches are refused; with the default (8), such
     sources are checked together, and the facts are learned."""
     rng = random.Random(8)
     words = "cat dog bus tree lamp fish rain sun car boat milk bread red blue old new big small runs sits".split()
@@ -175,7 +175,9 @@ def test_sources_of_one_text_each_cannot_veto_learning(tmp_path: Path) -> None:
             ids = teach(c, [p + ans for p, ans in facts for _ in range(12)])
             return dict(c.get(f"/v1/texts/{ids[0]}").json())
 
-    vetoed = run(tmp_path / "per-source", **{"eval.min_source_anchors": 1})
+    # Source by source, with a tighter retention budget than the default (how far one one-text
+    # source's loss moves depends on the machine's arithmetic: on an Intel Xeon none doubled).
+    vetoed = run(tmp_path / "per-source", **{"eval.min_source_anchors": 1, "eval.forgetting_budget": 0.25})
     assert vetoed["status"] == "rejected" and vetoed["reason"].startswith("gate: anchor (s"), vetoed
     learned = run(tmp_path / "default")
     assert learned["status"] == "trained", learned
