@@ -152,8 +152,8 @@ def test_sources_of_one_text_each_cannot_veto_learning(tmp_path: Path) -> None:
     """A caller sends 300 short texts, each under a source of its own; the held-out ones (one in
     ten) join the anchor set, one text per source. Checked source by source
     (eval.min_source_anchors 1, a retention budget of 0.25), the loss of some one-text source rises
-    past the budget when the model learns anything else, and the facts a user then teaches are refused; with the default (8), such
-    sources are checked together, and the facts are learned."""
+    past the budget when the model learns anything else, and the facts a user then teaches are
+    refused; with the default (8), such sources are checked together, and the facts are learned."""
     rng = random.Random(8)
     words = "cat dog bus tree lamp fish rain sun car boat milk bread red blue old new big small runs sits".split()
     attack = [" ".join(rng.choice(words) for _ in range(rng.randint(2, 4))) for _ in range(300)]
