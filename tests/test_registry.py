@@ -4,6 +4,7 @@ verify, rollback, lineage and pruning."""
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -87,6 +88,39 @@ def test_open_registers_version_0_as_active(registry: Registry) -> None:
     assert registry.weights_path(0) is None  # version 0 is the base model itself
     registry.open()  # a second start changes nothing
     assert [r.version for r in registry.list()] == [0]
+
+
+def test_processes_opening_one_empty_store_together_all_start_on_version_0(db_url: str, tmp_path: Path) -> None:
+    # Two API replicas and a trainer started at once on an empty PostgreSQL store: each found no
+    # active version, and all but the first then failed to start on a duplicate key (the clean-clone
+    # CI run of session 17). Each opener here has its own engine, as each process has.
+    openers = 12
+    dbs = [Database(db_url) for _ in range(openers)]
+    dbs[0].create_schema()
+    start = threading.Barrier(openers)
+    failures: list[BaseException] = []
+
+    def open_one(db: Database) -> None:
+        reg = Registry(tmp_path / "checkpoints", CheckpointIndex(db))
+        start.wait()
+        try:
+            reg.open(remove_leftovers=False)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=open_one, args=(d,)) for d in dbs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert failures == []
+        index = CheckpointIndex(dbs[0])
+        assert index.active_version() == 0
+        assert [r.version for r in index.list()] == [0]
+    finally:
+        for d in dbs:
+            d.dispose()
 
 
 def test_open_removes_leftovers_of_interrupted_writes(

@@ -135,7 +135,7 @@ class Registry:
         if self.index.get(0, include_pruned=True) is None:
             self.index.add_unless_there(CheckpointRecord(0, None, CheckpointStatus.promoted, BASE_PATH, 0, 0, {}))
         if self.index.active_version() is None:
-            self.index.activate(0)
+            self.index.activate_unless_set(0)
         if remove_leftovers:
             self.remove_leftovers()
         for rec in self.index.list():  # an incomplete or tampered checkpoint is listed as corrupt

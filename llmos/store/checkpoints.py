@@ -13,7 +13,7 @@ from sqlalchemy import exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from llmos.store.db import Database
+from llmos.store.db import Database, upsert
 from llmos.store.lease import LeaseLost, require_lease
 from llmos.store.lineage import TextKind, add_rows
 from llmos.store.notify import ACTIVE_CHANNEL, notify
@@ -197,6 +197,17 @@ class CheckpointIndex:
         with self._db.read() as s:
             row = s.get(MetaRow, ACTIVE_KEY)
             return int(row.value) if row else None
+
+    def activate_unless_set(self, version: int) -> None:
+        """Make ``version`` active unless a version is active already. Processes starting together
+        on one empty store (two API replicas and a trainer) all call this: one inserts the row, the
+        rest find it there. (``activate`` cannot: FOR UPDATE locks no row that does not exist yet,
+        so two of them would both insert it.)"""
+        with self._db.write() as s:
+            stmt = upsert(s, MetaRow).values(key=ACTIVE_KEY, value=str(version))
+            res = s.execute(stmt.on_conflict_do_nothing(index_elements=[MetaRow.key]))
+            if getattr(res, "rowcount", 0):  # CursorResult; Result's stubs do not name it
+                notify(s, self._db, ACTIVE_CHANNEL, str(version))
 
     def activate(
         self, version: int, expected: int | None = None, promote: bool = False, fence: int | None = None

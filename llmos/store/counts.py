@@ -10,9 +10,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from sqlalchemy import select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from llmos.store.db import upsert
 from llmos.store.tables import SampleCountRow, SampleStatus
 
 Key = tuple[str, str]  # (status, label): the label is a rejected sample's reason label, "" for the rest
@@ -55,8 +55,7 @@ def add_counts(session: Session, changes: Mapping[Key, int]) -> None:
     rows = [{"status": k[0], "label": k[1], "n": d} for k, d in sorted(changes.items()) if d]
     if not rows:
         return
-    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
-    stmt = dialect.insert(SampleCountRow).values(rows)
+    stmt = upsert(session, SampleCountRow).values(rows)
     session.execute(
         stmt.on_conflict_do_update(
             index_elements=[SampleCountRow.status, SampleCountRow.label],

@@ -15,12 +15,20 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, Table, create_engine, event, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger(__name__)
+
+
+def upsert(session: Session, table: Table | type[Any]) -> Any:
+    """An INSERT on ``table`` in the session's dialect, for ``on_conflict_do_nothing`` or
+    ``on_conflict_do_update`` (both SQLite and PostgreSQL spell them alike)."""
+    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    return dialect.insert(table)
 
 
 def normalise_url(url: str) -> str:
