@@ -275,12 +275,10 @@ class _Passes(torch.nn.Module):
         return self.inner(**kw)
 
 
-def test_a_long_prompt_runs_in_chunks_between_the_steps_of_the_rows_decoding(tmp_path: Path) -> None:
-    """Three streams are decoding (400 tokens each) when a 2,000-token prompt arrives. It runs 256 tokens at a time at
-    most (fewer when a chunk costs more than the streams' decoding step), with a decoding step of
-    the streams between two chunks (they get a token each time), instead of one pass of 2,000
-    tokens that every stream waits for; and every request, the long one too, gets what it gets
-    alone."""
+def _long_prompt_mid_stream(tmp_path: Path, wrap: Callable[[torch.nn.Module], torch.nn.Module]) -> Any:
+    """Three streams are decoding (400 tokens each) when a 2,000-token prompt arrives, on a batcher
+    that runs 256 tokens of a prompt at a time at most, on ``wrap(model)``. Returns what each
+    request got, what each gets alone, and the batcher."""
     from llmos.model.builtin import create_tiny
     from llmos.model.loader import ModelFactory
     from llmos.serving.batch import Batcher
@@ -308,7 +306,7 @@ def test_a_long_prompt_runs_in_chunks_between_the_steps_of_the_rows_decoding(tmp
     alone = Batcher(torch.device("cpu"), eos, 1, pick_token)
     expected = [run(alone, model, s, 400) for s in streams] + [run(alone, model, long, 6)]
 
-    spy = _Passes(model)
+    wrapped = wrap(model)
     batcher = Batcher(torch.device("cpu"), eos, 8, pick_token, chunk=256)
     flowing = threading.Barrier(4)
     counts = [0, 0, 0]
@@ -319,20 +317,59 @@ def test_a_long_prompt_runs_in_chunks_between_the_steps_of_the_rows_decoding(tmp
             if counts[i] == 5:
                 flowing.wait()
 
-        return run(batcher, spy, streams[i], 400, tick)
+        return run(batcher, wrapped, streams[i], 400, tick)
 
     with ThreadPoolExecutor(3) as pool:
         running = [pool.submit(stream, i) for i in range(3)]
         flowing.wait()  # each stream has its first 5 tokens
-        got_long = run(batcher, spy, long, 6)
+        got_long = run(batcher, wrapped, long, 6)
         got = [f.result() for f in running]
-    assert got + [got_long] == expected
-    chunks = [i for i, (rows, new, _width) in enumerate(spy.passes) if new > 1 and rows == 1 and _width > 30]
-    assert all(spy.passes[i][1] <= 256 for i in chunks), spy.passes
-    assert sum(spy.passes[i][1] for i in chunks) in (1999, 2000), spy.passes  # (a last chunk of 1 looks like a step)
+    return got + [got_long], expected, batcher
+
+
+def test_a_long_prompt_runs_in_chunks_between_the_steps_of_the_rows_decoding(tmp_path: Path) -> None:
+    """On a model the riding pass cannot drive (here one that hides its config), the prompt runs
+    in passes of its own: 256 tokens at a time at most (fewer when a chunk costs more than its
+    share of the streams' decoding step), with a decoding step of the streams between two chunks
+    (they get a token each time), instead of one pass of 2,000 tokens that every stream waits
+    for; and every request, the long one too, gets what it gets alone."""
+    spy: list[_Passes] = []
+    got, expected, batcher = _long_prompt_mid_stream(tmp_path, lambda m: spy.append(_Passes(m)) or spy[0])
+    assert got == expected
+    assert batcher.rides == 0
+    passes = spy[0].passes
+    chunks = [i for i, (rows, new, _width) in enumerate(passes) if new > 1 and rows == 1 and _width > 30]
+    assert all(passes[i][1] <= 256 for i in chunks), passes
+    assert sum(passes[i][1] for i in chunks) in (1999, 2000), passes  # (a last chunk of 1 looks like a step)
     # Between two chunks, a step of the streams: each of them got a token meanwhile.
     for a, b in zip(chunks, chunks[1:], strict=False):
-        assert any(rows >= 3 and new == 1 for rows, new, _w in spy.passes[a + 1 : b]), spy.passes[a : b + 1]
+        assert any(rows >= 3 and new == 1 for rows, new, _w in passes[a + 1 : b]), passes[a : b + 1]
+
+
+def test_a_long_prompt_rides_on_the_steps_of_the_rows_decoding_and_changes_no_answer(tmp_path: Path) -> None:
+    """On a transformers model on SDPA, each chunk runs in the same forward pass as the streams'
+    next step (llmos/serving/riding.py): the streams get a token with every chunk, and every
+    request, the long one too, gets what it gets alone, token for token."""
+    got, expected, batcher = _long_prompt_mid_stream(tmp_path, lambda m: m)
+    assert got == expected
+    # The chunks rode: 2,000 tokens at most 256 a pass need at least 7 of them after the first.
+    assert batcher.rides >= 7, batcher.rides
+
+
+def test_only_a_model_that_rides_correctly_rides(tmp_path: Path) -> None:
+    """The riding pass is checked against two passes apart once per model: the built-in model on
+    SDPA passes; on eager attention (or any implementation but SDPA) it is not tried."""
+    from llmos.model.builtin import create_tiny
+    from llmos.serving.batch import _reserve
+    from llmos.serving.riding import can_ride
+    from transformers import AutoModelForCausalLM
+
+    path = create_tiny(tmp_path / "tiny")
+    sdpa = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
+    eager = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+    assert can_ride(sdpa, _reserve)
+    assert not can_ride(eager, _reserve)
+    assert sdpa.config._attn_implementation == "sdpa"  # left as it was
 
 
 def test_a_batch_admits_rows_while_its_cache_fits_the_kv_budget(tmp_path: Path) -> None:
@@ -397,11 +434,12 @@ def test_past_the_kv_budget_a_generation_gets_429_and_one_that_can_never_fit_422
         assert r.status_code == 422 and "serving.kv_cache_tokens" in r.text, r.text
 
 
-def test_a_chunk_of_a_long_prompt_is_sized_to_cost_no_more_than_a_decoding_step() -> None:
-    """While rows decode, chunks settle on the largest size that costs no more than their
-    decoding step, or, where even the cheapest costs more (a forward pass's fixed cost), no more
-    than SLACK times the cheapest: where the cost grows with the size they shrink, where it
-    hardly does they stay large (halving them then only delays the long prompt). With nothing
+def test_a_chunk_of_a_long_prompt_is_sized_to_add_no_more_than_half_a_decoding_step() -> None:
+    """While rows decode, chunks settle on the largest size that adds no more than half their
+    decoding step to the gap between their tokens, or, where even the cheapest adds more (a
+    forward pass's fixed cost), no more than SLACK times the cheapest: where the cost grows with
+    the size they shrink, where it hardly does they stay large (halving them then only delays the
+    long prompt). A chunk riding on a step adds what the pair costs over the step. With nothing
     decoding a prompt runs a configured chunk at a time."""
     from llmos.serving.batch import _Pace
 
@@ -416,8 +454,8 @@ def test_a_chunk_of_a_long_prompt_is_sized_to_cost_no_more_than_a_decoding_step(
             pace.filled(cost_of(size), decoding=True)
         return sizes
 
-    # Cost in proportion to the size (compute-bound): the largest within a step, 64 (6.4 ms).
-    assert settle(lambda n: 0.0001 * n)[-6:] == [64] * 6
+    # Cost in proportion to the size (compute-bound): the largest within half a step, 32 (3.2 ms).
+    assert settle(lambda n: 0.0001 * n)[-6:] == [32] * 6
     # Flat (a GPU, or a CPU reading the weights): three steps at any size, so the largest, after
     # one look at half of it.
     assert settle(lambda n: 0.030)[:3] == [256, 128, 256] and settle(lambda n: 0.030)[-6:] == [256] * 6
@@ -426,6 +464,15 @@ def test_a_chunk_of_a_long_prompt_is_sized_to_cost_no_more_than_a_decoding_step(
     assert settle(lambda n: 0.008 + 0.0001 * n)[-6:] == [32] * 6
     # Everything over the budget: the floor, 8 tokens.
     assert settle(lambda n: 0.010 + 0.001 * n)[-3:] == [8] * 3
+
+    # Riding on the step: a pass of step and chunk costs a step plus 0.1 ms a token (no fixed
+    # cost of its own), so again 32, where a pass of its own would have cost its fixed cost too.
+    pace = _Pace(256)
+    for _ in range(20):
+        pace.stepped(0.010)
+    for _ in range(30):
+        pace.rode(0.010 + 0.0001 * pace.tokens(decoding=True))
+    assert pace.tokens(decoding=True) == 32
 
     pace = _Pace(256)
     assert pace.tokens(decoding=True) == 256

@@ -17,12 +17,13 @@ What bounds a row's cost, however long traffic lasts:
   beside it (only to the longest history of its class);
 - ``kv_tokens``: a request joins only while the caches stay within it at their widest (rows times
   the longest prompt and budget of their class), else it waits, first in line;
-- ``chunk``: a prompt longer than this runs a chunk at a time, one chunk between two decoding
-  steps, on its own cache: a long prompt arriving delays the other rows' tokens by a chunk's
-  forward pass, not the whole prompt's. While rows decode, a chunk is sized to cost no more than
-  their decoding step, or little more than the cheapest chunk where a forward pass's fixed cost
-  is more than a step (``_Pace``, measured as it runs), so a chunk adds about one decoding step to
-  the gap between their tokens, on any device and model; ``chunk`` tokens at most.
+- ``chunk``: a prompt longer than this runs a chunk at a time, on its own cache, one chunk with
+  each decoding step: in the step's own forward pass where the model allows it (it rides,
+  llmos/serving/riding.py), else in a pass of its own between two steps. A long prompt arriving
+  delays the other rows' tokens by what a chunk adds to a step, not by the whole prompt's pass.
+  While rows decode, a chunk is sized to add no more than half their decoding step, or little
+  more than the cheapest chunk where that is more (``_Pace``, measured as it runs), on any
+  device and model; ``chunk`` tokens at most.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from llmos.memory import trim
+from llmos.serving.riding import can_ride, ride
 from llmos.serving.types import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -115,6 +117,7 @@ class Batcher:
         self._trimmed = time.monotonic()
         self._members: list[_Row] = []  # the worker's: the rows of the batch it is decoding
         self._pace = _Pace(chunk)  # the worker's
+        self.rides = 0  # chunks that ran in a decoding step's pass (llmos/serving/riding.py)
 
     def decode(
         self,
@@ -210,31 +213,44 @@ class Batcher:
             for cls, rows in _by_class(row for row in fresh if not self._chunked(row)).items():
                 self._join(batches, cls, self._prefill(model, rows))  # run together, in one pass
             filling = [f for f in filling if not f.row.gone()]
+            rider: int | None = None  # the class of the batch whose step carried a chunk
+            done: _Filling | None = None  # a prompt whose last chunk rode: it joins after the step
             if filling:  # a chunk per step
                 first = filling[0]
                 cls = _width_class(first.row)
                 # (a batch whose cache cannot take rows finishes before they join it)
                 if cls not in batches or batches[cls][0].editable:
                     decoding = bool(batches)
+                    rider = self._rider(model, batches)
                     t0 = time.perf_counter()
-                    self._fill(model, first, self._pace.tokens(decoding))
-                    self._pace.filled(time.perf_counter() - t0, decoding)
+                    if rider is not None:
+                        self._ride(model, first, self._pace.tokens(decoding), batches[rider])
+                        self._pace.rode(time.perf_counter() - t0)
+                    else:
+                        self._fill(model, first, self._pace.tokens(decoding))
+                        self._pace.filled(time.perf_counter() - t0, decoding)
                     if first.complete:
                         filling.pop(0)
-                        self._join(batches, cls, self._filled(first))
+                        if rider is None:
+                            self._join(batches, cls, self._filled(first))
+                        else:
+                            done = first
             if not batches and not filling:
                 return
             t0 = time.perf_counter()
             for cls, (batch, nxt) in list(batches.items()):
-                batch.step(model, nxt)
+                if cls != rider:  # (the rider stepped in the chunk's pass)
+                    batch.step(model, nxt)
                 self._count(batch.mask)
                 nxt = self._pick(batch)
                 if batch.finished:
                     del batches[cls]
                 else:
                     batches[cls] = batch.without_done(nxt) if batch.editable else (batch, nxt)
-            if batches:
+            if batches and rider is None:
                 self._pace.stepped(time.perf_counter() - t0)
+            if done is not None:
+                self._join(batches, _width_class(done.row), self._filled(done))
             if time.monotonic() - self._trimmed > TRIM_EVERY_S:  # caches come and go: a batch may never end
                 trim()
                 self._trimmed = time.monotonic()
@@ -285,6 +301,32 @@ class Batcher:
         f.ran = end
         self._count(mask)
 
+    def _rider(self, model: torch.nn.Module, batches: dict[int, tuple[_Running, list[int]]]) -> int | None:
+        """The class of a batch whose next step can carry the chunk (llmos/serving/riding.py), if any."""
+        for cls, (batch, _nxt) in batches.items():
+            if batch.editable and not batch.finished and can_ride(model, _reserve):
+                return cls
+        return None
+
+    def _ride(self, model: torch.nn.Module, f: _Filling, tokens: int, ridden: tuple[_Running, list[int]]) -> None:
+        """The next ``tokens`` of a long prompt in one pass with the next step of a batch."""
+        batch, nxt = ridden
+        start, end = f.ran, min(f.ran + tokens, len(f.row.seq))
+        if f.out is None:  # the first chunk: a cache with room for the whole prompt
+            cache = DynamicCache()
+            cache.layers = [_ReservedLayer(len(f.row.seq)) for _ in batch.cache.layers]
+        else:
+            cache = f.out[_cache_arg(f.out)]
+        x = batch.advance(nxt)
+        rows, last = ride(
+            model, batch.cache, batch.mask, batch.pos, x, cache, f.row.seq[start:end], start, batch.cache_arg
+        )
+        batch.out.logits = rows  # (B, 1, V); the cache was written in place
+        f.out = type(batch.out)(logits=last, **{batch.cache_arg: cache})
+        f.ran = end
+        self.rides += 1
+        self._count(torch.ones(1, end, dtype=torch.long))
+
     def _filled(self, f: _Filling) -> _Running:
         n = len(f.row.seq)
         _release(f.out[_cache_arg(f.out)])
@@ -331,23 +373,28 @@ class Batcher:
 
 class _Pace:
     """How many tokens of a long prompt run between two decoding steps. Alone, ``most``; while rows
-    decode, the largest power-of-two share of ``most`` (``FEWEST`` at least) whose chunk costs no
-    more than their decoding step, or, where even the cheapest chunk costs more (a forward pass's
-    fixed cost: reading the weights, launching kernels), no more than ``SLACK`` times the cheapest.
+    decode, the largest power-of-two share of ``most`` (``FEWEST`` at least) whose chunk adds no
+    more than ``SHARE`` of their decoding step to the gap between their tokens, or, where even the
+    cheapest chunk adds more (a pass of its own pays a forward pass's fixed cost: reading the
+    weights, launching kernels), no more than ``SLACK`` times the cheapest. What a chunk adds is
+    its own pass's cost, or, where it rides on the step (llmos/serving/riding.py), what the
+    riding pass costs over a step.
     Measured, not modelled: what a chunk costs against a step depends on the device, the model
     and the batch (on the built-in model on a CPU a forward pass costs about the same for 1 token
     and for 16, on a GPU the same for 1 and for hundreds), so each size's cost is kept as a moving
-    average as chunks of it run. A chunk over its budget halves the next; one over the decoding
+    average as chunks of it run. A chunk over its budget halves the next; one over the share of a
     step tries half its size once, to learn whether smaller is cheaper (unless halving last time
     did not make it so); one within budget doubles the next unless the double is known to be over
     it. Where the cost hardly depends on the size, a smaller chunk would only delay the long
     prompt, so the chunks stay large: halving at every chunk that cost more than a step took them
     to the floor there (a 6 x 512 model on a CPU read a 2,000-token prompt 8 tokens a step: its
     first token after 13.7 s, against 1.1 s whole). The decoding step is a moving average too, so
-    one slow step does not unsettle it."""
+    one slow step does not unsettle it. Half a step, not a whole one: the gap then stays within
+    1.5 steps plus the machine's own jitter (figure 10b, goal 3x the median gap)."""
 
     FEWEST = 8
     SLACK = 1.2
+    SHARE = 0.5
 
     def __init__(self, most: int) -> None:
         self.most = most
@@ -361,16 +408,21 @@ class _Pace:
     def stepped(self, seconds: float) -> None:
         self.step_s = seconds if self.step_s is None else 0.9 * self.step_s + 0.1 * seconds
 
+    def rode(self, seconds: float) -> None:
+        """A chunk rode on a step, the pair costing ``seconds``: it added what they cost over a step."""
+        if self.step_s is not None:
+            self.filled(max(seconds - self.step_s, 0.0), decoding=True)
+
     def filled(self, seconds: float, decoding: bool) -> None:
         if not decoding or self.step_s is None:
             return
-        size = self.size
+        size, share = self.size, self.SHARE * self.step_s
         self.cost[size] = seconds if size not in self.cost else 0.7 * self.cost[size] + 0.3 * seconds
-        budget = max(self.step_s, self.SLACK * min(self.cost.values()))
+        budget = max(share, self.SLACK * min(self.cost.values()))
         half, double = max(size // 2, min(self.FEWEST, self.most)), size * 2
         # Over a step, half not tried yet, and the last halving (if any) made chunks cheaper: try it.
         helped = double not in self.cost or self.cost[double] > self.SLACK * self.cost[size]
-        explore = half not in self.cost and self.cost[size] > self.step_s and helped
+        explore = half not in self.cost and self.cost[size] > share and helped
         if self.cost[size] > budget or explore:
             self.size = half
         elif double <= self.most and self.cost.get(double, 0.0) <= budget:
@@ -384,17 +436,25 @@ class _ReservedLayer(DynamicLayer):
     length squared (a 6 x 512 model on a CPU: a chunk of 8 tokens on a history of 2,000 cost 39 ms,
     on one of 60, 21 ms; most of the difference the copy)."""
 
-    def __init__(self, layer: DynamicLayer, capacity: int) -> None:
+    def __init__(self, capacity: int) -> None:
         super().__init__()
-        assert layer.keys is not None and layer.values is not None
-        k, v = layer.keys, layer.values  # (B, H, L, D)
-        self.lazy_initialization(k, v)
-        self._k = k.new_empty(*k.shape[:2], capacity, k.shape[3])
-        self._v = v.new_empty(*v.shape[:2], capacity, v.shape[3])
+        self.capacity = capacity
         self._n = 0
-        self.update(k, v)
+
+    @classmethod
+    def holding(cls, layer: DynamicLayer, capacity: int) -> _ReservedLayer:
+        """One with room for ``capacity`` positions, holding what ``layer`` holds."""
+        assert layer.keys is not None and layer.values is not None
+        reserved = cls(capacity)
+        reserved.update(layer.keys, layer.values)
+        return reserved
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if self._n == 0:  # (B, H, L, D): room for the whole prompt
+            k, v = key_states, value_states
+            self.lazy_initialization(k, v)
+            self._k = k.new_empty(*k.shape[:2], self.capacity, k.shape[3])
+            self._v = v.new_empty(*v.shape[:2], self.capacity, v.shape[3])
         end = self._n + key_states.shape[-2]
         self._k[:, :, self._n : end] = key_states
         self._v[:, :, self._n : end] = value_states
@@ -407,7 +467,7 @@ def _reserve(cache: Any, capacity: int) -> None:
     """Give each plain layer of a prompt's cache room for ``capacity`` positions (its first chunk in it)."""
     if isinstance(cache, DynamicCache):
         cache.layers = [
-            _ReservedLayer(layer, capacity) if type(layer) is DynamicLayer and layer.keys is not None else layer
+            _ReservedLayer.holding(layer, capacity) if type(layer) is DynamicLayer and layer.keys is not None else layer
             for layer in cache.layers
         ]
 
@@ -470,10 +530,14 @@ class _Running:
     def finished(self) -> bool:
         return all(row.done for row in self.rows)
 
-    def step(self, model: torch.nn.Module, nxt: list[int]) -> None:
+    def advance(self, nxt: list[int]) -> list[int]:
+        """The mask and positions of the next step, whose input is ``nxt`` (returned)."""
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
         self.pos = self.pos + 1
-        x = torch.tensor(nxt, device=self.mask.device)[:, None]  # (B, 1)
+        return nxt
+
+    def step(self, model: torch.nn.Module, nxt: list[int]) -> None:
+        x = torch.tensor(self.advance(nxt), device=self.mask.device)[:, None]  # (B, 1)
         cache = {self.cache_arg: self.cache}
         self.out = model(input_ids=x, attention_mask=self.mask, position_ids=self.pos, use_cache=True, **cache)
 
