@@ -338,7 +338,9 @@ def test_a_long_prompt_runs_in_chunks_between_the_steps_of_the_rows_decoding(tmp
     assert got == expected
     assert batcher.rides == 0
     passes = spy[0].passes
-    chunks = [i for i, (rows, new, _width) in enumerate(passes) if new > 1 and rows == 1 and _width > 30]
+    # The long prompt's passes: those of one row and several tokens once the three streams decode.
+    together = next(i for i, (rows, new, _w) in enumerate(passes) if rows == 3 and new == 1)
+    chunks = [i for i, (rows, new, _w) in enumerate(passes) if i > together and new > 1 and rows == 1]
     assert all(passes[i][1] <= 256 for i in chunks), passes
     assert sum(passes[i][1] for i in chunks) in (1999, 2000), passes  # (a last chunk of 1 looks like a step)
     # Between two chunks, a step of the streams: each of them got a token meanwhile.
@@ -359,10 +361,11 @@ def test_a_long_prompt_rides_on_the_steps_of_the_rows_decoding_and_changes_no_an
 def test_only_a_model_that_rides_correctly_rides(tmp_path: Path) -> None:
     """The riding pass is checked against two passes apart once per model: the built-in model on
     SDPA passes; on eager attention (or any implementation but SDPA) it is not tried."""
+    from transformers import AutoModelForCausalLM
+
     from llmos.model.builtin import create_tiny
     from llmos.serving.batch import _reserve
     from llmos.serving.riding import can_ride
-    from transformers import AutoModelForCausalLM
 
     path = create_tiny(tmp_path / "tiny")
     sdpa = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
@@ -434,8 +437,8 @@ def test_past_the_kv_budget_a_generation_gets_429_and_one_that_can_never_fit_422
         assert r.status_code == 422 and "serving.kv_cache_tokens" in r.text, r.text
 
 
-def test_a_chunk_of_a_long_prompt_is_sized_to_add_no_more_than_half_a_decoding_step() -> None:
-    """While rows decode, chunks settle on the largest size that adds no more than half their
+def test_a_chunk_of_a_long_prompt_is_sized_to_add_no_more_than_a_decoding_step() -> None:
+    """While rows decode, chunks settle on the largest size that adds no more than their
     decoding step to the gap between their tokens, or, where even the cheapest adds more (a
     forward pass's fixed cost), no more than SLACK times the cheapest: where the cost grows with
     the size they shrink, where it hardly does they stay large (halving them then only delays the
@@ -454,30 +457,30 @@ def test_a_chunk_of_a_long_prompt_is_sized_to_add_no_more_than_half_a_decoding_s
             pace.filled(cost_of(size), decoding=True)
         return sizes
 
-    # Cost in proportion to the size (compute-bound): the largest within half a step, 32 (3.2 ms).
-    assert settle(lambda n: 0.0001 * n)[-6:] == [32] * 6
-    # Flat (a GPU, or a CPU reading the weights): three steps at any size, so the largest, after
-    # one look at half of it.
-    assert settle(lambda n: 0.030)[:3] == [256, 128, 256] and settle(lambda n: 0.030)[-6:] == [256] * 6
-    # A fixed cost near a step and a little per token: 9.6 ms at 16, 11.2 at 32, 14.4 at 64; the
-    # budget is 1.2 x 9.6 = 11.5 ms, so 32.
-    assert settle(lambda n: 0.008 + 0.0001 * n)[-6:] == [32] * 6
+    # Cost in proportion to the size (compute-bound): the largest within a step, 64 (6.4 ms).
+    assert settle(lambda n: 0.0001 * n)[-6:] == [64] * 6
+    # Flat (a GPU, or a CPU reading the weights): three steps at any size, so from the smallest
+    # up to the largest.
+    assert settle(lambda n: 0.030)[:6] == [8, 16, 32, 64, 128, 256] and settle(lambda n: 0.030)[-6:] == [256] * 6
+    # A fixed cost near a step and a little per token: 8.8 ms at 8, 9.6 at 16, 11.2 at 32; the
+    # budget is 1.2 x 8.8 = 10.6 ms, so 16.
+    assert settle(lambda n: 0.008 + 0.0001 * n)[-6:] == [16] * 6
     # Everything over the budget: the floor, 8 tokens.
     assert settle(lambda n: 0.010 + 0.001 * n)[-3:] == [8] * 3
 
     # Riding on the step: a pass of step and chunk costs a step plus 0.1 ms a token (no fixed
-    # cost of its own), so again 32, where a pass of its own would have cost its fixed cost too.
+    # cost of its own), so again 64: a pass of its own would have paid its fixed cost too.
     pace = _Pace(256)
     for _ in range(20):
         pace.stepped(0.010)
     for _ in range(30):
         pace.rode(0.010 + 0.0001 * pace.tokens(decoding=True))
-    assert pace.tokens(decoding=True) == 32
+    assert pace.tokens(decoding=True) == 64
 
     pace = _Pace(256)
-    assert pace.tokens(decoding=True) == 256
+    assert pace.tokens(decoding=True) == 8  # nothing known yet: the smallest
     pace.filled(0.050, decoding=True)  # no step measured yet: nothing to compare with
-    assert pace.tokens(decoding=True) == 256 and pace.cost == {}
+    assert pace.tokens(decoding=True) == 8 and pace.cost == {}
     pace.filled(0.500, decoding=False)  # alone, a chunk costs what it costs
     assert pace.tokens(decoding=False) == 256 and pace.cost == {}
     for _ in range(20):

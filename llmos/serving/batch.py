@@ -21,7 +21,7 @@ What bounds a row's cost, however long traffic lasts:
   each decoding step: in the step's own forward pass where the model allows it (it rides,
   llmos/serving/riding.py), else in a pass of its own between two steps. A long prompt arriving
   delays the other rows' tokens by what a chunk adds to a step, not by the whole prompt's pass.
-  While rows decode, a chunk is sized to add no more than half their decoding step, or little
+  While rows decode, a chunk is sized to add no more than their decoding step, or little
   more than the cheapest chunk where that is more (``_Pace``, measured as it runs), on any
   device and model; ``chunk`` tokens at most.
 """
@@ -205,6 +205,8 @@ class Batcher:
         """Decode until every row is done. Rows decode in one batch per width class (see
         _width_class), each batch one forward pass per step; rows join between two steps."""
         batches: dict[int, tuple[_Running, list[int]]] = {}  # width class -> batch, each row's next token
+        if self.chunk:
+            can_ride(model, _reserve)  # checked once per model, before its first tokens rather than mid-stream
         filling: list[_Filling] = []  # long prompts, a chunk per step, first come first
         while True:
             for row in fresh:
@@ -214,6 +216,7 @@ class Batcher:
                 self._join(batches, cls, self._prefill(model, rows))  # run together, in one pass
             filling = [f for f in filling if not f.row.gone()]
             rider: int | None = None  # the class of the batch whose step carried a chunk
+            rode = 0.0  # what that pass cost
             done: _Filling | None = None  # a prompt whose last chunk rode: it joins after the step
             if filling:  # a chunk per step
                 first = filling[0]
@@ -225,7 +228,7 @@ class Batcher:
                     t0 = time.perf_counter()
                     if rider is not None:
                         self._ride(model, first, self._pace.tokens(decoding), batches[rider])
-                        self._pace.rode(time.perf_counter() - t0)
+                        rode = time.perf_counter() - t0
                     else:
                         self._fill(model, first, self._pace.tokens(decoding))
                         self._pace.filled(time.perf_counter() - t0, decoding)
@@ -247,7 +250,9 @@ class Batcher:
                     del batches[cls]
                 else:
                     batches[cls] = batch.without_done(nxt) if batch.editable else (batch, nxt)
-            if batches and rider is None:
+            if rider is not None:  # the pass and the rest of a step: what a step would have cost, and the chunk
+                self._pace.rode(rode + time.perf_counter() - t0)
+            elif batches:
                 self._pace.stepped(time.perf_counter() - t0)
             if done is not None:
                 self._join(batches, _width_class(done.row), self._filled(done))
@@ -374,7 +379,7 @@ class Batcher:
 class _Pace:
     """How many tokens of a long prompt run between two decoding steps. Alone, ``most``; while rows
     decode, the largest power-of-two share of ``most`` (``FEWEST`` at least) whose chunk adds no
-    more than ``SHARE`` of their decoding step to the gap between their tokens, or, where even the
+    more than their decoding step to the gap between their tokens, or, where even the
     cheapest chunk adds more (a pass of its own pays a forward pass's fixed cost: reading the
     weights, launching kernels), no more than ``SLACK`` times the cheapest. What a chunk adds is
     its own pass's cost, or, where it rides on the step (llmos/serving/riding.py), what the
@@ -382,23 +387,25 @@ class _Pace:
     Measured, not modelled: what a chunk costs against a step depends on the device, the model
     and the batch (on the built-in model on a CPU a forward pass costs about the same for 1 token
     and for 16, on a GPU the same for 1 and for hundreds), so each size's cost is kept as a moving
-    average as chunks of it run. A chunk over its budget halves the next; one over the share of a
-    step tries half its size once, to learn whether smaller is cheaper (unless halving last time
+    average as chunks of it run. The first chunk is the smallest (a first chunk of 64 tokens on a
+    6 x 512 model on a CPU added two steps to the gap). A chunk over its budget halves the next;
+    one over a step tries half its size once, to learn whether smaller is cheaper (unless halving last time
     did not make it so); one within budget doubles the next unless the double is known to be over
     it. Where the cost hardly depends on the size, a smaller chunk would only delay the long
     prompt, so the chunks stay large: halving at every chunk that cost more than a step took them
     to the floor there (a 6 x 512 model on a CPU read a 2,000-token prompt 8 tokens a step: its
     first token after 13.7 s, against 1.1 s whole). The decoding step is a moving average too, so
-    one slow step does not unsettle it. Half a step, not a whole one: the gap then stays within
-    1.5 steps plus the machine's own jitter (figure 10b, goal 3x the median gap)."""
+    one slow step does not unsettle it. A whole step, not half of one: riding, half a step kept
+    chunks of a 6 x 512 model on a CPU at 8 tokens and its 2,000-token prompt took 6.7 to 7.7 s
+    to its first token, a step 3.3 to 5.2 s, and the p99 gap of the streams was the same within the
+    machine's jitter (2.2 to 3.1x their median gap against 2.1 to 2.6x; scratch runs, session 18)."""
 
     FEWEST = 8
     SLACK = 1.2
-    SHARE = 0.5
 
     def __init__(self, most: int) -> None:
         self.most = most
-        self.size = most
+        self.size = min(self.FEWEST, most)  # while rows decode: from the smallest, doubling while within budget
         self.step_s: float | None = None  # the decoding step's cost, an exponential moving average
         self.cost: dict[int, float] = {}  # a chunk's cost by its size, moving averages
 
@@ -409,20 +416,20 @@ class _Pace:
         self.step_s = seconds if self.step_s is None else 0.9 * self.step_s + 0.1 * seconds
 
     def rode(self, seconds: float) -> None:
-        """A chunk rode on a step, the pair costing ``seconds``: it added what they cost over a step."""
+        """A chunk rode on a step, which cost ``seconds`` in all: it added what that is over a step."""
         if self.step_s is not None:
             self.filled(max(seconds - self.step_s, 0.0), decoding=True)
 
     def filled(self, seconds: float, decoding: bool) -> None:
         if not decoding or self.step_s is None:
             return
-        size, share = self.size, self.SHARE * self.step_s
+        size, step = self.size, self.step_s
         self.cost[size] = seconds if size not in self.cost else 0.7 * self.cost[size] + 0.3 * seconds
-        budget = max(share, self.SLACK * min(self.cost.values()))
+        budget = max(step, self.SLACK * min(self.cost.values()))
         half, double = max(size // 2, min(self.FEWEST, self.most)), size * 2
         # Over a step, half not tried yet, and the last halving (if any) made chunks cheaper: try it.
         helped = double not in self.cost or self.cost[double] > self.SLACK * self.cost[size]
-        explore = half not in self.cost and self.cost[size] > share and helped
+        explore = half not in self.cost and self.cost[size] > step and helped
         if self.cost[size] > budget or explore:
             self.size = half
         elif double <= self.most and self.cost.get(double, 0.0) <= budget:
