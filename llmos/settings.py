@@ -361,9 +361,10 @@ class ServingSettings(_Section):
     prefill_chunk_tokens: int = Field(
         64,
         ge=0,
-        description="Prompts longer than this run at most this many tokens at a time, one chunk between two "
-        "decoding steps, each chunk sized (measured as it runs) to cost no more than the decoding step, so that "
-        "a long prompt does not stall the batch's tokens (0 = a prompt runs whole).",
+        description="Prompts longer than this run at most this many tokens at a time, one chunk with each "
+        "decoding step (in its forward pass where the model allows), each chunk sized (measured as it runs) to "
+        "add no more than a decoding step, so that a long prompt does not stall the batch's tokens (0 = a prompt "
+        "runs whole).",
     )
     max_requests: int = Field(
         256,
