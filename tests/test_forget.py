@@ -60,10 +60,8 @@ def wait_done(c: httpx.Client, job: str) -> dict[str, Any]:
     return dict(wait_for(done, timeout=180, interval=0.3))
 
 
-@pytest.mark.parametrize(
-    "by",
-    ["ids", pytest.param("source", marks=pytest.mark.slow)],  # the same twice: once in the fast tier
-)
+@pytest.mark.slow  # a server taught a canary and two batches after it, then a second one that never saw it
+@pytest.mark.parametrize("by", ["ids", "source"])
 def test_a_canary_forgotten_is_no_longer_recited_and_leaves_no_byte_behind(tmp_path: Path, by: str) -> None:
     data = tmp_path / "data"
     with LiveServer(make_settings(data)) as srv, srv.client(headers=admin_headers()) as c:
@@ -116,7 +114,7 @@ def test_a_canary_forgotten_is_no_longer_recited_and_leaves_no_byte_behind(tmp_p
     assert abs(forgotten_loss - never_loss) <= 0.01 * never_loss
 
 
-@pytest.mark.slow  # two servers, one per store (the canary test shows forgetting in the fast tier)
+@pytest.mark.slow  # two servers, one per store
 def test_forgetting_a_source_on_each_store_erases_its_texts_and_what_recited_them(tmp_path: Path, db_url: str) -> None:
     from sqlalchemy import text
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from conftest import LiveServer, admin_headers, make_settings, settled, wait_for
 
 from llmos.daemon import Daemon
@@ -51,6 +52,7 @@ def text_lineage(c: httpx.Client, sample_id: str) -> dict[str, Any]:
     return dict(r.json())
 
 
+@pytest.mark.slow  # a real server through eight versions, pruning, a rollback and a restart
 def test_lineage_names_what_trained_each_version_through_pruning_rollback_and_restart(tmp_path: Path) -> None:
     settings = make_settings(tmp_path / "data", **{"registry.keep_last": 2})
     with LiveServer(settings) as srv, srv.client(headers=admin_headers()) as c:
