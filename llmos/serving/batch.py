@@ -322,9 +322,9 @@ class Batcher:
             cache.layers = [_ReservedLayer(len(f.row.seq)) for _ in batch.cache.layers]
         else:
             cache = f.out[_cache_arg(f.out)]
-        x = batch.advance(nxt)
+        batch.advance()
         rows, last = ride(
-            model, batch.cache, batch.mask, batch.pos, x, cache, f.row.seq[start:end], start, batch.cache_arg
+            model, batch.cache, batch.mask, batch.pos, nxt, cache, f.row.seq[start:end], start, batch.cache_arg
         )
         batch.out.logits = rows  # (B, 1, V); the cache was written in place
         f.out = type(batch.out)(logits=last, **{batch.cache_arg: cache})
@@ -389,16 +389,17 @@ class _Pace:
     and for 16, on a GPU the same for 1 and for hundreds), so each size's cost is kept as a moving
     average as chunks of it run. The first chunk is the smallest (a first chunk of 64 tokens on a
     6 x 512 model on a CPU added two steps to the gap). A chunk over its budget halves the next;
-    one over a step tries half its size once, to learn whether smaller is cheaper (unless halving last time
-    did not make it so); one within budget doubles the next unless the double is known to be over
-    it. Where the cost hardly depends on the size, a smaller chunk would only delay the long
+    one over a step tries half its size once, to learn whether smaller is cheaper (unless halving
+    last time did not make it so); one within budget doubles the next unless the double is known
+    to be over it. Where the cost hardly depends on the size, a smaller chunk would only delay the long
     prompt, so the chunks stay large: halving at every chunk that cost more than a step took them
     to the floor there (a 6 x 512 model on a CPU read a 2,000-token prompt 8 tokens a step: its
     first token after 13.7 s, against 1.1 s whole). The decoding step is a moving average too, so
-    one slow step does not unsettle it. A whole step, not half of one: riding, half a step kept
-    chunks of a 6 x 512 model on a CPU at 8 tokens and its 2,000-token prompt took 6.7 to 7.7 s
-    to its first token, a step 3.3 to 5.2 s, and the p99 gap of the streams was the same within the
-    machine's jitter (2.2 to 3.1x their median gap against 2.1 to 2.6x; scratch runs, session 18)."""
+    one slow step does not unsettle it. A whole step, not half of one: riding on a 6 x 512 model
+    on a CPU, a budget of half a step kept chunks at 8 tokens, and a 2,000-token prompt reached its
+    first token in 6.7 to 7.7 s, against 3.3 to 5.2 s with a whole step, while the streams' p99 gap
+    stayed within the machine's jitter either way (2.2 to 3.1x their median gap with half a step,
+    2.1 to 2.6x with a whole one; scratch runs, session 18)."""
 
     FEWEST = 8
     SLACK = 1.2
@@ -537,14 +538,14 @@ class _Running:
     def finished(self) -> bool:
         return all(row.done for row in self.rows)
 
-    def advance(self, nxt: list[int]) -> list[int]:
-        """The mask and positions of the next step, whose input is ``nxt`` (returned)."""
+    def advance(self) -> None:
+        """The mask and positions of the next step: a column more, a position on."""
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
         self.pos = self.pos + 1
-        return nxt
 
     def step(self, model: torch.nn.Module, nxt: list[int]) -> None:
-        x = torch.tensor(self.advance(nxt), device=self.mask.device)[:, None]  # (B, 1)
+        self.advance()
+        x = torch.tensor(nxt, device=self.mask.device)[:, None]  # (B, 1)
         cache = {self.cache_arg: self.cache}
         self.out = model(input_ids=x, attention_mask=self.mask, position_ids=self.pos, use_cache=True, **cache)
 
