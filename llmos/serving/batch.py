@@ -377,7 +377,7 @@ class Batcher:
 
 
 class _Pace:
-    """How many tokens of a long prompt run between two decoding steps. Alone, ``most``; while rows
+    """How many tokens of a long prompt run with each decoding step. Alone, ``most``; while rows
     decode, the largest power-of-two share of ``most`` (``FEWEST`` at least) whose chunk adds no
     more than their decoding step to the gap between their tokens, or, where even the
     cheapest chunk adds more (a pass of its own pays a forward pass's fixed cost: reading the
