@@ -115,6 +115,37 @@ def test_a_stream_that_goes_away_leaves_its_batch_unharmed(servers: tuple[LiveSe
         assert taken < 150, taken
 
 
+def test_a_long_prompt_sent_while_a_stream_decodes_rides_on_its_steps(servers: tuple[LiveServer, LiveServer]) -> None:
+    """Over HTTP, with the defaults: a prompt of a few hundred tokens sent while another request
+    streams is read in chunks inside that stream's decoding steps (llmos_decode_prompt_chunks_riding
+    counts them), answered before the stream ends, and answered as it is alone."""
+    alone, batched = servers
+    prompt = " ".join(f"line {n} of the manual says the lamp is teal." for n in range(8))
+    body = {"prompt": prompt, "max_new_tokens": 6}
+    with alone.client() as c:
+        expected = generate(c, body)["text"]
+    started, long_done = threading.Event(), threading.Event()
+
+    def long_stream() -> None:
+        body = {"prompt": "A long answer: ", "max_new_tokens": 600, "stream": True}
+        with batched.client() as c, c.stream("POST", "/generate", json=body) as r:
+            for _line in r.iter_lines():
+                started.set()
+            long_done.set()
+
+    with ThreadPoolExecutor(1) as pool, batched.client() as c:
+        rides = metric(c, "llmos_decode_prompt_chunks_riding_total")
+        streaming = pool.submit(long_stream)
+        assert started.wait(30)
+        got = generate(c, body)
+        finished_first = not long_done.is_set()
+        streaming.result()
+        assert metric(c, "llmos_decode_prompt_chunks_riding_total") > rides
+    assert got["prompt_tokens"] > 64  # longer than serving.prefill_chunk_tokens
+    assert got["text"] == expected
+    assert finished_first, "the long prompt waited for the stream to end"
+
+
 def test_a_request_joins_a_batch_already_decoding(servers: tuple[LiveServer, LiveServer]) -> None:
     """A short request that arrives while a long one is being decoded is answered before the long
     one ends: it joins the batch between two steps instead of waiting for it."""
@@ -359,8 +390,9 @@ def test_a_long_prompt_rides_on_the_steps_of_the_rows_decoding_and_changes_no_an
 
 
 def test_only_a_model_that_rides_correctly_rides(tmp_path: Path) -> None:
-    """The riding pass is checked against two passes apart once per model: the built-in model on
-    SDPA passes; on eager attention (or any implementation but SDPA) it is not tried."""
+    """The riding pass is checked against two passes apart once per model: the built-in model
+    rides on SDPA and on eager attention (how llmos serves it on a CPU) and is left on its own
+    implementation; a model that hides its config (a wrapper) does not ride."""
     from transformers import AutoModelForCausalLM
 
     from llmos.model.builtin import create_tiny
@@ -368,11 +400,11 @@ def test_only_a_model_that_rides_correctly_rides(tmp_path: Path) -> None:
     from llmos.serving.riding import can_ride
 
     path = create_tiny(tmp_path / "tiny")
-    sdpa = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
-    eager = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
-    assert can_ride(sdpa, _reserve)
-    assert not can_ride(eager, _reserve)
-    assert sdpa.config._attn_implementation == "sdpa"  # left as it was
+    for attention in ("sdpa", "eager"):
+        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attention).eval()
+        assert can_ride(model, _reserve), attention
+        assert model.config._attn_implementation == attention  # left as it was
+    assert not can_ride(_Passes(model), _reserve)
 
 
 def test_a_batch_admits_rows_while_its_cache_fits_the_kv_budget(tmp_path: Path) -> None:

@@ -151,6 +151,11 @@ class DaemonCollector(Collector):
         )
         yield CounterMetricFamily("llmos_decode_steps", "Forward passes of decoding.", value=steps)
         yield CounterMetricFamily(
+            "llmos_decode_prompt_chunks_riding",
+            "Chunks of long prompts read inside a decoding step's forward pass (0 where the model cannot).",
+            value=d.engine.rides,
+        )
+        yield CounterMetricFamily(
             "llmos_decode_attended_positions",
             "Cache positions those passes attended to, summed over rows (per generated token: decoding's cost).",
             value=d.engine.attended,

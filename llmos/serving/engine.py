@@ -143,6 +143,11 @@ class ServingEngine:
         return b.cohorts, b.rows, b.steps
 
     @property
+    def rides(self) -> int:
+        """Chunks of long prompts read inside a decoding step's forward pass (llmos/serving/riding.py)."""
+        return self._batcher.rides
+
+    @property
     def attended(self) -> int:
         """Cache positions the forward passes of decoding attended to so far, summed over rows:
         per generated token, the cost of decoding."""

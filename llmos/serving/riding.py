@@ -7,20 +7,23 @@ doubled the gap between the streams' tokens whatever its size. Packed into one s
 rows' next tokens and the chunk go through every linear layer together; only attention is split,
 each part on its own cache (the batch's rows on theirs, the prompt on its reserved one), through
 an attention function registered with transformers (``AttentionInterface``) that the model calls
-in place of SDPA for that one pass. The pair cost 0.64-0.75x the two passes apart (built-in and
+in place of its own for that one pass, and that runs the model's own (SDPA, or its eager one) on
+each part. The pair cost 0.64-0.75x the two passes apart (built-in and
 6 x 512 models, chunks of 8 to 64 tokens; a scratch measurement of session 18).
 
 It needs a model whose attention goes through transformers' attention interface with the cache's
-``update`` (every decoder in transformers 5 that supports SDPA), on SDPA; ``can_ride`` checks a
-model once, comparing a riding pass with the two passes apart on a few tokens, and the batcher
-runs chunks apart for a model that fails it.
+``update`` (every decoder in transformers 5 that supports SDPA), on SDPA or eager attention (the
+built-in model on a CPU is served on eager: llmos/wiring.py); ``can_ride`` checks a model once,
+comparing a riding pass with the two passes apart on a few tokens, and the batcher runs chunks
+apart for a model that fails it.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -32,15 +35,25 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "llmos_riding"  # the attention implementation's name while a pass rides
+RIDES_ON = ("sdpa", "eager")  # the attention implementations a riding pass computes with
 
 
 @dataclass(frozen=True)
 class _Plan:
     rows: int  # the batch's rows: the first ``rows`` tokens of the packed sequence, one each
     batch: DynamicCache  # their cache, layers (B, H, L, D)
-    batch_mask: torch.Tensor  # (B, 1, 1, L + 1), True where a row attends
+    batch_mask: torch.Tensor  # (B, 1, 1, L + 1), 0 where a row attends, the dtype's least elsewhere
     prompt: DynamicCache  # the prompt's cache (reserved layers, llmos/serving/batch.py)
-    prompt_mask: torch.Tensor  # (1, 1, C, start + C), causal from the chunk's start
+    prompt_mask: torch.Tensor  # (1, 1, C, start + C), the same, causal from the chunk's start
+    inner: str  # the model's own attention implementation, which computes each part
+
+
+def _inner(module: torch.nn.Module, name: str) -> Callable[..., Any]:
+    """The model's own attention function: SDPA's, or the eager one its modeling file defines."""
+    if name == "sdpa":
+        return sdpa_attention_forward
+    eager: Callable[..., Any] = sys.modules[type(module).__module__].eager_attention_forward  # type: ignore[attr-defined]
+    return eager
 
 
 _local = threading.local()  # the plan of the pass this thread is running, if it rides
@@ -58,15 +71,15 @@ def _attention(
     if plan is None:  # a pass that does not ride (another thread's, on this model): plain SDPA
         out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
         return out, None
-    i, b = int(module.layer_idx), plan.rows  # type: ignore[arg-type]
+    i, b, attend = int(module.layer_idx), plan.rows, _inner(module, plan.inner)  # type: ignore[arg-type]
     mine: Any = plan.batch.layers[i]
     theirs: Any = plan.prompt.layers[i]
     # query, key, value: (1, H, B + C, D). The rows' tokens as a batch of B: (B, H, 1, D).
     q, k, v = (t[:, :, :b].transpose(0, 2) for t in (query, key, value))
     k, v = mine.update(k, v)
-    rows, _ = sdpa_attention_forward(module, q, k, v, plan.batch_mask, **kw)  # (B, 1, H, D)
+    rows, _ = attend(module, q, k, v, plan.batch_mask, **kw)  # (B, 1, H, D)
     k, v = theirs.update(key[:, :, b:], value[:, :, b:])
-    chunk, _ = sdpa_attention_forward(module, query[:, :, b:], k, v, plan.prompt_mask, **kw)  # (1, C, H, D)
+    chunk, _ = attend(module, query[:, :, b:], k, v, plan.prompt_mask, **kw)  # (1, C, H, D)
     return torch.cat([rows.transpose(0, 1), chunk], dim=1), None  # (1, B + C, H, D)
 
 
@@ -120,8 +133,17 @@ def ride(
     chunk's last token (1, 1, V)."""
     device, b, c = mask.device, len(nxt), len(chunk)
     end = start + c
-    prompt_mask = torch.arange(end, device=device)[None, :] <= torch.arange(start, end, device=device)[:, None]
-    plan = _Plan(b, batch, mask.bool()[:, None, None, :], prompt, prompt_mask[None, None])
+    seen = torch.arange(end, device=device)[None, :] <= torch.arange(start, end, device=device)[:, None]
+    config: Any = model.config
+    dtype = next(model.parameters()).dtype
+    plan = _Plan(
+        b,
+        batch,
+        _additive(mask.bool()[:, None, None, :], dtype),
+        prompt,
+        _additive(seen[None, None], dtype),
+        config._attn_implementation,
+    )
     ids = torch.tensor([nxt + chunk], device=device)  # (1, B + C)
     positions = torch.cat([pos[:, 0], torch.arange(start, end, device=device)])[None]  # (1, B + C)
     packed = torch.ones(1, 1, b + c, b + c, dtype=torch.bool, device=device)  # 4D: the model builds none
@@ -139,6 +161,11 @@ def ride(
     return logits[:b, None], logits[b:][None]
 
 
+def _additive(attends: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A mask both SDPA and eager attention add to the scores: 0 where ``attends``, else the least value."""
+    return torch.zeros(attends.shape, dtype=dtype, device=attends.device).masked_fill(~attends, torch.finfo(dtype).min)
+
+
 _checked: weakref.WeakKeyDictionary[torch.nn.Module, bool] = weakref.WeakKeyDictionary()
 
 
@@ -150,7 +177,7 @@ def can_ride(model: torch.nn.Module, reserve: Any) -> bool:
         return _checked[model]
     ok = False
     config = getattr(model, "config", None)
-    if config is not None and getattr(config, "_attn_implementation", None) == "sdpa":
+    if config is not None and getattr(config, "_attn_implementation", None) in RIDES_ON:
         try:
             ok = _agrees(model, reserve)
         except Exception:  # noqa: BLE001 - a model this cannot drive decodes the plain way
