@@ -152,6 +152,16 @@ CASES = [
     ("string for a bool", "POST", "/v1/admin/rollback", body({"version": 0, "requeue": "yes"}), ADMIN_H, 422, "bool"),
     ("true for a version", "POST", "/v1/admin/rollback", body({"version": True}), ADMIN_H, 422, "integer"),
     ("string for a number", "POST", "/v1/texts", body({"text": "a", "weight": "2"}), J, 422, "number"),
+    # A number in a URL is written as JSON writes one: lax parsing would read all of these as 5
+    # (a fuzzer found "\t5" accepted where the schema says integer).
+    ("tab before a query integer", "GET", "/v1/metrics/history?last=%095", None, {}, 422, "digits"),
+    ("space after a query integer", "GET", "/generate?prompt=hi&max_new_tokens=5%20", None, {}, 422, "digits"),
+    ("plus sign on a query integer", "GET", "/v1/admin/audit?limit=%2B5", None, ADMIN_H, 422, "digits"),
+    ("underscore in a query integer", "GET", "/generate?prompt=hi&seed=1_000", None, {}, 422, "digits"),
+    ("decimal for a query integer", "GET", "/v1/admin/audit?before=5.0", None, ADMIN_H, 422, "digits"),
+    ("space in a path integer", "GET", "/v1/admin/lineage/versions/%200", None, ADMIN_H, 422, "digits"),
+    ("tab before a query number", "GET", "/generate?prompt=hi&temperature=%090.5", None, {}, 422, "JSON"),
+    ("underscore in a query number", "GET", "/generate?prompt=hi&top_p=0.9_9", None, {}, 422, "JSON"),
 ]
 
 
@@ -371,3 +381,33 @@ def test_connections_that_never_finish_their_head_or_body_are_closed(tmp_path: P
             s.close()
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+
+
+def test_numbers_in_a_url_written_as_json_writes_them_are_accepted(srv: LiveServer) -> None:
+    with srv.client() as c:
+        r = c.get(
+            "/generate",
+            params={"prompt": "hi", "max_new_tokens": "3", "temperature": "1e-1", "top_p": "0.95", "seed": "07"},
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["completion_tokens"] <= 3
+        assert c.get("/v1/metrics/history?last=2").status_code == 200
+        assert c.get("/v1/admin/audit?limit=5&before=100", headers=ADMIN_H).status_code == 200
+        assert c.get("/v1/admin/lineage/versions/0", headers=ADMIN_H).status_code == 200
+
+
+def test_the_published_schema_bounds_every_integer_in_a_url(srv: LiveServer) -> None:
+    """Clients and fuzzers learn a parameter's bounds from the schema: JSON Schema's words, so
+    that a schema-valid request is never refused for a bound the schema did not state."""
+    spec = httpx.get(srv.url + "/openapi.json").json()
+    ints = [
+        (path, p["name"], p["schema"].get("anyOf", [p["schema"]])[0])
+        for path, ops in spec["paths"].items()
+        for op in ops.values()
+        for p in op.get("parameters", [])
+        if "integer" in json.dumps(p["schema"])
+    ]
+    assert len(ints) >= 6, ints
+    for path, name, schema in ints:
+        assert "minimum" in schema and "maximum" in schema, (path, name, schema)
+        assert not {"ge", "le"} & set(schema), (path, name, schema)

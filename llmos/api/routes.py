@@ -25,6 +25,7 @@ from llmos.api.deps import (
 )
 from llmos.api.relay import Busy, End, Relay, Slots, call
 from llmos.api.schemas import (
+    URL_INT,
     AuditEntryOut,
     AuditOut,
     CheckpointOut,
@@ -400,7 +401,7 @@ def get_trainer(daemon: DaemonDep) -> TrainerOut:
     responses=error_responses(401, 422, 429),
 )
 def get_metrics_history(
-    daemon: DaemonDep, last: Annotated[int, Query(ge=1, le=10_000, description="How many checkpoints")] = 100
+    daemon: DaemonDep, last: Annotated[int, Query(ge=1, le=10_000, description="How many checkpoints"), URL_INT] = 100
 ) -> MetricsHistoryOut:
     """Per checkpoint, oldest first: prequential, held-out (plasticity) and anchor (retention) loss."""
 
@@ -485,10 +486,10 @@ def get_text_lineage(sample_id: str, daemon: DaemonDep) -> TextLineageOut:
     responses=error_responses(401, 403, 404, 422),
 )
 def get_version_lineage(
-    version: Annotated[int, Path(ge=0, le=2**31 - 1)],
+    version: Annotated[int, Path(ge=0, le=2**31 - 1), URL_INT],
     daemon: DaemonDep,
-    limit: Annotated[int, Query(ge=1, le=10_000, description="Most text ids to return")] = 1000,
-    offset: Annotated[int, Query(ge=0, le=2**31 - 1, description="Skip this many first")] = 0,
+    limit: Annotated[int, Query(ge=1, le=10_000, description="Most text ids to return"), URL_INT] = 1000,
+    offset: Annotated[int, Query(ge=0, le=2**31 - 1, description="Skip this many first"), URL_INT] = 0,
 ) -> VersionLineageOut:
     """A version's parent and the texts that trained it: its own batch, then those replayed into
     it. Known for pruned versions too (their files are gone, their lineage is not)."""
@@ -581,8 +582,10 @@ def get_forget_job(job_id: str, daemon: DaemonDep) -> ForgetJobOut:
 )
 def get_audit(
     daemon: DaemonDep,
-    limit: Annotated[int, Query(ge=1, le=1000, description="Most entries to return")] = 100,
-    before: Annotated[int | None, Query(ge=1, le=2**63 - 1, description="Only entries older than this id")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000, description="Most entries to return"), URL_INT] = 100,
+    before: Annotated[
+        int | None, Query(ge=1, le=2**63 - 1, description="Only entries older than this id"), URL_INT
+    ] = None,
 ) -> AuditOut:
     """Admin actions, newest first: who (a credential fingerprint), what, when, outcome."""
     entries = daemon.audit_entries(limit, before)

@@ -15,6 +15,7 @@ from pydantic import (
     Field,
     GetCoreSchemaHandler,
     Tag,
+    field_validator,
     model_validator,
 )
 from pydantic_core import core_schema
@@ -64,6 +65,28 @@ def json_int(value: Any) -> Any:
 
 # An integer in a JSON body: strict (no "5", no true), but 5.0 counts.
 JsonInt = Annotated[int, BeforeValidator(json_int)]
+
+# Numbers in a URL (query string or path) arrive as text, and pydantic's lax parsing reads more
+# than a number there: " 5", "\t5", "+5", "1_000" and "5.0" are all 5 to it. A URL's number is
+# written as JSON writes one, so that what the schema calls an integer is all that is accepted.
+_URL_INT = re.compile(r"-?[0-9]+")
+_URL_NUMBER = re.compile(r"-?[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?")
+
+
+def _written_as(pattern: re.Pattern[str], what: str) -> Any:
+    def check(value: Any) -> Any:
+        if isinstance(value, str) and not pattern.fullmatch(value):
+            raise ValueError(f"must be {what}")
+        return value
+
+    return check
+
+
+url_int = _written_as(_URL_INT, "an integer written in digits (an optional '-', then 0-9 only)")
+url_number = _written_as(_URL_NUMBER, "a number written as JSON writes one (e.g. 0.7, 1e-3)")
+# Put last in an integer query or path parameter: Annotated[int, Query(ge=1), URL_INT]. (Nested
+# as Annotated[Annotated[int, URL_INT], Query(ge=1)], FastAPI publishes "ge" for "minimum".)
+URL_INT = BeforeValidator(url_int)
 
 
 def _not_null(value: Any) -> Any:
@@ -170,6 +193,9 @@ class GenerateQuery(GenerateIn):
     """GenerateIn from a query string, where every value arrives as text."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=False)
+
+    _ints = field_validator("max_new_tokens", "seed", mode="before")(url_int)
+    _numbers = field_validator("temperature", "top_p", mode="before")(url_number)
 
 
 class GenerateOut(BaseModel):
