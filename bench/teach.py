@@ -13,10 +13,15 @@ strategy starts from the same base: the built-in tiny model first trained on a g
    first words gives the rest.
 2. corrections: 10 questions the model has never seen; each served answer gets a thumbs down and a
    correction (POST /v1/feedback does the same). Adopted: greedy decoding now gives the correction.
-   Unrelated answers changed, two sets: the first domain's facts (taught to llmos before, so in its
-   replay pool), and 24 prompts from the base corpus (what the base model knew, which llmos never
-   saw): how many greedy answers differ from before the corrections. And how many of the corpus
-   answers the model still gives, before any teaching and at the end.
+   Unrelated answers changed: how many greedy answers differ from before the corrections, on the
+   first domain's facts (taught to llmos before, so in its replay pool), and on prompts of the base
+   corpus (what the base model knew, which llmos never saw): 24 with one right answer in the
+   corpus, and 12 with six (each seen once, so the base's pick among them is a near tie that the
+   base's own training decides). For these, what a user notices is a right answer turned wrong, so
+   that is counted too; and a control says how arbitrary the pick is: a second base, trained alike
+   from another seed, gives another of the right answers to a share of them (and should agree on
+   the single-answer ones). And how many of the corpus prompts the model answers right, before any
+   teaching, after the corrections and at the end.
 3. preferences: accuracy on the corrections' pairs (the correction more likely than the answer it
    replaced), before and after.
 4. a second domain: 8 facts of another shape ("Ticket <n>: the <name> printer needs part <name>."),
@@ -139,11 +144,23 @@ def recalled(d: Daemon, pairs: list[Pair]) -> int:
 
 
 def answers(corpus: list[Pair]) -> dict[str, set[str]]:
-    """Every right answer of each corpus prompt: 13 of the 24 measured have several."""
+    """Every right answer of each corpus prompt: 180 prompts have one, 36 have six."""
     out: dict[str, set[str]] = {}
     for p, a in corpus:
         out.setdefault(p, set()).add(a)
     return out
+
+
+SINGLE, SEVERAL = 24, 12  # base corpus prompts measured, with one right answer and with six
+
+
+def measured(corpus: list[Pair]) -> tuple[list[str], list[str]]:
+    """The base corpus prompts whose answers are measured, in the corpus's (shuffled) order:
+    ``SINGLE`` with one right answer, ``SEVERAL`` with six."""
+    known, seen = answers(corpus), list(dict.fromkeys(p for p, _ in corpus))
+    single = [p for p in seen if len(known[p]) == 1][:SINGLE]
+    several = [p for p in seen if len(known[p]) > 1][:SEVERAL]
+    return single, several
 
 
 def right(d: Daemon, prompts: list[str], known: dict[str, set[str]]) -> list[bool]:
@@ -181,15 +198,17 @@ def run(name: str, base: Path, data_dir: Path, overrides: dict[str, Any]) -> dic
     torch.manual_seed(SEED)
     d = daemon(data_dir, "builtin:tiny" if name == "default (built-in)" else str(base), overrides)
     D = data()
-    a, b, qs, corpus = D["facts_a"], D["facts_b"], D["questions"], D["corpus"][:24]
+    a, b, qs = D["facts_a"], D["facts_b"], D["questions"]
     known = answers(D["corpus"])
-    prompts = [p for p, _ in corpus]
+    single, several = measured(D["corpus"])
+    prompts = single + several
     right_start = right(d, prompts, known)
     row: dict[str, Any] = {"strategy": name, "facts": [], "corpus_recall_start": sum(right_start)}
     for _ in range(2):
         post(d, [p + ans for p, ans in a for _ in range(12)])
         row["facts"].append(recalled(d, a))
-    unrelated = [greedy(d, p, 16) for p, _ in a + corpus]
+    unrelated = [greedy(d, p, 16) for p in [p for p, _ in a] + prompts]
+    right_before = right(d, prompts, known)
     served = []
     for prompt, _answer in qs:
         g = d.generate(prompt, SamplingParams(max_new_tokens=12))
@@ -200,13 +219,19 @@ def run(name: str, base: Path, data_dir: Path, overrides: dict[str, Any]) -> dic
     row["preference_before"] = sum(c > r for c, r in zip(pairs_chosen, pairs_rejected, strict=True)) / len(qs)
     drain(d)
     row["corrections"] = recalled(d, qs) / len(qs)
-    changed = [x != greedy(d, p, 16) for x, (p, _) in zip(unrelated, a + corpus, strict=True)]
+    after = [greedy(d, p, 16) for p in [p for p, _ in a] + prompts]
+    changed = [x != y for x, y in zip(unrelated, after, strict=True)]
+    base = changed[len(a) :]  # what the base model knew: single, then several
     row["unrelated_changed"] = sum(changed[: len(a)]) / len(a)  # the facts taught before
-    row["base_changed"] = sum(changed[len(a) :]) / len(corpus)  # what the base model knew
-    single = [i for i, p in enumerate(prompts) if len(known[p]) == 1]  # one right answer each
-    row["base_single_changed"] = sum(changed[len(a) + i] for i in single) / len(single)
-    row["base_single"] = len(single)
+    row["base_single_changed"] = sum(base[: len(single)]) / len(single)
+    row["base_several_changed"] = sum(base[len(single) :]) / len(several)
     right_now = right(d, prompts, known)
+    row["base_several_wrong"] = (
+        sum(  # right before the corrections, wrong after
+            was and not now for was, now in list(zip(right_before, right_now, strict=True))[len(single) :]
+        )
+        / len(several)
+    )
     row["corpus_recall_mid"] = sum(right_now)
     pairs_chosen = logps(d, qs)
     pairs_rejected = logps(d, [(p, s) for (p, _a), s in zip(qs, served, strict=True)])
@@ -228,22 +253,34 @@ def run(name: str, base: Path, data_dir: Path, overrides: dict[str, Any]) -> dic
     return row
 
 
-def pretrain(work: Path) -> Path:
-    """Phase 0: the built-in model trained on the generic corpus, saved as a model directory."""
-    d = daemon(work / "phase-0", "builtin:tiny", {**OPEN, "replay.enabled": False, "train.passes_per_batch": 12})
-    texts = [p + a for p, a in data()["corpus"]]
+def pretrain(work: Path, seed: int = 0) -> tuple[Path, list[str]]:
+    """Phase 0: the built-in model (initialised and trained with ``seed``) trained on the generic
+    corpus, saved as a model directory; and its greedy answers to the measured corpus prompts."""
+    overrides = {**OPEN, "replay.enabled": False, "train.passes_per_batch": 12, "model.seed": seed}
+    d = daemon(work / f"phase-0-{seed}", "builtin:tiny", overrides)
+    corpus = data()["corpus"]
     for _ in range(3):
-        post(d, texts)
-    out = work / "base"
+        post(d, [p + a for p, a in corpus])
+    out = work / f"base-{seed}"
     model = d.engine.current().model
     model.save_pretrained(out)  # type: ignore[operator]
     d.factory.tokenizer.save_pretrained(out)
+    single, several = measured(corpus)
+    said = [greedy(d, p, 16) for p in single + several]
     d.stop()
-    return out
+    return out, said
+
+
+def control(work: Path, said: list[str]) -> dict[str, Any]:
+    """How arbitrary a base's answers are: a second base, trained as the first from another seed,
+    against the first's answers (``said``), on the single-answer prompts and on the near ties."""
+    _, other = pretrain(work, seed=1)
+    differ = [x != y for x, y in zip(said, other, strict=True)]
+    return {"single_differ": sum(differ[:SINGLE]) / SINGLE, "several_differ": sum(differ[SINGLE:]) / SEVERAL}
 
 
 # ---- the report ----------------------------------------------------------------------------------
-def write(rows: list[dict[str, Any]], out: Path, elapsed: float, baseline: str | None) -> None:
+def write(rows: list[dict[str, Any]], ctl: dict[str, Any], out: Path, elapsed: float, baseline: str | None) -> None:
     from common import commit, machine
 
     out.mkdir(parents=True, exist_ok=True)
@@ -262,28 +299,34 @@ def write(rows: list[dict[str, Any]], out: Path, elapsed: float, baseline: str |
         "`default (built-in)`, which starts from the built-in model's random weights. See bench/teach.py for the "
         "protocol.",
         "",
-        "Unrelated answers changed (greedy, 16 tokens, before the corrections against after them): *taught*, "
-        "the 8 facts of the first domain; *base*, 24 prompts of the base's corpus; *base 1*, those of them with "
-        "one right answer in the corpus (the other 13 have several, and learning can flip one right answer to "
-        "another). *Base corpus "
-        "right*: prompts answered with one of their right answers, at the start → after the corrections → at "
-        "the end.",
+        f"Unrelated answers changed (greedy, 16 tokens, before the corrections against after them): *taught*, "
+        f"the 8 facts of the first domain; *base 1*, {SINGLE} prompts of the base's corpus with one right answer "
+        f"there; *base 6*, {SEVERAL} with six (each seen once in the corpus, so the base's pick among them is a "
+        "near tie). *Base 6 made wrong*: of those, answers right before the corrections and wrong after. "
+        f"*Base corpus right*: of the {SINGLE + SEVERAL}, prompts answered with one of their right answers, at "
+        "the start → after the corrections → at the end.",
+        "",
+        f"Control, how arbitrary a base's pick is: a second base, trained as the first from another seed (the "
+        f"built-in model's initialisation and the trainer's shuffling), gives another answer than the first to "
+        f"{ctl['several_differ']:.0%} of the base 6 prompts and {ctl['single_differ']:.0%} of the base 1 prompts.",
         "",
         "| strategy | facts recalled, posting 1 / 2 | corrections adopted | unrelated answers changed: taught "
-        "/ base / base 1 | preference accuracy before → after | forgetting of the facts (loss rise) | vs naive "
+        "/ base 1 / base 6 | base 6 made wrong | preference accuracy before → after "
+        "| forgetting of the facts (loss rise) | vs naive "
         "| facts kept after domain 2 | domain 2 learned | corrections kept | base corpus right "
         "| promoted / refused | s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ratio = r["forgetting"] / naive["forgetting"] if naive["forgetting"] > 0 else float("nan")
         lines.append(
             f"| {r['strategy']} | {r['facts'][0]}/8 / {r['facts'][1]}/8 | {r['corrections']:.0%} "
-            f"| {r['unrelated_changed']:.0%} / {r['base_changed']:.0%} / {r['base_single_changed']:.0%} "
+            f"| {r['unrelated_changed']:.0%} / {r['base_single_changed']:.0%} / {r['base_several_changed']:.0%} "
+            f"| {r['base_several_wrong']:.0%} "
             f"| {r['preference_before']:.0%} → {r['preference_after']:.0%} "
             f"| {r['forgetting']:+.3f} | {ratio:.2f}× | {r['facts_after_b']}/8 | {r['facts_b']}/8 "
             f"| {r['corrections_after_b']:.0%} | {r['corpus_recall_start']} → "
-            f"{r['corpus_recall_mid']} → {r['corpus_recall_end']} of 24 "
+            f"{r['corpus_recall_mid']} → {r['corpus_recall_end']} of {SINGLE + SEVERAL} "
             f"| {r['promoted']} / {r['rejected']} | {r['seconds']:.0f} |"
         )
     f_ratio = default["forgetting"] / naive["forgetting"] if naive["forgetting"] > 0 else float("nan")
@@ -296,14 +339,16 @@ def write(rows: list[dict[str, Any]], out: Path, elapsed: float, baseline: str |
             f"{default['unrelated_changed']:.0%}",
         ),
         (
-            "≤ 5% of unrelated answers changed: the base corpus (which llmos never saw)",
-            default["base_changed"] <= 0.05,
-            f"{default['base_changed']:.0%}",
-        ),
-        (
             "≤ 5% of unrelated answers changed: the base corpus's prompts with one right answer",
             default["base_single_changed"] <= 0.05,
-            f"{default['base_single_changed']:.0%} of {default['base_single']}",
+            f"{default['base_single_changed']:.0%} of {SINGLE}",
+        ),
+        (
+            "≤ 5% of unrelated answers made wrong: the base corpus's prompts with six right answers",
+            default["base_several_wrong"] <= 0.05,
+            f"{default['base_several_wrong']:.0%} of {SEVERAL}; another right answer instead of the base's pick: "
+            f"{default['base_several_changed']:.0%}, against {ctl['several_differ']:.0%} between two bases trained "
+            "alike",
         ),
         ("forgetting ≤ 0.1× naive's", f_ratio <= 0.1, f"{f_ratio:.2f}×"),
     ]
@@ -311,7 +356,7 @@ def write(rows: list[dict[str, Any]], out: Path, elapsed: float, baseline: str |
     lines += [f"- {goal}: **{'met' if ok else 'NOT met'}** ({value})" for goal, ok, value in goals]
     (out / "teach.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     (out / "teach.json").write_text(
-        json.dumps({"commit": commit(), "machine": m, "rows": rows}, indent=1), encoding="utf-8"
+        json.dumps({"commit": commit(), "machine": m, "control": ctl, "rows": rows}, indent=1), encoding="utf-8"
     )
     plot(rows, out / "teach.png")
 
@@ -362,8 +407,10 @@ def main() -> None:
     t0 = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="llmos-teach-"))
     try:
-        base = pretrain(work)
+        base, said = pretrain(work)
         print(f"phase 0 (base) trained in {time.perf_counter() - t0:.0f}s", flush=True)
+        ctl = control(work, said)
+        print(f"control (a second base): {json.dumps(ctl)}", flush=True)
         rows = []
         for name in chosen:
             rows.append(run(name, base, work / name.replace(" ", "-"), STRATEGIES[name]))
@@ -371,7 +418,7 @@ def main() -> None:
         if args.baseline:
             rows.append(baseline_row(args.baseline, base, work))
             print(json.dumps(rows[-1]), flush=True)
-        write(rows, args.out, time.perf_counter() - t0, args.baseline)
+        write(rows, ctl, args.out, time.perf_counter() - t0, args.baseline)
         print((args.out / "teach.md").read_text())
     finally:
         shutil.rmtree(work, ignore_errors=True)
