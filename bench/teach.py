@@ -18,9 +18,10 @@ strategy starts from the same base: the built-in tiny model first trained on a g
    corpus (what the base model knew, which llmos never saw): 24 with one right answer in the
    corpus, and 12 with six (each seen once, so the base's pick among them is a near tie that the
    base's own training decides). For these, what a user notices is a right answer turned wrong, so
-   that is counted too; and a control says how arbitrary the pick is: a second base, trained alike
-   from another seed, gives another of the right answers to a share of them (and should agree on
-   the single-answer ones). And how many of the corpus prompts the model answers right, before any
+   that is counted too (right before any teaching, wrong after the corrections); and a control
+   says how arbitrary the pick is: a second base, trained alike from another seed, gives another
+   of the right answers to a share of them (and should agree on the single-answer ones). And how
+   many of the corpus prompts the model answers right, before any
    teaching, after the corrections and at the end.
 3. preferences: accuracy on the corrections' pairs (the correction more likely than the answer it
    replaced), before and after.
@@ -208,7 +209,6 @@ def run(name: str, base: Path, data_dir: Path, overrides: dict[str, Any]) -> dic
         post(d, [p + ans for p, ans in a for _ in range(12)])
         row["facts"].append(recalled(d, a))
     unrelated = [greedy(d, p, 16) for p in [p for p, _ in a] + prompts]
-    right_before = right(d, prompts, known)
     served = []
     for prompt, _answer in qs:
         g = d.generate(prompt, SamplingParams(max_new_tokens=12))
@@ -227,8 +227,8 @@ def run(name: str, base: Path, data_dir: Path, overrides: dict[str, Any]) -> dic
     row["base_several_changed"] = sum(base[len(single) :]) / len(several)
     right_now = right(d, prompts, known)
     row["base_several_wrong"] = (
-        sum(  # right before the corrections, wrong after
-            was and not now for was, now in list(zip(right_before, right_now, strict=True))[len(single) :]
+        sum(  # right before any teaching, wrong after the corrections
+            was and not now for was, now in list(zip(right_start, right_now, strict=True))[len(single) :]
         )
         / len(several)
     )
@@ -302,7 +302,7 @@ def write(rows: list[dict[str, Any]], ctl: dict[str, Any], out: Path, elapsed: f
         f"Unrelated answers changed (greedy, 16 tokens, before the corrections against after them): *taught*, "
         f"the 8 facts of the first domain; *base 1*, {SINGLE} prompts of the base's corpus with one right answer "
         f"there; *base 6*, {SEVERAL} with six (each seen once in the corpus, so the base's pick among them is a "
-        "near tie). *Base 6 made wrong*: of those, answers right before the corrections and wrong after. "
+        "near tie). *Base 6 made wrong*: of those, answers right before any teaching and wrong after the corrections. "
         f"*Base corpus right*: of the {SINGLE + SEVERAL}, prompts answered with one of their right answers, at "
         "the start → after the corrections → at the end.",
         "",
