@@ -21,8 +21,8 @@ strategy starts from the same base: the built-in tiny model first trained on a g
    that is counted too (right before any teaching, wrong after the corrections); and a control
    says how arbitrary the pick is: a second base, trained alike from another seed, gives another
    of the right answers to a share of them (and should agree on the single-answer ones). And how
-   many of the corpus prompts the model answers right, before any
-   teaching, after the corrections and at the end.
+   many of the corpus prompts the model answers right, before any teaching, after the corrections
+   and at the end.
 3. preferences: accuracy on the corrections' pairs (the correction more likely than the answer it
    replaced), before and after.
 4. a second domain: 8 facts of another shape ("Ticket <n>: the <name> printer needs part <name>."),
@@ -221,10 +221,10 @@ def run(name: str, base: Path, data_dir: Path, overrides: dict[str, Any]) -> dic
     row["corrections"] = recalled(d, qs) / len(qs)
     after = [greedy(d, p, 16) for p in [p for p, _ in a] + prompts]
     changed = [x != y for x, y in zip(unrelated, after, strict=True)]
-    base = changed[len(a) :]  # what the base model knew: single, then several
+    known_changed = changed[len(a) :]  # what the base model knew: single, then several
     row["unrelated_changed"] = sum(changed[: len(a)]) / len(a)  # the facts taught before
-    row["base_single_changed"] = sum(base[: len(single)]) / len(single)
-    row["base_several_changed"] = sum(base[len(single) :]) / len(several)
+    row["base_single_changed"] = sum(known_changed[: len(single)]) / len(single)
+    row["base_several_changed"] = sum(known_changed[len(single) :]) / len(several)
     right_now = right(d, prompts, known)
     row["base_several_wrong"] = (
         sum(  # right before any teaching, wrong after the corrections
