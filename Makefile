@@ -25,8 +25,8 @@ install:
 test:
 	$(BIN)/python -m pytest -m "not slow" -q
 
-# The slow tier: crash loops, fuzzing, load, the soak, replicas, torchrun, forgetting (34 tests, 32 to 39 min on
-# 2 cores; CI runs it after `make test`, 40 to 51 minutes in all, by machine); -rP prints what each passing test reports (the load and
+# The slow tier: crash loops, fuzzing, load, the soak, replicas, torchrun, forgetting (34 tests, 29 to 39 min on
+# 2 cores; CI runs it after `make test`, 36 to 51 minutes in all, by machine); -rP prints what each passing test reports (the load and
 # soak figures).
 test-slow:
 	$(BIN)/python -m pytest -m "slow" -q -rP
